@@ -1,0 +1,127 @@
+"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (SPEC §2).
+
+Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.npy, paired by stem.
+Every sample is (rgb (3, S, S) float32 in [0, 1], depth (1, S, S) float32 metres in [0, max_depth]).
+Depth files holding NaN or inf are rejected with an error naming the file, rather than
+masked: the real data set has none, so such a file means a broken export.
+"""
+import os
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from utils import UserError
+
+RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
+SPLITS = ("train", "val", "test")
+
+
+class DataError(UserError):
+    """A problem with the data on disk, worded for the user: what is wrong, where, and the fix."""
+
+
+def natural_key(stem):
+    """Numbers in numeric order (2 before 10), then other names alphabetically."""
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+def list_pairs(root, split):
+    """[(stem, rgb_path, depth_path)] of a split, sorted numerically; raises DataError on any mismatch."""
+    rgb_dir = os.path.join(root, "rgb", split)
+    depth_dir = os.path.join(root, "depth", split)
+    for d in (rgb_dir, depth_dir):
+        if not os.path.isdir(d):
+            raise DataError(
+                f"data folder {d} not found: expected ROOT/rgb/{split}/*.jpeg and ROOT/depth/{split}/*.npy "
+                f"under --data-dir {root} (run `python synthetic.py --out {root}` for a synthetic set)"
+            )
+    rgb = {}
+    for name in os.listdir(rgb_dir):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in RGB_EXTENSIONS:
+            if stem in rgb:
+                raise DataError(f"two RGB files for {stem!r} in {rgb_dir}: {os.path.basename(rgb[stem])} and {name}")
+            rgb[stem] = os.path.join(rgb_dir, name)
+    depth = {os.path.splitext(n)[0]: os.path.join(depth_dir, n) for n in os.listdir(depth_dir) if n.endswith(".npy")}
+    if not rgb and not depth:
+        raise DataError(f"split {split!r} is empty: no .jpeg/.jpg/.png in {rgb_dir} and no .npy in {depth_dir}")
+    only_rgb = sorted(set(rgb) - set(depth), key=natural_key)
+    only_depth = sorted(set(depth) - set(rgb), key=natural_key)
+    if only_rgb or only_depth:
+        parts = []
+        if only_rgb:
+            parts.append(f"{len(only_rgb)} RGB without depth ({', '.join(only_rgb[:5])})")
+        if only_depth:
+            parts.append(f"{len(only_depth)} depth without RGB ({', '.join(only_depth[:5])})")
+        raise DataError(f"unpaired files in {root} split {split!r}: " + "; ".join(parts) + ". Remove or complete them.")
+    return [(s, rgb[s], depth[s]) for s in sorted(rgb, key=natural_key)]
+
+
+def read_rgb(path):
+    """HWC uint8 RGB; grayscale, palette and RGBA images are converted."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Re-export or remove the file.") from None
+
+
+def read_depth(path):
+    """HW float32 depth in metres; rejects wrong shapes, non-numeric dtypes and NaN/inf."""
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"cannot read depth {path}: {err}. Re-export or remove the file.") from None
+    if depth.ndim == 3 and depth.shape[-1] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)):
+        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; expected a 2-D float array (H, W) in metres")
+    depth = depth.astype(np.float32, copy=False)
+    if not np.isfinite(depth).all():
+        raise DataError(f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it")
+    return depth
+
+
+def resize_to_square(t, size):
+    """The paper's Resize((S, S)) + CenterCrop(S), bilinear with antialiasing, on a (C, H, W) tensor."""
+    t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(t, [size, size])
+
+
+class DepthEstimationUnreal(Dataset):
+    """One split of DepthEstimationUnreal (or anything in its layout).
+
+    native=True adds a third item, the clipped depth at its own resolution, which the
+    standard evaluation protocol compares against.
+    """
+
+    def __init__(self, root, split="train", size=224, max_depth=20.0, native=False):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
+        self.pairs = list_pairs(root, split)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    @property
+    def names(self):
+        return [stem for stem, _, _ in self.pairs]
+
+    def load_raw(self, index):
+        """(rgb HWC uint8, depth HW float32 clipped to [0, max_depth]) at the files' resolution."""
+        _, rgb_path, depth_path = self.pairs[index]
+        rgb, depth = read_rgb(rgb_path), read_depth(depth_path)
+        if rgb.shape[:2] != depth.shape:
+            raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is {depth.shape[1]}×{depth.shape[0]}; RGB and depth must have one size")
+        return rgb, np.clip(depth, 0.0, self.max_depth)
+
+    def __getitem__(self, index):
+        rgb, depth = self.load_raw(index)
+        rgb_t = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+        depth_t = torch.from_numpy(depth)[None]
+        sample = (resize_to_square(rgb_t, self.size), resize_to_square(depth_t, self.size))
+        return sample + (depth_t,) if self.native else sample

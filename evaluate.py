@@ -1,0 +1,112 @@
+"""Evaluation under both protocols of SPEC §5, in one pass over a split.
+
+challenge_*: the paper's and the course's numbers: 224 × 224, batches of 32 in file
+order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
+standard: at the ground truth's own resolution, every metric per image, then averaged.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from losses import rmse, ssim, ssim_map
+
+METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
+               "challenge_rmse", "challenge_ssim", "n_images")
+MIN_DEPTH = 1e-3
+CHALLENGE_BATCH = 32
+
+
+def compute_errors(gt, pred, max_depth=20.0):
+    """Standard metrics of each image of (B, 1, H, W) gt and pred (same size) as (B,) tensors.
+
+    pred is clamped to [0, max_depth] for RMSE/SSIM and to [1e-3, max_depth] for the
+    ratio and log metrics, which use only pixels with gt > 1e-3.
+    """
+    gt, pred = gt.float(), pred.float().clamp(0, max_depth)
+    dims = (1, 2, 3)
+    out = {
+        "rmse": ((gt - pred) ** 2).mean(dims).sqrt(),
+        "ssim": ssim_map(pred, gt, data_range=max_depth, padding="valid").mean(dims),
+    }
+    valid = (gt > MIN_DEPTH).float()
+    n = valid.sum(dims).clamp_min(1)
+    g = gt.clamp_min(MIN_DEPTH)  # masked pixels are zeroed by `valid`; this only keeps them finite
+    p = pred.clamp(MIN_DEPTH, max_depth)
+
+    def masked_mean(x):
+        return (x * valid).sum(dims) / n
+
+    ratio = torch.maximum(g / p, p / g)
+    out["abs_rel"] = masked_mean((g - p).abs() / g)
+    out["sq_rel"] = masked_mean((g - p) ** 2 / g)
+    out["rmse_log"] = masked_mean((g.log() - p.log()) ** 2).sqrt()
+    out["log10"] = masked_mean((g.log10() - p.log10()).abs())
+    for i in (1, 2, 3):
+        out[f"delta{i}"] = masked_mean((ratio < 1.25**i).float())
+    return out
+
+
+def collate_with_native(batch):
+    """Stack the 224 × 224 tensors; keep native-resolution depths as a list (sizes may differ)."""
+    rgb, depth, native = zip(*batch)
+    return torch.stack(rgb), torch.stack(depth), list(native)
+
+
+@torch.no_grad()
+def predict_batch(model, rgb, amp_dtype=None):
+    """Raw fp32 predictions of a batch, optionally computed under autocast."""
+    ctx = torch.autocast(rgb.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with ctx:
+        return model(rgb).float()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=20.0):
+    """Both protocols on `dataset` (a DepthEstimationUnreal with native=True).
+
+    Returns the metrics dict of SPEC §6, plus a list of per-image metric dicts when per_image.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=CHALLENGE_BATCH, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_with_native, pin_memory=device.type == "cuda")
+    challenge_rmse, challenge_ssim, per_metric = [], [], {}
+    for rgb, depth, natives in loader:
+        rgb, depth = rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
+        pred = predict_batch(model, rgb, amp_dtype)
+        challenge_rmse.append(rmse(pred, depth))
+        challenge_ssim.append(ssim(pred, depth, data_range=1.0, padding="same"))
+        for gt, p in group_by_size(natives, pred, device):
+            resized = F.interpolate(p, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+            for k, v in compute_errors(gt, resized, max_depth).items():
+                per_metric.setdefault(k, []).append(v)
+    model.train(was_training)
+    per_metric = {k: torch.cat(v).cpu() for k, v in per_metric.items()}
+    metrics = {k: float(v.mean()) for k, v in per_metric.items()}
+    metrics["challenge_rmse"] = float(torch.stack(challenge_rmse).mean())
+    metrics["challenge_ssim"] = float(torch.stack(challenge_ssim).mean())
+    metrics["n_images"] = len(dataset)
+    if not per_image:
+        return metrics
+    rows = [{"name": name, **{k: float(v[i]) for k, v in per_metric.items()}} for i, name in enumerate(dataset.names)]
+    return metrics, rows
+
+
+def group_by_size(natives, pred, device):
+    """Yield (gt, pred) batches of equal native size, in the original order when all sizes agree."""
+    if all(n.shape == natives[0].shape for n in natives):
+        yield torch.stack(natives).to(device), pred
+        return
+    for i, n in enumerate(natives):
+        yield n[None].to(device), pred[i : i + 1]
+
+
+def format_metrics(metrics, title=None):
+    """A two-row text table of both protocols."""
+    keys = [k for k in METRIC_KEYS if k != "n_images"]
+    head = " ".join(f"{k:>14}" for k in keys)
+    vals = " ".join(f"{metrics[k]:>14.4f}" for k in keys)
+    lines = [title] if title else []
+    return "\n".join(lines + [head, vals, f"({metrics['n_images']} images)"])

@@ -1,0 +1,157 @@
+"""Entry point: every option lives here, with the paper's values as defaults (SPEC §4, §6).
+
+    python main.py                                  train (paper preset)
+    python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols)
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def str2bool(value):
+    """For the course template's --is_train, whose type=bool made '--is_train False' true."""
+    v = value.lower()
+    if v in ("1", "true", "yes", "y"):
+        return True
+    if v in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = p.add_argument_group("what to do (default: train)")
+    mode.add_argument("--eval", action="store_true", help="evaluate --ckpt on --split and print both protocols' metrics")
+    mode.add_argument("--is_train", type=str2bool, default=None, metavar="BOOL",
+                      help="course-template alias: '--is_train false' is --eval")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", "--data_dir", default="data/DepthEstimationUnreal",
+                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy")
+    data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--weights", default="imagenet",
+                       help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a ResNet-34 state dict")
+
+    optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
+    optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step")
+    optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
+    optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
+    optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")
+    optim.add_argument("--step-size-down", type=int, default=2000, help="CyclicLR optimiser steps from max back to base lr")
+    optim.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
+    optim.add_argument("--alpha", type=float, default=1.0, help="weight of RMSE in the loss")
+    optim.add_argument("--beta", type=float, default=1.0, help="weight of (1 - SSIM) in the loss")
+    optim.add_argument("--max-steps", type=int, default=None, help="stop when the global optimiser step reaches N (after writing last.pt)")
+    optim.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+
+    run = p.add_argument_group("run, logging and checkpoints")
+    run.add_argument("--run-dir", "--ckpt_dir", default=None, help="output folder (default: runs/YYYYmmdd-HHMMSS)")
+    run.add_argument("--eval-every", "--evaluate_every", type=int, default=2, help="evaluate on val every N epochs (0: never)")
+    run.add_argument("--vis-every", "--visualize_every", type=int, default=100, help="save a visualisation every N steps (0: never)")
+    run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
+    run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate")
+    run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    hw = p.add_argument_group("hardware and reproducibility")
+    hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
+    hw.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                    help="autocast dtype; auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
+    hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="NHWC memory layout (faster convolutions on CPU and GPU)")
+    hw.add_argument("--seed", type=int, default=0, help="seed for weights, data order and every RNG")
+    hw.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    return p
+
+
+def check_options(parser, opts):
+    """Reject out-of-range values with one line naming the option."""
+    positive = {"--epochs": opts.epochs, "--batch-size": opts.batch_size, "--lr": opts.lr, "--max-lr": opts.max_lr,
+                "--step-size-up": opts.step_size_up, "--step-size-down": opts.step_size_down,
+                "--log-every": opts.log_every, "--max-bad-steps": opts.max_bad_steps}
+    for name, value in positive.items():
+        if not value > 0:
+            parser.error(f"{name} must be positive, got {value}")
+    for name, value in {"--weight-decay": opts.weight_decay, "--eval-every": opts.eval_every,
+                        "--vis-every": opts.vis_every, "--workers": opts.workers}.items():
+        if value < 0:
+            parser.error(f"{name} must be zero or positive, got {value}")
+    if opts.max_lr < opts.lr:
+        parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
+    if opts.max_steps is not None and opts.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {opts.max_steps}")
+    if opts.is_train is False:
+        opts.eval = True
+    if opts.eval and not opts.ckpt:
+        parser.error("--eval needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+
+
+def parse_options(argv=None):
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    check_options(parser, opts)
+    if opts.run_dir is None:
+        opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return opts
+
+
+def write_json_atomic(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_eval(opts):
+    from dataset import DepthEstimationUnreal
+    from evaluate import evaluate, format_metrics
+    from model import DepthNet
+    from train import select_amp_dtype, select_device
+
+    device = select_device(opts.device)
+    model, _ = DepthNet.from_checkpoint(opts.ckpt)
+    model.to(device).eval()
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, native=True)
+    # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
+    # the same checkpoint score differently on different CPUs.
+    metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,
+                       num_workers=opts.workers)
+    print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
+    if opts.metrics_out:
+        write_json_atomic(metrics, opts.metrics_out)
+        print(f"metrics written to {opts.metrics_out}")
+    return metrics
+
+
+def run_train(opts):
+    from train import Trainer
+
+    Trainer(opts).train()
+
+
+def main(argv=None):
+    opts = parse_options(argv)
+    from utils import UserError
+
+    try:
+        if opts.eval:
+            run_eval(opts)
+        else:
+            run_train(opts)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

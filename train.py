@@ -1,0 +1,271 @@
+"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (SPEC §4)."""
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from dataset import DepthEstimationUnreal, read_depth
+from evaluate import evaluate, format_metrics
+from losses import DepthLoss
+from model import DepthNet, count_parameters, load_weights
+from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img
+
+
+def select_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def select_amp_dtype(amp, device):
+    """The autocast dtype for --amp: bf16 where the hardware runs it natively, else fp16 on CUDA, else none."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs without bf16 instructions autocast emulates it and runs slower than fp32.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def mean_training_depth(dataset):
+    """Mean clipped depth over the split's files: the output bias's starting value (SPEC §1)."""
+    total, count = 0.0, 0
+    for _, _, depth_path in tqdm(dataset.pairs, desc="mean depth", leave=False, disable=len(dataset) < 200):
+        d = np.clip(read_depth(depth_path), 0.0, dataset.max_depth)
+        total += float(d.sum(dtype=np.float64))
+        count += d.size
+    return total / count
+
+
+class EpochSampler(Sampler):
+    """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
+
+    Deriving the order from the epoch number, rather than from a running generator,
+    lets a resumed run see exactly the batches the interrupted one would have seen.
+    """
+
+    def __init__(self, n, seed, epoch, start=0, shuffle=True):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        self.indices = order[start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class Trainer:
+    def __init__(self, opts):
+        self.opts = opts
+        self.device = select_device(opts.device)
+        self.amp_dtype = select_amp_dtype(opts.amp, self.device)
+        seed_everything(opts.seed, opts.deterministic)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not opts.deterministic
+
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train")
+        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", native=True) if opts.eval_every > 0 else None
+
+        ckpt = load_checkpoint(opts.resume) if opts.resume else None
+        init_depth = ckpt["init_depth"] if ckpt else mean_training_depth(self.train_set)
+        # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
+        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth)
+        self.init_depth = init_depth
+        self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        # CyclicLR's default cycle_momentum=True stays, as in the author's code: with Adam it
+        # cycles beta1 between 0.9 (at base lr) and 0.8 (at max lr).
+        self.scheduler = torch.optim.lr_scheduler.CyclicLR(
+            self.optimizer, base_lr=opts.lr, max_lr=opts.max_lr, step_size_up=opts.step_size_up,
+            step_size_down=opts.step_size_down, mode="triangular2")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.best_rmse = math.inf
+        self.bad_steps = 0
+        self.stop_signal = None
+        if ckpt:
+            self.load_state(ckpt)
+
+        self.run_dir = opts.run_dir
+        self.prepare_run_dir()
+        total, trainable = count_parameters(self.model)
+        print(f"DepthNet: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
+              f"device {self.device}, autocast {self.amp_dtype or 'off'}, "
+              f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
+              f"output bias {init_depth:.2f} m")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self):
+        """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
+        metrics = None
+        with self.stop_on_signals():
+            while self.epoch < self.opts.epochs and not self.should_stop():
+                if not self.run_epoch():
+                    self.save_model("last.pt")  # stopped mid-epoch: keep the exact position
+                    break
+                self.epoch += 1
+                if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
+                    metrics = self.evaluate()
+                self.save_model("last.pt")
+        if self.stop_signal:
+            print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
+                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} --run-dir {self.run_dir} --data-dir {self.opts.data_dir}")
+        return metrics
+
+    def run_epoch(self):
+        """One pass over the training set (from where a resume left off); False if stopped early."""
+        self.model.train()
+        loader = self.make_loader()
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", dynamic_ncols=True,
+                   disable=self.opts.quiet)
+        t0, seen = time.perf_counter(), 0
+        for rgb, depth in bar:
+            parts, pred = self.process_batch(rgb, depth)
+            self.batch_in_epoch += 1
+            seen += rgb.shape[0]
+            if parts is not None:
+                self.step += 1
+                if self.opts.vis_every > 0 and self.step % self.opts.vis_every == 0:
+                    visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
+                                  title=f"train, step {self.step}")
+                if self.step % self.opts.log_every == 0 or self.step == 1:
+                    rate = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
+                                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
+            if self.should_stop():
+                return False
+        self.batch_in_epoch = 0
+        return True
+
+    def process_batch(self, rgb, depth):
+        """Forward, loss, backward and one optimiser + scheduler step; (None, None) if the loss is not finite."""
+        fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
+        rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        depth = depth.to(self.device, non_blocking=True)
+        with self.autocast():
+            pred = self.model(rgb)
+        loss, parts = self.loss_fn(pred.float(), depth)
+        if not torch.isfinite(loss):
+            self.skip_bad_step(loss)
+            return None, None
+        self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return parts, pred.detach()
+
+    def skip_bad_step(self, loss):
+        self.bad_steps += 1
+        warnings.warn(f"non-finite loss ({float(loss)}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.opts.max_bad_steps:
+            raise UserError(
+                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}: training stopped. "
+                f"The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}; try a lower --lr or --max-lr, or --amp off")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def make_loader(self):
+        sampler = EpochSampler(len(self.train_set), self.opts.seed, self.epoch, self.batch_in_epoch * self.opts.batch_size)
+        return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler,
+                          num_workers=self.opts.workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    def should_stop(self):
+        return self.stop_signal is not None or (self.opts.max_steps is not None and self.step >= self.opts.max_steps)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGINT/SIGTERM end the current step, then training stops with a resumable last.pt."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # ---------------------------------------------------------- evaluation, logs
+    def evaluate(self):
+        """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
+        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype, num_workers=self.opts.workers)
+        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0], **metrics}
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(format_metrics(metrics, f"val after epoch {self.epoch} (step {self.step})"))
+        if metrics["rmse"] < self.best_rmse:
+            self.best_rmse = metrics["rmse"]
+            self.save_model("best.pt", metrics)
+        return metrics
+
+    def prepare_run_dir(self):
+        try:
+            os.makedirs(os.path.join(self.run_dir, "vis"), exist_ok=True)
+            probe = os.path.join(self.run_dir, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(vars(self.opts), f, indent=2)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self, metrics=None):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_rmse": self.best_rmse,
+            "init_depth": self.init_depth,
+            "config": dict(vars(self.opts)),
+            "metrics": metrics or {},
+            "rng": rng_state(),
+        }
+
+    def save_model(self, name, metrics=None):
+        save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+
+    def load_state(self, ckpt):
+        load_weights(self.model, ckpt["model"], self.opts.resume)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt.get("scaler", {}))
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
+        self.best_rmse = ckpt.get("best_rmse", math.inf)
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {self.opts.resume}: epoch {self.epoch}, step {self.step}")
+
