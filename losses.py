@@ -68,15 +68,31 @@ def rmse(pred, target):
 
 
 class DepthLoss(nn.Module):
-    """L = α·RMSE + β·(1 − SSIM) with the template SSIM; returns (total, parts for logging)."""
+    """L = α·RMSE + β·(1 − SSIM) with the template SSIM; returns (total, parts for logging).
 
-    def __init__(self, alpha=1.0, beta=1.0):
+    `reduce` sums a tensor over the processes of a distributed run (distributed.sum_across_ranks):
+    RMSE and SSIM are then those of the global batch, as one process would compute them.
+    RMSE is a square root of a mean, so averaging per-process losses would not give that.
+    """
+
+    def __init__(self, alpha=1.0, beta=1.0, reduce=None):
         super().__init__()
         self.alpha = alpha
         self.beta = beta
+        self.reduce = reduce
 
     def forward(self, pred, target):
-        err = rmse(pred, target)
-        sim = ssim(pred, target, data_range=1.0, padding="same")
+        if self.reduce is None:
+            err = rmse(pred, target)
+            sim = ssim(pred, target, data_range=1.0, padding="same")
+        else:
+            sq_err = (pred.float() - target.float()).pow(2).sum()
+            ssim_sum = ssim_map(pred, target, data_range=1.0, padding="same").mean(dim=(1, 2, 3)).sum()
+            # torch.full, not torch.tensor([...], device=...): a fill kernel needs no host-to-device copy.
+            n_pixels = torch.full((), float(pred.numel()), device=pred.device)
+            n_images = torch.full((), float(pred.shape[0]), device=pred.device)
+            sums = self.reduce(torch.stack([sq_err, ssim_sum, n_pixels, n_images]))
+            err = torch.sqrt(sums[0] / sums[2])
+            sim = sums[1] / sums[3]
         total = self.alpha * err + self.beta * (1 - sim)
         return total, {"loss": total.detach(), "rmse": err.detach(), "ssim": sim.detach()}

@@ -2,6 +2,7 @@
 
     python main.py                                  train (paper preset)
     python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols)
+    torchrun --nproc_per_node 4 main.py ...         train on 4 GPUs (--batch-size stays the global batch)
 """
 import argparse
 import json
@@ -33,6 +34,9 @@ def build_parser():
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--cache", default="auto", choices=["auto", "off"],
+                      help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
+                           "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -40,7 +44,7 @@ def build_parser():
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
-    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step, over all processes under torchrun")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
     optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
     optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")
@@ -67,6 +71,8 @@ def build_parser():
                     help="autocast dtype; auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
     hw.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                     help="NHWC memory layout (faster convolutions on CPU and GPU)")
+    hw.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (a minute of compiling, then faster steps)")
     hw.add_argument("--seed", type=int, default=0, help="seed for weights, data order and every RNG")
     hw.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
     return p
@@ -133,9 +139,13 @@ def run_eval(opts):
 
 
 def run_train(opts):
+    from distributed import close_distributed
     from train import Trainer
 
-    Trainer(opts).train()
+    try:
+        Trainer(opts).train()
+    finally:
+        close_distributed()
 
 
 def main(argv=None):

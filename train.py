@@ -1,5 +1,12 @@
-"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (SPEC §4)."""
+"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (SPEC §4).
+
+Speed (docs/speed.md): batches come from a decoded cache (on the GPU when it fits), the
+network runs channels_last under autocast, and the step loop never waits for the GPU:
+a non-finite loss is skipped on the device by fused Adam and read back only every
+--log-every steps. Under torchrun the same loop trains on N processes (distributed.py).
+"""
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -9,10 +16,12 @@ import warnings
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, read_depth
+from dataset import DepthEstimationUnreal, SplitCache, read_depth
+from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
@@ -70,10 +79,48 @@ class EpochSampler(Sampler):
         return len(self.indices)
 
 
+class EpochBatches(Sampler):
+    """This process's batches of one epoch, as lists of indices.
+
+    EpochSampler's order is cut into global batches of `batch_size`, and each global batch
+    into `world_size` contiguous parts, of which rank r takes part r. With one process these
+    are exactly DataLoader(sampler=EpochSampler(...), batch_size=batch_size)'s batches, so the
+    data order is the same from the cache, from the folder loader, and across resumes. A last
+    global batch with fewer images than processes is dropped: some process would get none.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_batch=0):
+        order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
+        self.batches = []
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            if len(chunk) < self.world_size:
+                break
+            per_rank, extra = divmod(len(chunk), self.world_size)
+            lo = self.rank * per_rank + min(self.rank, extra)
+            self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 class Trainer:
     def __init__(self, opts):
         self.opts = opts
         self.device = select_device(opts.device)
+        self.dist = init_distributed(self.device.type == "cuda")
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if opts.batch_size % self.dist.world_size:
+            raise UserError(f"--batch-size {opts.batch_size} is the global batch and must be divisible by the "
+                            f"{self.dist.world_size} processes")
         self.amp_dtype = select_amp_dtype(opts.amp, self.device)
         seed_everything(opts.seed, opts.deterministic)
         if self.device.type == "cuda":
@@ -81,16 +128,26 @@ class Trainer:
 
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train")
         self.val_set = DepthEstimationUnreal(opts.data_dir, "val", native=True) if opts.eval_every > 0 else None
+        self.cache = self.open_cache() if opts.cache == "auto" else None
+        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size)
+        self.loader = self.make_loader() if self.cache is None else None
 
         ckpt = load_checkpoint(opts.resume) if opts.resume else None
-        init_depth = ckpt["init_depth"] if ckpt else mean_training_depth(self.train_set)
+        if ckpt:
+            init_depth = ckpt["init_depth"]
+        else:
+            init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set)
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
         self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth)
         self.init_depth = init_depth
+        if self.dist.active:
+            convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta)
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta, reduce=sum_across_ranks if self.dist.active else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
+        # the device: that is how a non-finite step is skipped without waiting for the GPU.
+        self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
         # CyclicLR's default cycle_momentum=True stays, as in the author's code: with Adam it
         # cycles beta1 between 0.9 (at base lr) and 0.8 (at max lr).
         self.scheduler = torch.optim.lr_scheduler.CyclicLR(
@@ -101,17 +158,49 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
         self.bad_steps = 0
+        # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
+        self.unchecked_losses = []
+        self.last_step_ok = True
+        self.sync_free = self.device.type == "cuda"
         self.stop_signal = None
+        self.stop_agreed = False
         if ckpt:
             self.load_state(ckpt)
+        self.net = self.wrap_model()
 
         self.run_dir = opts.run_dir
-        self.prepare_run_dir()
-        total, trainable = count_parameters(self.model)
-        print(f"DepthNet: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
-              f"device {self.device}, autocast {self.amp_dtype or 'off'}, "
-              f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
-              f"output bias {init_depth:.2f} m")
+        if self.dist.is_main:
+            self.prepare_run_dir()
+            total, trainable = count_parameters(self.model)
+            print(f"DepthNet: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
+                  f"device {self.device}{f' x {self.dist.world_size} processes' if self.dist.active else ''}, "
+                  f"autocast {self.amp_dtype or 'off'}, {'compiled' if opts.compile else 'eager'}, "
+                  f"data {'cache on ' + str(self.cache.rgb.device) if self.cache is not None else 'folder loader'}, "
+                  f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
+                  f"output bias {init_depth:.2f} m")
+
+    def open_cache(self):
+        """The decoded training split; the first process of each node builds it, the others then load it."""
+        if self.dist.local_rank == 0:
+            cache = SplitCache.open(self.train_set, self.opts.workers)
+        barrier()
+        if self.dist.local_rank != 0:
+            cache = SplitCache.open(self.train_set, self.opts.workers)
+        return cache.place(self.device)
+
+    def wrap_model(self):
+        """The module the loop calls: the model, inside DDP under torchrun, compiled with --compile."""
+        net = self.model
+        if self.dist.active:
+            # Buffers need no syncing per step: GlobalBatchNorm2d updates them identically on every
+            # rank. Newer PyTorch calls the option forward_sync_buffers, older broadcast_buffers.
+            name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+                else "broadcast_buffers"
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                          **{name: False})
+        if self.opts.compile:
+            net = torch.compile(net)
+        return net
 
     # ---------------------------------------------------------------- the loop
     def train(self):
@@ -124,64 +213,129 @@ class Trainer:
                     break
                 self.epoch += 1
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
-                    metrics = self.evaluate()
+                    if self.dist.is_main:
+                        metrics = self.evaluate()
+                    barrier()
                 self.save_model("last.pt")
-        if self.stop_signal:
+                self.agree_on_stop()
+        if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} --run-dir {self.run_dir} --data-dir {self.opts.data_dir}")
         return metrics
 
     def run_epoch(self):
         """One pass over the training set (from where a resume left off); False if stopped early."""
-        self.model.train()
-        loader = self.make_loader()
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", dynamic_ncols=True,
-                   disable=self.opts.quiet)
+        self.net.train()
+        batches = self.epoch_batches()
+        bar = tqdm(batches, total=len(self.batch_plan), desc=f"epoch {self.epoch + 1}/{self.opts.epochs}",
+                   dynamic_ncols=True, disable=self.opts.quiet or not self.dist.is_main)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
             parts, pred = self.process_batch(rgb, depth)
             self.batch_in_epoch += 1
-            seen += rgb.shape[0]
-            if parts is not None:
-                self.step += 1
-                if self.opts.vis_every > 0 and self.step % self.opts.vis_every == 0:
+            seen += rgb.shape[0] * self.dist.world_size
+            # On the GPU the losses are read only when something needs the exact step count.
+            if parts is not None and (not self.sync_free or self.host_work_due()) and self.check_steps():
+                if self.vis_due() and self.dist.is_main:
                     visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
                                   title=f"train, step {self.step}")
-                if self.step % self.opts.log_every == 0 or self.step == 1:
+                if self.log_due():
                     rate = seen / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
+            if self.step % self.opts.log_every == 0:
+                self.agree_on_stop()
             if self.should_stop():
                 return False
+        self.check_steps()
         self.batch_in_epoch = 0
         return True
 
+    def epoch_batches(self):
+        """This process's (rgb, depth) batches of the current epoch, from where a resume left off."""
+        self.batch_plan.set_epoch(self.epoch, self.batch_in_epoch)
+        if self.cache is not None:
+            return self.cache.batches(list(self.batch_plan), self.device)
+        return iter(self.loader)
+
     def process_batch(self, rgb, depth):
-        """Forward, loss, backward and one optimiser + scheduler step; (None, None) if the loss is not finite."""
+        """Forward, loss, backward and one optimiser + scheduler step; returns (parts, pred).
+
+        A step whose loss is not finite changes no weight: fused Adam skips it on the device
+        (found_inf; under fp16 GradScaler's check of the gradients does), and check_steps
+        un-counts it when it reads the loss. On CPUs, where reading a value costs nothing,
+        that happens here, and a skipped step returns (None, None). On GPUs the loss is
+        read later (every --log-every steps), so that the host never waits for the GPU.
+        """
         fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
         rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         depth = depth.to(self.device, non_blocking=True)
         with self.autocast():
-            pred = self.model(rgb)
+            pred = self.net(rgb)
         loss, parts = self.loss_fn(pred.float(), depth)
-        if not torch.isfinite(loss):
-            self.skip_bad_step(loss)
-            return None, None
-        self.bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if not self.scaler.is_enabled():
+            self.optimizer.found_inf = (~torch.isfinite(loss)).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.step += 1
+        self.unchecked_losses.append(loss.detach())
+        if not self.sync_free and not self.check_steps():
+            return None, None
         return parts, pred.detach()
 
-    def skip_bad_step(self, loss):
-        self.bad_steps += 1
-        warnings.warn(f"non-finite loss ({float(loss)}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
-        if self.bad_steps >= self.opts.max_bad_steps:
-            raise UserError(
-                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}: training stopped. "
-                f"The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}; try a lower --lr or --max-lr, or --amp off")
+    def check_steps(self):
+        """Read the losses of the unchecked steps (one host sync) and un-count the skipped ones.
+
+        Returns whether the latest step was applied. Raises UserError after --max-bad-steps
+        non-finite losses in a row.
+        """
+        if not self.unchecked_losses:
+            return self.last_step_ok
+        losses = torch.stack(self.unchecked_losses).tolist()
+        self.unchecked_losses = []
+        applied = self.step - len(losses)
+        for value in losses:
+            if math.isfinite(value):
+                applied += 1
+                self.bad_steps = 0
+                continue
+            self.bad_steps += 1
+            if self.dist.is_main:
+                warnings.warn(f"non-finite loss ({value}) at step {applied + 1}: step skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= self.opts.max_bad_steps:
+                self.recount_steps(applied)
+                raise UserError(
+                    f"{self.bad_steps} non-finite losses in a row at step {applied + 1}: training stopped. "
+                    f"The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}; try a lower --lr or --max-lr, or --amp off")
+        self.recount_steps(applied)
+        self.last_step_ok = math.isfinite(losses[-1])
+        return self.last_step_ok
+
+    def recount_steps(self, applied):
+        """Set the step count, and CyclicLR's lr and momentum with it, to the steps actually applied.
+
+        On the GPU the steps between a skipped one and the next check ran the schedule that
+        many steps ahead; from here on it is exact again.
+        """
+        if applied == self.step:
+            return
+        self.step = applied
+        self.scheduler.last_epoch = applied - 1
+        self.scheduler.step()
+
+    def host_work_due(self):
+        """Whether this step saves a picture, logs, or may end training: all need the exact step count."""
+        reaching_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
+        return self.vis_due() or self.log_due() or reaching_max
+
+    def vis_due(self):
+        return self.opts.vis_every > 0 and self.step % self.opts.vis_every == 0
+
+    def log_due(self):
+        return self.step % self.opts.log_every == 0 or self.step == 1
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -189,13 +343,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def make_loader(self):
-        sampler = EpochSampler(len(self.train_set), self.opts.seed, self.epoch, self.batch_in_epoch * self.opts.batch_size)
-        return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler,
-                          num_workers=self.opts.workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""
+        return DataLoader(self.train_set, batch_sampler=self.batch_plan, num_workers=self.opts.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.opts.workers > 0)
+
+    def agree_on_stop(self):
+        """Under torchrun a signal may reach the processes at different steps: they stop together
+        at the next --log-every step (or epoch end) where any of them has seen one."""
+        if self.dist.active:
+            self.stop_agreed = any_rank(self.stop_signal is not None, self.device)
 
     def should_stop(self):
-        return self.stop_signal is not None or (self.opts.max_steps is not None and self.step >= self.opts.max_steps)
+        if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
+            return True
+        return self.stop_agreed if self.dist.active else self.stop_signal is not None
 
     @contextlib.contextmanager
     def stop_on_signals(self):
@@ -204,7 +365,8 @@ class Trainer:
             if self.stop_signal is not None:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
-            print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
+            if self.dist.is_main:
+                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -256,10 +418,15 @@ class Trainer:
         }
 
     def save_model(self, name, metrics=None):
-        save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+        self.check_steps()
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
 
     def load_state(self, ckpt):
         load_weights(self.model, ckpt["model"], self.opts.resume)
+        # Checkpoints store the optimiser's fused/foreach choice; this loop needs fused Adam.
+        for group in ckpt["optimizer"]["param_groups"]:
+            group.update(fused=True, foreach=None)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt.get("scaler", {}))

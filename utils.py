@@ -53,8 +53,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside `path`, fsync, then rename over it.
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, fsync, then rename over it; raises OSError.
 
     A crash or a full disk mid-write leaves the previous file at `path` untouched.
     """
@@ -66,11 +66,9 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as err:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -78,6 +76,14 @@ def save_checkpoint(obj, path):
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def save_checkpoint(obj, path):
+    """atomic_save with a one-line CheckpointError when the file cannot be written."""
+    try:
+        atomic_save(obj, path)
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

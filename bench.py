@@ -1,0 +1,530 @@
+"""Speed benchmark: our training and inference pipeline against a plain baseline, in one run.
+
+    python bench.py                                   whatever device there is; writes bench.json
+    python bench.py --device cuda --batch-size 32 --steps 100 --warmup 30 --compile
+    python bench.py --ssim-variants                   only time the ways of computing SSIM
+
+Baseline: the plain way to train this network: a DataLoader decoding every sample with PIL,
+fp32, eager, contiguous memory, plain Adam, SSIM with five 2-D 11 × 11 convolutions.
+Ours: train.Trainer's own step: the decoded cache (on the GPU when it fits), channels_last,
+autocast (--amp auto), separable SSIM, fused Adam, no host synchronisation per step.
+
+Both are measured in the same process. On CPUs, where other work makes timings noisy,
+they alternate in --rounds rounds; on GPUs they run one after the other so that each one's
+peak memory is its own. Without --data-dir a small data set of random street-like scenes is
+written to a temporary folder (no file of the real data set is needed for speed).
+FLOPs: torch.utils.flop_counter on one forward pass; training counts 3 × forward
+(backward ≈ 2 × forward), leaving out the loss (< 0.2 %) and the optimiser.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from dataset import DepthEstimationUnreal
+from evaluate import evaluate
+from losses import gaussian_blur_maps, gaussian_taps, rmse
+from main import parse_options, write_json_atomic
+from model import DepthNet
+from train import Trainer, mean_training_depth, select_amp_dtype, select_device
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
+# name first. The baseline's convolutions run in TF32 on these GPUs (cudnn.allow_tf32 is on
+# by default), ours in bf16.
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7}),
+    ("H200 NVL", {"bf16": 835.0, "tf32": 417.5}),
+    ("H200", {"bf16": 989.4, "tf32": 494.7}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0}),
+)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Training and inference speed: our pipeline against a plain baseline.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps of ours (default: 6 on CPU, 100 on CUDA)")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="timed training steps of the baseline (default: as --steps on CPU, 40 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 30 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 8 on CPU, 32 on CUDA)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternate baseline and ours in this many rounds (default: 3 on CPU, 1 on CUDA)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="ours: autocast dtype, as in main.py")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the model (compiling is in the warm-up)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (baseline; cache build)")
+    p.add_argument("--data-dir", default=None, help="data set to read; default: generate one in a temporary folder")
+    p.add_argument("--images", type=int, default=None, help="training images to generate (default: 64 on CPU, 2048 on CUDA)")
+    p.add_argument("--inference-reps", type=int, default=None,
+                   help="timed batch-1 inference calls (default: 10 CPU, 50 CUDA); a fifth of them at --inference-batch")
+    p.add_argument("--inference-batch", type=int, default=32, help="batch size of the inference throughput figure")
+    p.add_argument("--ssim-variants", action="store_true", help="only compare the SSIM implementations (forward + backward)")
+    p.add_argument("--out", default="bench.json", help="JSON file for the results")
+    return p
+
+
+# ------------------------------------------------------------------ data
+def street_scene(rng, height=144, width=256):
+    """A random street-like RGB-D pair: sky at 100 m, a ground plane, boxes in front."""
+    horizon = int(rng.integers(height // 4, height // 2))
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    depth = np.where(rows > horizon, 1.5 + 80.0 / np.maximum(rows - horizon, 1.0), 100.0) * np.ones((1, width), np.float32)
+    for _ in range(int(rng.integers(2, 7))):
+        x0 = int(rng.integers(0, width - 16))
+        x1 = x0 + int(rng.integers(12, 90))
+        y0 = int(rng.integers(0, horizon + 1))
+        y1 = int(rng.integers(horizon + 1, height + 1))
+        np.minimum(depth[y0:y1, x0:x1], rng.uniform(2.0, 40.0), out=depth[y0:y1, x0:x1])
+    shade = 1.0 - np.clip(depth, 0, 50)[..., None] / 60.0
+    rgb = shade * rng.uniform(0.3, 1.0, size=3) * 255 + rng.normal(0, 8, size=(height, width, 3))
+    return np.clip(rgb, 0, 255).astype(np.uint8), depth.astype(np.float32)
+
+
+def write_bench_dataset(root, n_train, n_val, seed=0):
+    """ROOT/rgb/SPLIT/i.jpeg and ROOT/depth/SPLIT/i.npy, as DepthEstimationUnreal reads them."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        os.makedirs(os.path.join(root, "rgb", split), exist_ok=True)
+        os.makedirs(os.path.join(root, "depth", split), exist_ok=True)
+        for i in range(n):
+            rgb, depth = street_scene(rng)
+            Image.fromarray(rgb).save(os.path.join(root, "rgb", split, f"{i}.jpeg"), quality=90)
+            np.save(os.path.join(root, "depth", split, f"{i}.npy"), depth)
+    return root
+
+
+# ------------------------------------------------------------------ SSIM implementations
+def ssim_2d(x, y, data_range=1.0):
+    """The plain reference: each of the five statistics blurred by its own 2-D 11 × 11 convolution."""
+    g = gaussian_taps(device=x.device)
+    window = torch.outer(g, g).view(1, 1, 11, 11)
+    mu_x, mu_y, e_xx, e_yy, e_xy = (F.conv2d(t, window, padding=5) for t in (x, y, x * x, y * y, x * y))
+    return ssim_from_stats(torch.cat([mu_x, mu_y, e_xx, e_yy, e_xy], dim=1), data_range)
+
+
+def ssim_from_stats(stats, data_range=1.0):
+    mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(1, dim=1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * (e_xy - mu_x * mu_y) + c2)
+    den = (mu_x * mu_x + mu_y * mu_y + c1) * (e_xx - mu_x * mu_x + e_yy - mu_y * mu_y + c2)
+    return (num / den).mean()
+
+
+def five_maps(x, y):
+    return torch.cat([x, y, x * x, y * y, x * y], dim=1)
+
+
+def ssim_2d_grouped(x, y):
+    """One grouped 2-D convolution over the five stacked statistics."""
+    g = gaussian_taps(device=x.device)
+    window = torch.outer(g, g).view(1, 1, 11, 11).expand(5, 1, 11, 11)
+    return ssim_from_stats(F.conv2d(five_maps(x, y), window, padding=5, groups=5))
+
+
+def ssim_separable(x, y):
+    """losses.py's way: two 1-D grouped convolutions over the five stacked statistics."""
+    return ssim_from_stats(gaussian_blur_maps(five_maps(x, y), "same"))
+
+
+def band_matrix(n, device):
+    """(n, n) matrix M with M[i, j] = g[j − i + 5]: M @ v blurs v with zero padding."""
+    g = gaussian_taps(device=device)
+    offset = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None] + 5
+    inside = (offset >= 0) & (offset < 11)
+    return torch.where(inside, g[offset.clamp(0, 10)], torch.zeros((), device=device))
+
+
+def ssim_banded(x, y):
+    """Both blur passes as matrix products with banded Gaussian matrices."""
+    rows, cols = band_matrix(x.shape[-2], x.device), band_matrix(x.shape[-1], x.device)
+    return ssim_from_stats(rows @ five_maps(x, y) @ cols.T)
+
+
+SSIM_VARIANTS = {
+    "2d_five_convs (baseline)": ssim_2d,
+    "2d_grouped": ssim_2d_grouped,
+    "separable_grouped (losses.py)": ssim_separable,
+    "banded_matmul": ssim_banded,
+}
+
+
+def bench_ssim_variants(device, batch_size, rounds):
+    """Forward + backward time of each SSIM variant on (B, 1, 224, 224) depth maps, interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch_size, 1, 224, 224, generator=gen) * 20).to(device).requires_grad_()
+    y = (torch.rand(batch_size, 1, 224, 224, generator=gen) * 20).to(device)
+    with torch.no_grad():
+        reference = float(ssim_2d(x, y))
+    times = {name: [] for name in SSIM_VARIANTS}
+    results = {}
+    for name, fn in SSIM_VARIANTS.items():
+        value = fn(x, y)
+        value.backward()  # also the warm-up (cudnn autotuning, allocator)
+        results[name] = {"abs_diff_to_2d": abs(float(value.detach()) - reference)}
+    for _ in range(rounds):
+        for name, fn in SSIM_VARIANTS.items():
+            sync(device)
+            t = time.perf_counter()
+            fn(x, y).backward()
+            x.grad = None
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    for name in SSIM_VARIANTS:
+        results[name]["ms"] = 1e3 * statistics.median(times[name])
+    return {"batch_size": batch_size, "rounds": rounds, "variants": results}
+
+
+# ------------------------------------------------------------------ training pipelines
+class BaselineTraining:
+    """The plain pipeline: per-sample PIL decoding, fp32, eager, contiguous, 2-D SSIM, plain Adam."""
+
+    name = "baseline"
+
+    def __init__(self, data_dir, device, batch_size, workers, init_depth):
+        torch.backends.cudnn.benchmark = False
+        torch.manual_seed(0)
+        self.device = device
+        self.model = DepthNet(weights=None, init_depth=init_depth).to(device).train()
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
+        self.scheduler = torch.optim.lr_scheduler.CyclicLR(self.optimizer, base_lr=1e-3, max_lr=5e-3, step_size_up=1000,
+                                                           step_size_down=2000, mode="triangular2")
+        self.loader = DataLoader(DepthEstimationUnreal(data_dir, "train"), batch_size=batch_size, shuffle=True, drop_last=True,
+                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.batches = iter(self.loader)
+        self.batch_size = batch_size
+
+    def step(self):
+        try:
+            rgb, depth = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            rgb, depth = next(self.batches)
+        rgb, depth = rgb.to(self.device, non_blocking=True), depth.to(self.device, non_blocking=True)
+        pred = self.model(rgb)
+        loss = rmse(pred, depth) + (1 - ssim_2d(pred, depth))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def finish(self):
+        pass
+
+    def close(self):
+        del self.batches, self.loader
+
+
+class OurTraining:
+    """train.Trainer's step on its own data path, driven one step at a time."""
+
+    name = "ours"
+
+    def __init__(self, data_dir, device, batch_size, workers, amp, compile_model, run_dir):
+        argv = ["--data-dir", data_dir, "--weights", "none", "--batch-size", str(batch_size), "--eval-every", "0",
+                "--vis-every", "0", "--run-dir", run_dir, "--quiet", "--device", device.type, "--amp", amp,
+                "--workers", str(workers)] + (["--compile"] if compile_model else [])
+        start = time.perf_counter()
+        self.trainer = Trainer(parse_options(argv))
+        self.setup_s = time.perf_counter() - start
+        self.batches = self.trainer.epoch_batches()
+        self.batch_size = batch_size
+
+    def step(self):
+        tr = self.trainer
+        try:
+            rgb, depth = next(self.batches)
+        except StopIteration:
+            tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
+            self.batches = tr.epoch_batches()
+            rgb, depth = next(self.batches)
+        parts, _ = tr.process_batch(rgb, depth)  # on CPUs this reads the loss itself
+        tr.batch_in_epoch += 1
+        if tr.sync_free and tr.host_work_due():  # on GPUs every --log-every steps, as Trainer.run_epoch does
+            tr.check_steps()
+        return parts["loss"] if parts is not None else torch.tensor(float("nan"))
+
+    def finish(self):
+        self.trainer.check_steps()
+
+    def close(self):
+        del self.batches
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(runners, device, warmup, steps, rounds):
+    """{name: {img_s, step_ms, ...}}: `steps[name]` timed steps each, alternating in `rounds` rounds."""
+    out = {}
+    for r in runners:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            r.step()
+        r.finish()
+        sync(device)
+        out[r.name] = {"warmup_s": time.perf_counter() - start, "seconds": 0.0, "steps": 0}
+    for k in range(rounds):
+        for r in runners:
+            n = steps[r.name] // rounds + (k < steps[r.name] % rounds)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                loss = r.step()
+            r.finish()
+            sync(device)
+            out[r.name]["seconds"] += time.perf_counter() - start
+            out[r.name]["steps"] += n
+            out[r.name]["last_loss"] = float(loss)
+    for r in runners:
+        res = out[r.name]
+        res["batch_size"] = r.batch_size
+        res["img_s"] = res["steps"] * r.batch_size / res["seconds"]
+        res["step_ms"] = 1e3 * res["seconds"] / res["steps"]
+    return out
+
+
+def peak_memory(device):
+    """Bytes: the CUDA allocator's peak on GPUs, else the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "torch.cuda.max_memory_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "memory_kind": "process peak RSS (ru_maxrss), cumulative over the run"}
+
+
+def bench_training(args, device, data_dir, run_dir):
+    init_depth = mean_training_depth(DepthEstimationUnreal(data_dir, "train"))
+    steps = {"baseline": args.baseline_steps, "ours": args.steps}
+
+    def make(name):
+        if name == "baseline":
+            return BaselineTraining(data_dir, device, args.batch_size, args.workers, init_depth)
+        return OurTraining(data_dir, device, args.batch_size, args.workers, args.amp, args.compile, run_dir)
+
+    if device.type == "cuda":
+        results, trainer = {}, None
+        for name in ("baseline", "ours"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            runner = make(name)
+            results.update(time_training([runner], device, args.warmup, steps, rounds=1))
+            results[name].update(peak_memory(device))
+            if name == "ours":
+                results[name]["setup_s"] = runner.setup_s
+                trainer = runner.trainer
+            runner.close()
+            del runner
+        return results, trainer
+    runners = [make("baseline"), make("ours")]
+    results = time_training(runners, device, args.warmup, steps, args.rounds)
+    results["ours"]["setup_s"] = runners[1].setup_s
+    results["ours"].update(peak_memory(device))
+    return results, runners[1].trainer
+
+
+# ------------------------------------------------------------------ inference
+def bench_inference(device, amp_dtype, compile_model, reps, batch_size=32):
+    """Median latency at batch 1 and throughput at `batch_size`, baseline and ours, alternating calls."""
+    torch.manual_seed(0)
+    baseline = DepthNet(weights=None).to(device).eval()
+    ours = copy.deepcopy(baseline).to(memory_format=torch.channels_last)
+    ours_fn = torch.compile(ours) if compile_model else ours
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    def run(name, x):
+        with torch.no_grad():
+            if name == "baseline":
+                return baseline(x)
+            with autocast():
+                return ours_fn(x.contiguous(memory_format=torch.channels_last))
+
+    out = {"baseline": {}, "ours": {}}
+    for b in (1, batch_size):
+        x = torch.rand(b, 3, 224, 224, device=device)
+        for name in out:
+            for _ in range(3 if device.type == "cuda" or compile_model else 1):  # warm-up (and compiling this shape)
+                run(name, x)
+        sync(device)
+        times = {name: [] for name in out}
+        for _ in range(reps if b == 1 else max(2, reps // 5)):
+            for name in out:
+                sync(device)
+                t = time.perf_counter()
+                run(name, x)
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+        for name in out:
+            if b == 1:
+                out[name]["latency_ms_batch1"] = 1e3 * statistics.median(times[name])
+            else:
+                out[name]["img_s_batchN"] = b * len(times[name]) / sum(times[name])
+                out[name]["batch_N"] = b
+    return out
+
+
+# ------------------------------------------------------------------ FLOPs and peaks
+def forward_flops():
+    """FLOPs of one 224 × 224 forward pass (multiply-adds count 2), counted on the meta device."""
+    with torch.device("meta"):
+        model = DepthNet(weights=None).eval()
+        x = torch.empty(1, 3, 224, 224)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def matmul_flops(device, dtype, n=None, reps=5):
+    """FLOP/s of a large square matrix product: the device's practical peak in `dtype`."""
+    n = n or (8192 if device.type == "cuda" else 1536)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def device_peaks(device, ours_dtype):
+    """{"baseline": FLOP/s, "ours": FLOP/s, "source": ...}: data-sheet peaks on known GPUs, else measured matmuls."""
+    ours_name = DTYPE_NAMES[ours_dtype]
+    measured = {"fp32": matmul_flops(device, torch.float32)}
+    if ours_dtype is not None:
+        measured[ours_name] = matmul_flops(device, ours_dtype)
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_TFLOPS:
+            if key in gpu:
+                return {"baseline": table["tf32"] * 1e12, "ours": table["bf16" if ours_dtype is not None else "tf32"] * 1e12,
+                        "source": f"data sheet, {key} dense tensor cores (baseline TF32, ours {ours_name})",
+                        "measured_matmul_flops": measured}
+    return {"baseline": measured["fp32"], "ours": measured.get(ours_name, measured["fp32"]),
+            "source": "measured: a large square matmul in each pipeline's dtype",
+            "measured_matmul_flops": measured}
+
+
+# ------------------------------------------------------------------ accuracy
+def compare_metrics(trainer, data_dir, device):
+    """Our trained weights evaluated in fp32 (contiguous, eager) and as our pipeline runs them."""
+    val = DepthEstimationUnreal(data_dir, "val", native=True)
+    fp32_model = copy.deepcopy(trainer.model).to(memory_format=torch.contiguous_format)
+    reference = evaluate(fp32_model, val, device, amp_dtype=None)
+    fast = evaluate(trainer.model, val, device, amp_dtype=trainer.amp_dtype)
+    keys = [k for k in reference if k != "n_images"]
+    relative = {k: abs(reference[k] - fast[k]) / max(abs(reference[k]), 1e-6) for k in keys}
+    return {"fp32": reference, "ours": fast, "max_rel_diff": max(relative.values()),
+            "worst_metric": max(relative, key=relative.get), "n_images": len(val)}
+
+
+# ------------------------------------------------------------------ report
+def fill_defaults(args, device):
+    cuda = device.type == "cuda"
+    args.steps = args.steps or (100 if cuda else 6)
+    args.baseline_steps = args.baseline_steps or (40 if cuda else args.steps)
+    args.warmup = args.warmup if args.warmup is not None else (30 if cuda else 2)
+    args.batch_size = args.batch_size or (32 if cuda else 8)
+    args.rounds = args.rounds or (1 if cuda else 3)
+    args.images = args.images or (2048 if cuda else 64)
+    args.inference_reps = args.inference_reps or (50 if cuda else 10)
+    return args
+
+
+def device_description(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def print_summary(r):
+    t, i = r["train"], r["inference"]
+    print(f"\n{r['device_name']} | torch {r['torch']} | batch {r['config']['batch_size']} | ours: autocast "
+          f"{r['config']['ours_dtype']}, {'compiled' if r['config']['compile'] else 'eager'}")
+    print(f"{'':24}{'baseline':>14}{'ours':>14}{'ours/baseline':>16}")
+    rows = [("train img/s", t["baseline"]["img_s"], t["ours"]["img_s"]),
+            ("inference ms, batch 1", i["baseline"]["latency_ms_batch1"], i["ours"]["latency_ms_batch1"]),
+            (f"inference img/s, b {i['ours']['batch_N']}", i["baseline"]["img_s_batchN"], i["ours"]["img_s_batchN"]),
+            ("train fraction of peak", t["baseline"]["fraction_of_peak"], t["ours"]["fraction_of_peak"])]
+    for label, b, o in rows:
+        print(f"{label:24}{b:>14.4g}{o:>14.4g}{o / b:>16.3f}")
+    print(f"forward {r['flops']['forward_per_image'] / 1e9:.2f} GFLOP/image, training ≈ 3× that; "
+          f"peak: {r['peak_flops']['source']}")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        print(f"metrics of the trained weights, ours vs the fp32 pipeline: largest relative difference "
+              f"{a['max_rel_diff']:.2e} ({a['worst_metric']}, {a['n_images']} val images)")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = select_device(args.device)
+    args = fill_defaults(args, device)
+    if args.ssim_variants:
+        result = {"device": device.type, "device_name": device_description(device), "torch": torch.__version__,
+                  "command": " ".join(["python"] + sys.argv),
+                  "ssim": bench_ssim_variants(device, args.batch_size, max(5, args.rounds * 3))}
+        for name, v in result["ssim"]["variants"].items():
+            print(f"{name:32} {v['ms']:9.2f} ms   |ssim - 2d| {v['abs_diff_to_2d']:.1e}")
+        write_json(result, args.out)
+        return result
+
+    amp_dtype = select_amp_dtype(args.amp, device)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data_dir = args.data_dir or write_bench_dataset(os.path.join(tmp, "data"), args.images, min(32, args.images))
+        train, trainer = bench_training(args, device, data_dir, os.path.join(tmp, "run"))
+        accuracy = compare_metrics(trainer, data_dir, device)
+        del trainer
+    inference = bench_inference(device, amp_dtype, args.compile, args.inference_reps, args.inference_batch)
+    fwd = forward_flops()
+    peaks = device_peaks(device, amp_dtype)
+    for name in ("baseline", "ours"):
+        achieved = 3 * fwd * train[name]["img_s"]
+        train[name]["achieved_flops"] = achieved
+        train[name]["fraction_of_peak"] = achieved / peaks[name]
+    result = {
+        "device": device.type, "device_name": device_description(device), "torch": torch.__version__,
+        "command": " ".join(["python"] + sys.argv),
+        "config": {"batch_size": args.batch_size, "steps": args.steps, "baseline_steps": args.baseline_steps,
+                   "warmup": args.warmup, "rounds": args.rounds, "compile": args.compile,
+                   "ours_dtype": DTYPE_NAMES[amp_dtype], "workers": args.workers,
+                   "data": args.data_dir or f"generated: {args.images} train / {min(32, args.images)} val pairs of 144 × 256"},
+        "train": train,
+        "train_speedup": train["ours"]["img_s"] / train["baseline"]["img_s"],
+        "inference": inference,
+        "inference_latency_ratio": inference["ours"]["latency_ms_batch1"] / inference["baseline"]["latency_ms_batch1"],
+        "inference_throughput_ratio": inference["ours"]["img_s_batchN"] / inference["baseline"]["img_s_batchN"],
+        "flops": {"forward_per_image": fwd, "train_per_image": 3 * fwd,
+                  "counting": "FlopCounterMode on one forward pass; training = 3 × forward"},
+        "peak_flops": peaks,
+        "accuracy": accuracy,
+    }
+    print_summary(result)
+    write_json(result, args.out)
+    return result
+
+
+def write_json(obj, path):
+    write_json_atomic(obj, path)
+    print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()

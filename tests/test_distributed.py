@@ -1,0 +1,98 @@
+"""Several processes (DDP, gloo on CPU) take the same optimiser steps as one process with the same global batch.
+
+In float32 the comparison cannot be tight: at initialisation this network is chaotic. A
+1e-6 relative change of the input alone moves early-layer gradients by 1-2 % (ReLUs switch),
+and Adam's first step, lr·g/|g|, turns any sign change of a near-zero gradient into a full
+step. Convolutions of 2 and of 4 images differ in their last bits, so an fp32 DDP run and an
+fp32 single run drift apart by exactly that much. The exact check therefore runs the real
+Trainer in float64 (forward and backward; the loss itself stays fp32), where the same
+arithmetic agrees to ~1e-10, and the torchrun test checks the launch and the files.
+"""
+import os
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import train
+from bench import write_bench_dataset
+from distributed import close_distributed
+from main import parse_options
+from model import DepthNet
+from utils import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2
+
+
+def double_depthnet(*args, **kwargs):
+    return DepthNet(*args, **kwargs).double()
+
+
+def run_trainer(rank, world_size, port, data_dir, run_dir, out):
+    """STEPS float64 steps of the real Trainer on 64 × 64 versions of its batches; rank 0 saves the weights."""
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.DepthNet = double_depthnet
+    opts = parse_options(["--data-dir", data_dir, "--run-dir", run_dir, "--weights", "none", "--device", "cpu",
+                          "--amp", "off", "--batch-size", "4", "--workers", "0", "--eval-every", "0", "--vis-every", "0",
+                          "--quiet", "--deterministic"])
+    trainer = train.Trainer(opts)
+    try:
+        for _, (rgb, depth) in zip(range(STEPS), trainer.epoch_batches()):
+            small = [F.interpolate(t.double(), size=(64, 64), mode="area") for t in (rgb, depth)]
+            assert trainer.process_batch(*small)[0] is not None
+            trainer.batch_in_epoch += 1
+        trainer.save_model("last.pt")
+        if trainer.dist.is_main:
+            torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out)
+    finally:
+        close_distributed()
+
+
+def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
+    # 7 images in global batches of 4: 2 + 2 images per process, then 2 + 1. The uneven
+    # split checks that the loss and BatchNorm weigh images, not processes.
+    data = write_bench_dataset(str(tmp_path / "data"), n_train=7, n_val=0)
+    mp.start_processes(run_trainer, args=(2, 29561, data, str(tmp_path / "two"), str(tmp_path / "two.pt")),
+                       nprocs=2, start_method="spawn")
+    run_trainer(0, 1, 0, data, str(tmp_path / "one"), str(tmp_path / "one.pt"))
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    # Only the first process writes files.
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == ["config.json", "last.pt", "vis"]
+
+    torch.manual_seed(0)
+    start = DepthNet(weights=None, init_depth=9.0).double().state_dict()
+    moved = max(float((one["model"][k] - start[k]).abs().max()) for k in start if "weight" in k)
+    assert moved > 1e-3  # two Adam steps at lr 1e-3
+    # Weights (and BatchNorm statistics) to 2e-7, 1e-4 of one Adam step; the few elements
+    # that differ at all are those whose gradient is near zero, where Adam divides by it.
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two["model"][k], v, rtol=1e-6, atol=2e-7, msg=k)
+        else:
+            assert torch.equal(two["model"][k], v), k
+    # Adam's first moments, smooth in the gradients: equal to 1e-5 of each tensor's norm.
+    for s_one, s_two in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
+        assert int(s_one["step"]) == int(s_two["step"]) == STEPS
+        m_one, m_two = s_one["exp_avg"], s_two["exp_avg"]
+        assert float((m_two - m_one).norm()) <= 1e-5 * float(m_one.norm()) + 1e-15
+
+
+def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
+    data = write_bench_dataset(str(tmp_path / "data"), n_train=4, n_val=0)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+           "--data-dir", data, "--run-dir", str(run_dir), "--weights", "none", "--device", "cpu", "--amp", "off",
+           "--batch-size", "4", "--max-steps", "1", "--eval-every", "0", "--vis-every", "0", "--workers", "0", "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("DepthNet:") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
+    assert sorted(os.listdir(run_dir)) == ["config.json", "last.pt", "vis"]
+    ckpt = load_checkpoint(str(run_dir / "last.pt"))
+    assert (ckpt["step"], ckpt["batch_in_epoch"]) == (1, 1)
+    assert all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())

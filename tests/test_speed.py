@@ -1,0 +1,114 @@
+"""The fast training path: sync-free skipping of non-finite steps, the summed loss, bench.py, CUDA behaviour."""
+import json
+
+import pytest
+import torch
+
+import bench
+from bench import write_bench_dataset
+from losses import DepthLoss, ssim
+from main import parse_options
+from train import Trainer
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_bench_dataset(str(tmp_path_factory.mktemp("speed") / "data"), n_train=8, n_val=2)
+
+
+def make_trainer(data_dir, run_dir, *extra, device="cpu"):
+    opts = parse_options(["--data-dir", data_dir, "--run-dir", str(run_dir), "--weights", "none", "--device", device,
+                          "--amp", "off", "--batch-size", "2", "--workers", "0", "--eval-every", "0", "--vis-every", "0",
+                          "--quiet", *extra])
+    return Trainer(opts)
+
+
+def adam_steps(trainer):
+    return {int(s["step"]) for s in trainer.optimizer.state.values()}
+
+
+def test_summed_loss_equals_the_plain_loss():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 40, 40, generator=gen) * 20
+    pred = (target + torch.randn(3, 1, 40, 40, generator=gen)).requires_grad_()
+    plain, plain_parts = DepthLoss()(pred, target)
+    (g_plain,) = torch.autograd.grad(plain, pred)
+    summed, summed_parts = DepthLoss(reduce=lambda t: t)(pred, target)  # one process: the sum is the identity
+    (g_summed,) = torch.autograd.grad(summed, pred)
+    assert float(summed.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
+    assert float(summed_parts["rmse"]) == pytest.approx(float(plain_parts["rmse"]), rel=1e-6)
+    torch.testing.assert_close(g_summed, g_plain, rtol=1e-4, atol=1e-9)
+
+
+def test_gpu_style_deferred_check_skips_on_device_and_recounts(data, tmp_path):
+    trainer = make_trainer(data, tmp_path / "run", "--max-bad-steps", "2")
+    trainer.sync_free = True  # the GPU's way (read losses later), exercised on the CPU
+    rgb = torch.rand(2, 3, 64, 64)
+    good = torch.rand(2, 1, 64, 64) * 10
+    bad = torch.full((2, 1, 64, 64), float("nan"))
+    trainer.process_batch(rgb, good)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+
+    parts, _ = trainer.process_batch(rgb, bad)
+    assert parts is not None and trainer.step == 2  # not read yet: counted for now
+    for k, v in trainer.model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k  # ...but no weight moved
+    assert adam_steps(trainer) == {1}
+
+    trainer.process_batch(rgb, good)
+    with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
+        assert trainer.check_steps() is True
+    assert trainer.step == 2 and trainer.scheduler.last_epoch == 2 and adam_steps(trainer) == {2}
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 2 / 1000)  # CyclicLR at step 2
+
+    trainer.process_batch(rgb, bad)
+    trainer.process_batch(rgb, bad)
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 3"):
+        trainer.check_steps()
+    assert trainer.step == 2 and adam_steps(trainer) == {2}
+
+
+def test_ssim_implementations_of_bench_agree_with_losses():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 1, 48, 64, generator=gen) * 20
+    y = (x + torch.randn(2, 1, 48, 64, generator=gen)).clamp(0, 20)
+    expected = float(ssim(x, y, data_range=1.0, padding="same"))
+    for name, fn in bench.SSIM_VARIANTS.items():
+        assert float(fn(x, y)) == pytest.approx(expected, abs=1e-5), name
+
+
+def test_bench_writes_its_report(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--images", "2", "--rounds", "1",
+                "--inference-reps", "1", "--inference-batch", "2", "--workers", "0", "--out", str(out)])
+    r = json.loads(out.read_text())
+    for name in ("baseline", "ours"):
+        assert r["train"][name]["steps"] == 1 and r["train"][name]["img_s"] > 0
+        assert 0 < r["train"][name]["fraction_of_peak"] < 1
+        assert r["inference"][name]["latency_ms_batch1"] > 0 and r["inference"][name]["img_s_batchN"] > 0
+    assert r["train_speedup"] == pytest.approx(r["train"]["ours"]["img_s"] / r["train"]["baseline"]["img_s"])
+    # ResNet-34 to layer4 is 3.6 GFLOPs at 224 × 224; the decoder's full-resolution layers add more.
+    assert 7e9 < r["flops"]["forward_per_image"] < 10e9
+    assert r["flops"]["train_per_image"] == 3 * r["flops"]["forward_per_image"]
+    assert r["accuracy"]["n_images"] == 2 and r["accuracy"]["max_rel_diff"] < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cache_on_gpu_and_steps_without_host_sync(data, tmp_path):
+    trainer = make_trainer(data, tmp_path / "run", "--amp", "auto", "--log-every", "1000", device="cuda")
+    assert trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
+    batches = trainer.epoch_batches()
+    trainer.process_batch(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rgb, depth in batches:
+            trainer.process_batch(rgb, depth)
+        trainer.epoch, trainer.batch_in_epoch = 1, 0
+        for rgb, depth in trainer.epoch_batches():
+            trainer.process_batch(rgb, depth)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.check_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
