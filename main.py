@@ -4,7 +4,6 @@
     python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols)
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,12 +24,15 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     mode.add_argument("--eval", action="store_true", help="evaluate --ckpt on --split and print both protocols' metrics")
+    mode.add_argument("--demo", action="store_true",
+                      help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
     mode.add_argument("--is_train", type=str2bool, default=None, metavar="BOOL",
                       help="course-template alias: '--is_train false' is --eval")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", "--data_dir", default="data/DepthEstimationUnreal",
-                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy")
+    data.add_argument("--data-dir", "--data_dir", default=None,
+                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
+                           "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
 
@@ -60,6 +62,13 @@ def build_parser():
     run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate")
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
+    demo.add_argument("--demo-steps", type=int, default=None,
+                      help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit")
+    demo.add_argument("--demo-train", type=int, default=400, help="synthetic training scenes to generate if absent")
+    demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
+    demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
 
     hw = p.add_argument_group("hardware and reproducibility")
     hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
@@ -94,21 +103,38 @@ def check_options(parser, opts):
         parser.error("--eval needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
 
 
+def apply_demo_preset(opts, explicit):
+    """Size the paper's recipe for a short run on whatever device there is.
+
+    The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
+    full triangular2 cycles and ends at the base learning rate. Options given on the
+    command line win over the preset.
+    """
+    import torch
+
+    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
+    steps = opts.demo_steps or (3000 if cuda else 600)
+    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": 10**6,
+              "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
+              "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
+    for key, value in preset.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_options(parser, opts)
+    # Which options the user typed, so presets never override them.
+    explicit = {k for k, v in vars(opts).items() if v != parser.get_default(k)}
+    if opts.demo:
+        apply_demo_preset(opts, explicit)
+    if opts.data_dir is None:
+        opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
-
-
-def write_json_atomic(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run_eval(opts):
@@ -116,6 +142,7 @@ def run_eval(opts):
     from evaluate import evaluate, format_metrics
     from model import DepthNet
     from train import select_amp_dtype, select_device
+    from utils import write_json_atomic
 
     device = select_device(opts.device)
     model, _ = DepthNet.from_checkpoint(opts.ckpt)
@@ -143,7 +170,11 @@ def main(argv=None):
     from utils import UserError
 
     try:
-        if opts.eval:
+        if opts.demo:
+            from demo import run_demo
+
+            run_demo(opts)
+        elif opts.eval:
             run_eval(opts)
         else:
             run_train(opts)

@@ -16,7 +16,7 @@ from dataset import DepthEstimationUnreal, read_depth
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img
+from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
 def select_device(name):
@@ -151,10 +151,14 @@ class Trainer:
                     rate = seen / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
-            if self.should_stop():
+            # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
+            if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
                 return False
         self.batch_in_epoch = 0
         return True
+
+    def batches_per_epoch(self):
+        return math.ceil(len(self.train_set) / self.opts.batch_size)
 
     def process_batch(self, rgb, depth):
         """Forward, loss, backward and one optimiser + scheduler step; (None, None) if the loss is not finite."""
@@ -235,8 +239,10 @@ class Trainer:
             os.remove(probe)
         except OSError as err:
             raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(vars(self.opts), f, indent=2)
+        write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
+        metrics_log = os.path.join(self.run_dir, "metrics.jsonl")
+        if not self.opts.resume and os.path.exists(metrics_log):
+            os.remove(metrics_log)  # a fresh run in an old folder starts a fresh log
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, metrics=None):

@@ -1,4 +1,5 @@
 """Small helpers: seeding and RNG state, atomic checkpoints, depth colourisation and figures."""
+import json
 import os
 import pickle
 import random
@@ -78,6 +79,15 @@ def save_checkpoint(obj, path):
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def write_json_atomic(obj, path):
+    """json.dump to a temporary file, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path, map_location="cpu"):
