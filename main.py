@@ -19,9 +19,18 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show or the help already names it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     mode.add_argument("--eval", action="store_true", help="evaluate --ckpt on --split and print both protocols' metrics")
     mode.add_argument("--demo", action="store_true",
