@@ -5,8 +5,12 @@
 """
 import argparse
 import os
+import signal
 import sys
 import time
+
+# Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
+NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers"}
 
 
 def str2bool(value):
@@ -44,6 +48,8 @@ def build_parser():
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--image-size", type=int, default=224,
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -102,6 +108,8 @@ def check_options(parser, opts):
                         "--vis-every": opts.vis_every, "--workers": opts.workers}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if opts.image_size < 32 or opts.image_size % 32:
+        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -131,12 +139,41 @@ def apply_demo_preset(opts, explicit):
             setattr(opts, key, value)
 
 
+def typed_options(argv):
+    """The dests of the options on the command line, including those given their default value."""
+    parser, untouched = build_parser(), object()
+    # argparse fills in defaults only for names the namespace lacks: a marker in each shows what was typed.
+    namespace = argparse.Namespace(**{dest: untouched for dest in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not untouched}
+
+
+def inherit_resumed_options(opts, explicit):
+    """Options not typed again take the values of the run being resumed (its checkpoint's config).
+
+    So `python main.py --resume runs/X/last.pt` continues with the same data, batch size,
+    schedule, seed and run directory; options typed with it win. Returns the inherited names.
+    """
+    from utils import load_checkpoint
+
+    config = load_checkpoint(opts.resume, mmap=True).get("config", {})
+    inheritable = {k for k in config if k in vars(opts) and k not in NOT_INHERITED}
+    changed = sorted(k for k in inheritable & explicit if config[k] != getattr(opts, k))
+    if changed:
+        listed = ", ".join("--{} {} (was {})".format(k.replace("_", "-"), getattr(opts, k), config[k]) for k in changed)
+        print(f"resuming {opts.resume} with changed options: {listed}")
+    for key in inheritable - explicit:
+        setattr(opts, key, config[key])
+    return inheritable - explicit
+
+
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
+    # Which options the user typed, so presets and resumed runs never override them.
+    explicit = typed_options(argv)
+    if opts.resume:
+        explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
-    # Which options the user typed, so presets never override them.
-    explicit = {k for k, v in vars(opts).items() if v != parser.get_default(k)}
     if opts.demo:
         apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
@@ -156,7 +193,7 @@ def run_eval(opts):
     device = select_device(opts.device)
     model, _ = DepthNet.from_checkpoint(opts.ckpt)
     model.to(device).eval()
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, native=True)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
     # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
     # the same checkpoint score differently on different CPUs.
     metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,
@@ -174,11 +211,29 @@ def run_train(opts):
     Trainer(opts).train()
 
 
-def main(argv=None):
-    opts = parse_options(argv)
+def user_error_message(err):
+    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
     from utils import UserError
 
+    if isinstance(err, UserError):
+        text = str(err).strip()
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
+        return text
+    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
+        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+    return None
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
+        opts = parse_options(argv)
         if opts.demo:
             from demo import run_demo
 
@@ -187,9 +242,17 @@ def main(argv=None):
             run_eval(opts)
         else:
             run_train(opts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 
