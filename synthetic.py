@@ -43,7 +43,7 @@ SPLITS = ("train", "val", "test")
 STYLES = ("street", "yard")
 JPEG_QUALITY = 95
 # Camera distribution, recorded verbatim in meta.json (angles in degrees).
-CAMERA_RANGES = {"height_m": [1.2, 2.5], "pitch_deg": [-10.0, 4.0],
+CAMERA_RANGES = {"height_m": [1.2, 2.5], "pitch_deg": [-8.0, 5.0],
                  "roll_deg": [-3.0, 3.0], "hfov_deg": [60.0, 90.0]}
 _EPS = 1e-4
 
@@ -473,12 +473,19 @@ def street_scene(rng, width=256):
     curb = _material(rng, "checkers", (0.6, 0.58, 0.55), (0.5, 0.48, 0.46), rng.uniform(0.4, 0.8))
     for side in (-1, 1):
         prims.append(Box((side * (road + pave / 2 + 1), 0.075, far / 2), (pave / 2 + 1, 0.075, far / 2 + 30), curb))
+        # Some sides are open (a park or car park behind a low wall): these
+        # scenes supply the sky-heavy tail of the depth distribution.
+        open_side = rng.random() < 0.4
+        if open_side:
+            h = rng.uniform(0.4, 1.2)
+            prims.append(Box((side * (road + pave + 0.3), h / 2, far / 2), (0.3, h / 2, far / 2 + 30),
+                             _material(rng, "bricks", (0.55, 0.5, 0.45), (0.7, 0.7, 0.68), 0.2)))
         z = -30.0
-        while z < far:
+        while z < far and not open_side:
             span = rng.uniform(8, 30)
-            if rng.random() > 0.15:
+            if rng.random() > 0.2:
                 setback = rng.uniform(0, 2.5) if rng.random() < 0.3 else 0.0
-                depth, h = rng.uniform(8, 20), rng.uniform(6, 35)
+                depth, h = rng.uniform(8, 20), rng.uniform(5, 30)
                 x = side * (road + pave + setback + depth / 2)
                 prims.append(Box((x, h / 2, z + span / 2), (depth / 2, h / 2, span / 2),
                                  _facade_material(rng)))
@@ -490,7 +497,7 @@ def street_scene(rng, width=256):
         for z in np.arange(rng.uniform(0, 20), min(far, 100), rng.uniform(15, 30)):
             prims.append(Cylinder((side * (road + 0.4), 0.0, z), (0.0, 1.0, 0.0),
                                   rng.uniform(5, 8), 0.09, pole))
-        for z in rng.uniform(3, 70, rng.integers(0, 5)):
+        for z in rng.uniform(2, 50, rng.integers(0, 7)):
             _car(rng, side * (road - 1.1), z, 0.0, 0.0, prims)
     if rng.random() < 0.5:  # the street ends at a cross building
         h = rng.uniform(10, 40)
@@ -501,7 +508,7 @@ def street_scene(rng, width=256):
         mat = _material(rng, "checkers", _color(rng, (0.5, 0.5, 0.5), 0.3), (0.2, 0.2, 0.2), s / 2)
         prims.append(Sphere((x, s, z), s, mat) if rng.random() < 0.5
                      else Box((x, s, z), (s, s, s), mat, rng.uniform(0, math.pi)))
-    yaw = rng.uniform(-0.45, 0.45) if rng.random() < 0.8 else rng.choice([-1, 1]) * rng.uniform(0.5, 1.3)
+    yaw = rng.uniform(-0.45, 0.45) if rng.random() < 0.65 else rng.choice([-1, 1]) * rng.uniform(0.5, 1.3)
     cam = _camera(rng, rng.uniform(-road + 1, road - 1), 0.0, yaw, width)
     return _lighting(rng, prims), cam
 
@@ -510,7 +517,7 @@ def yard_scene(rng, width=256):
     """Junkyard: dirt ground, fences, sheds, scattered and stacked cars, poles and wires."""
     prims = [GroundPlane(_material(rng, "noise", (0.45, 0.38, 0.3), (0.3, 0.27, 0.22), rng.uniform(0.3, 1.2)))]
     fence = _material(rng, "stripes", (0.55, 0.55, 0.58), (0.4, 0.4, 0.42), rng.uniform(0.15, 0.4))
-    half = rng.uniform(18, 40)
+    half = rng.uniform(15, 34)
     for ax in range(4):  # a fence around the yard, built from panels with gaps
         for s in np.arange(-half, half, 6.0):
             if rng.random() < 0.15:
