@@ -657,35 +657,28 @@ def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test
     return meta
 
 
-def _non_negative(text):
+def _positive_int(text):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text):
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write a synthetic Unreal-like RGB-D data set.")
     parser.add_argument("--out", default="data/synthetic", help="output root (default: %(default)s)")
-    parser.add_argument("--train", type=_non_negative, default=400, help="train pairs")
-    parser.add_argument("--val", type=_non_negative, default=100, help="val pairs")
-    parser.add_argument("--test", type=_non_negative, default=100, help="test pairs")
+    parser.add_argument("--train", type=int, default=400, help="train pairs")
+    parser.add_argument("--val", type=int, default=100, help="val pairs")
+    parser.add_argument("--test", type=int, default=100, help="test pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-style", choices=STYLES, default="yard")
     parser.add_argument("--test-style", choices=STYLES, default="street")
-    parser.add_argument("--workers", type=_positive, default=1, help="processes (output is identical)")
-    parser.add_argument("--height", type=_positive, default=144)
-    parser.add_argument("--width", type=_positive, default=256)
+    parser.add_argument("--workers", type=_positive_int, default=1, help="processes (output is identical)")
+    parser.add_argument("--height", type=_positive_int, default=144)
+    parser.add_argument("--width", type=_positive_int, default=256)
     args = parser.parse_args(argv)
     try:
         meta = generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.val_style,
