@@ -51,10 +51,11 @@ _EPS = 1e-4
 # ----------------------------------------------------------------- textures
 def _hash2(i, j, seed):
     """Deterministic pseudo-random value in [0, 1) per integer lattice point."""
-    h = (i.astype(np.int64) * 374761393 + j.astype(np.int64) * 668265263
-         + seed * 1442695041) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * 1274126177) & 0xFFFFFFFF
-    return ((h ^ (h >> 16)) & 0xFFFFFF) / float(1 << 24)
+    # int64 array arithmetic wraps silently and identically everywhere; only
+    # the low 24 bits are kept, so no masking is needed along the way.
+    h = i.astype(np.int64) * 374761393 + j.astype(np.int64) * 668265263 + seed * 1442695041
+    h = (h ^ (h >> 13)) * 1274126177
+    return ((h ^ (h >> 16)) & 0xFFFFFF) * (1.0 / (1 << 24))
 
 
 def _value_noise(u, v, seed):
@@ -475,7 +476,7 @@ def street_scene(rng, width=256):
         prims.append(Box((side * (road + pave / 2 + 1), 0.075, far / 2), (pave / 2 + 1, 0.075, far / 2 + 30), curb))
         # Some sides are open (a park or car park behind a low wall): these
         # scenes supply the sky-heavy tail of the depth distribution.
-        open_side = rng.random() < 0.4
+        open_side = rng.random() < 0.45
         if open_side:
             h = rng.uniform(0.4, 1.2)
             prims.append(Box((side * (road + pave + 0.3), h / 2, far / 2), (0.3, h / 2, far / 2 + 30),
@@ -497,7 +498,7 @@ def street_scene(rng, width=256):
         for z in np.arange(rng.uniform(0, 20), min(far, 100), rng.uniform(15, 30)):
             prims.append(Cylinder((side * (road + 0.4), 0.0, z), (0.0, 1.0, 0.0),
                                   rng.uniform(5, 8), 0.09, pole))
-        for z in rng.uniform(2, 50, rng.integers(0, 7)):
+        for z in rng.uniform(1, 40, rng.integers(0, 7)):
             _car(rng, side * (road - 1.1), z, 0.0, 0.0, prims)
     if rng.random() < 0.5:  # the street ends at a cross building
         h = rng.uniform(10, 40)
@@ -509,7 +510,8 @@ def street_scene(rng, width=256):
         prims.append(Sphere((x, s, z), s, mat) if rng.random() < 0.5
                      else Box((x, s, z), (s, s, s), mat, rng.uniform(0, math.pi)))
     yaw = rng.uniform(-0.45, 0.45) if rng.random() < 0.65 else rng.choice([-1, 1]) * rng.uniform(0.5, 1.3)
-    cam = _camera(rng, rng.uniform(-road + 1, road - 1), 0.0, yaw, width)
+    # Keep the camera clear of the parked cars, which occupy road - 2.05 .. road - 0.15.
+    cam = _camera(rng, rng.uniform(-road + 2.3, road - 2.3), 0.0, yaw, width)
     return _lighting(rng, prims), cam
 
 
