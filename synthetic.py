@@ -46,6 +46,7 @@ JPEG_QUALITY = 95
 CAMERA_RANGES = {"height_m": [1.2, 2.5], "pitch_deg": [-8.0, 5.0],
                  "roll_deg": [-3.0, 3.0], "hfov_deg": [60.0, 90.0]}
 _EPS = 1e-4
+_CORNER_SIGNS = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
 
 
 # ----------------------------------------------------------------- textures
@@ -149,8 +150,7 @@ class Box:
         return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
 
     def corners(self):
-        signs = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
-        return (signs * np.asarray(self.half)) @ self._rot().T + np.asarray(self.center)
+        return (_CORNER_SIGNS * np.asarray(self.half)) @ self._rot().T + np.asarray(self.center)
 
     def intersect(self, o, d):
         # Slab test in the box frame, one axis at a time (no length-3 reductions).
@@ -217,8 +217,7 @@ class Cylinder:
 
     def corners(self):
         ends = np.array([self.base, np.add(self.base, np.multiply(self.axis, self.length))])
-        signs = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
-        return (ends[:, None, :] + signs[None] * self.radius).reshape(-1, 3)
+        return (ends[:, None, :] + _CORNER_SIGNS[None] * self.radius).reshape(-1, 3)
 
     def intersect(self, o, d):
         ax = np.asarray(self.axis)
@@ -278,9 +277,8 @@ class Scene:
     extra: dict = field(default_factory=dict)
 
 
-def _screen_rect(prim, cam_pos, rot, focal, height, width):
-    """Pixel rectangle that contains the primitive's projection (None if off-screen)."""
-    corners = prim.corners()
+def _screen_rect(corners, cam_pos, rot, focal, height, width):
+    """Pixel rectangle that contains the projection of `corners` (None if off-screen)."""
     if corners is None:
         return 0, height, 0, width
     c = (corners - cam_pos) @ rot
@@ -301,7 +299,7 @@ def _screen_rect(prim, cam_pos, rot, focal, height, width):
     return None if r0 >= r1 or c0 >= c1 else (r0, r1, c0, c1)
 
 
-def _shadowed(scene, points, sun):
+def _shadowed(scene, corners, points, sun):
     """True where a ray from `points` towards the sun hits a primitive."""
     helper = np.array([0.0, 1.0, 0.0]) if abs(sun[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
     e1 = np.cross(sun, helper)
@@ -313,10 +311,9 @@ def _shadowed(scene, points, sun):
     points = points[order]
     pa, pb, ps = points @ e1, points @ e2, points @ sun
     blocked = np.zeros(len(points), bool)
-    for prim in scene.primitives:
+    for prim, c in zip(scene.primitives, corners):
         if not prim.casts_shadow:
             continue
-        c = prim.corners()
         ca, cb = c @ e1, c @ e2
         lo, hi = np.searchsorted(pa, [ca.min(), ca.max()])
         cand = lo + np.nonzero(~blocked[lo:hi] & (pb[lo:hi] >= cb.min()) & (pb[lo:hi] <= cb.max())
@@ -343,8 +340,9 @@ def render(scene, camera, height=144, width=256):
 
     t = np.full((height, width), np.inf)
     ids = np.full((height, width), -1)
+    corners = [prim.corners() for prim in scene.primitives]
     for k, prim in enumerate(scene.primitives):
-        rect = _screen_rect(prim, origin, rot, camera.focal, height, width)
+        rect = _screen_rect(corners[k], origin, rot, camera.focal, height, width)
         if rect is None:
             continue
         r0, r1, c0, c1 = rect
@@ -358,7 +356,8 @@ def render(scene, camera, height=144, width=256):
     if len(flat):
         d = dirs.reshape(-1, 3)[flat]
         th = t.ravel()[flat]
-        rgb.reshape(-1, 3)[flat] = _shade_hits(scene, camera, origin, d, th, ids.ravel()[flat])
+        rgb.reshape(-1, 3)[flat] = _shade_hits(scene, corners, camera, origin, d, th,
+                                                   ids.ravel()[flat])
     depth = np.minimum(t, SKY_DEPTH).astype(np.float32)
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8), depth
 
@@ -370,7 +369,7 @@ def _sky(scene, dirs):
     return hor + (zen - hor) * elev[..., None]
 
 
-def _shade_hits(scene, camera, origin, d, t, ids):
+def _shade_hits(scene, corners, camera, origin, d, t, ids):
     """Albedo x (ambient + sun x shadow), hazed towards the horizon colour."""
     # Group hits by primitive (stable sort) so each gets contiguous slices
     # instead of a boolean mask over every hit.
@@ -394,7 +393,7 @@ def _shade_hits(scene, camera, origin, d, t, ids):
     lit = np.flatnonzero(lambert > 0)
     if len(lit):
         start = points[lit] + normals[lit] * 2e-3
-        lambert[lit[_shadowed(scene, start, sun)]] = 0.0
+        lambert[lit[_shadowed(scene, corners, start, sun)]] = 0.0
     color = albedo * (scene.ambient + scene.sun_strength * lambert)[:, None]
     haze = 1 - np.exp(-dist / scene.haze_distance)
     color = color + (np.asarray(scene.sky_horizon) - color) * haze[:, None]
