@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -274,7 +274,6 @@ class Scene:
     sky_horizon: tuple = (0.80, 0.85, 0.90)
     sky_zenith: tuple = (0.35, 0.55, 0.85)
     haze_distance: float = 250.0
-    extra: dict = field(default_factory=dict)
 
 
 def _screen_rect(corners, cam_pos, rot, focal, height, width):
@@ -603,7 +602,9 @@ def _render_and_write(task):
     return split
 
 
-def _check_args(counts, styles, workers, height, width):
+def _check_args(counts, styles, seed, workers, height, width):
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for name, n in counts.items():
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise ValueError(f"{name} count must be a non-negative integer, got {n!r}")
@@ -634,7 +635,7 @@ def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test
     """Render a synthetic DepthEstimationUnreal-style data set into `out`; returns its meta."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     styles = {"train": "street", "val": val_style, "test": test_style}
-    _check_args(counts, styles, workers, height, width)
+    _check_args(counts, styles, seed, workers, height, width)
     out = os.fspath(out)
     _prepare_dirs(out)
     tasks = [(out, split, i, int(seed), styles[split], height, width)

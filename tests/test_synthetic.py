@@ -211,6 +211,8 @@ def test_api_raises_value_error(tmp_path):
         generate_dataset(tmp_path, -1, 0, 0, progress=False)
     with pytest.raises(ValueError, match="style"):
         generate_dataset(tmp_path, 1, 0, 0, val_style="beach", progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        generate_dataset(tmp_path, 1, 0, 0, seed=-3, progress=False)
     with pytest.raises(ValueError, match="workers"):
         generate_dataset(tmp_path, 1, 0, 0, workers=0, progress=False)
     blocker = tmp_path / "file"
