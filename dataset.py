@@ -131,7 +131,8 @@ class DepthEstimationUnreal(Dataset):
     """One split of DepthEstimationUnreal (or anything in its layout).
 
     native=True adds a third item, the clipped depth at its own resolution, which the
-    standard evaluation protocol compares against.
+    standard evaluation protocol compares against. check=False skips decoding every file
+    up front (see the module's docstring); only for files checked moments ago.
     """
 
     def __init__(self, root, split="train", size=224, max_depth=20.0, native=False, check=True):

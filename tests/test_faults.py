@@ -1,9 +1,10 @@
 """Faults during training: signals, kills, full disks and non-finite losses never cost the run.
 
-Real training subprocesses are stopped by SIGINT, SIGTERM, SIGKILL and a double Ctrl-C at
-different moments; the run directory must always hold a loadable last.pt that --resume
-continues from. In deterministic CPU mode a resumed run must end bit for bit where an
-uninterrupted one does.
+Real training subprocesses are stopped by SIGINT (sent to the process group, as a terminal
+does), SIGTERM and SIGKILL at different moments; the run directory must always hold a loadable
+last.pt that --resume continues from. In deterministic CPU mode a resumed run must end bit for
+bit where an uninterrupted one does. A second Ctrl-C, full disks, writers killed mid-save and
+non-finite losses are checked in this process.
 """
 import contextlib
 import errno
@@ -79,8 +80,9 @@ def like_the_subprocesses():
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread_deterministic():
+    """Every in-process run here trains as the subprocesses do, and leaves torch's switches as it found them."""
     with like_the_subprocesses():
         yield
 
@@ -186,8 +188,7 @@ def test_sigint_writes_a_resumable_checkpoint_and_says_how_to_resume(sigint_run)
     assert checkpoint_temps(run_dir) == []
 
 
-def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, straight_run, tmp_path,
-                                                                    one_thread_deterministic):
+def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, straight_run, tmp_path):
     run_dir = sigint_run[0]
     interrupted = load_checkpoint(os.path.join(run_dir, "last.pt"))
     assert interrupted["step"] < TOTAL
@@ -198,7 +199,7 @@ def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, 
     assert_same_training_state(load_checkpoint(str(tmp_path / "last.pt")), straight_run)
 
 
-def test_stop_with_max_steps_then_resume_is_bit_exact(data, straight_run, tmp_path, one_thread_deterministic):
+def test_stop_with_max_steps_then_resume_is_bit_exact(data, straight_run, tmp_path):
     train_here(training_args(data, tmp_path, "--max-steps", STOP_AT))
     stopped = load_checkpoint(str(tmp_path / "last.pt"))
     assert stopped["step"] == STOP_AT and stopped["batch_in_epoch"] == STOP_AT
@@ -229,8 +230,7 @@ def test_sigterm_and_sigkill_at_other_moments_leave_a_checkpoint_that_resumes(si
     proc.communicate(timeout=WAIT_S)
     ckpt = load_checkpoint(last)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2 * STEPS_PER_EPOCH, 2, 0)
-    with like_the_subprocesses():
-        train_here(["--resume", last, "--max-steps", 2 * STEPS_PER_EPOCH + 1, "--vis-every", "0", "--workers", "0"])
+    train_here(["--resume", last, "--max-steps", 2 * STEPS_PER_EPOCH + 1, "--vis-every", "0", "--workers", "0"])
     assert load_checkpoint(last)["step"] == 2 * STEPS_PER_EPOCH + 1
     assert checkpoint_temps(run_dir) == []
 
