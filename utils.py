@@ -137,7 +137,7 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
                               f"({unpickler_reason(err)}); loading it could run code, so only load files you trust") from None
     except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
-                              "use another checkpoint, e.g. best.pt or last.pt") from None
+                              "use another file (a run keeps both last.pt and best.pt)") from None
 
 
 def first_line(err):
