@@ -36,9 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset import DepthEstimationUnreal
 from evaluate import evaluate
 from losses import gaussian_blur_maps, gaussian_taps, rmse
-from main import parse_options, write_json_atomic
+from main import parse_options
 from model import DepthNet
 from train import Trainer, mean_training_depth, select_amp_dtype, select_device
+from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
 # name first. The baseline's convolutions run in TF32 on these GPUs (cudnn.allow_tf32 is on
@@ -253,11 +254,14 @@ class OurTraining:
             tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
             self.batches = tr.epoch_batches()
             rgb, depth = next(self.batches)
-        parts, _ = tr.process_batch(rgb, depth)  # on CPUs this reads the loss itself
+        parts, _ = tr.process_batch(rgb, depth)  # as Trainer.run_epoch does
         tr.batch_in_epoch += 1
-        if tr.sync_free and tr.host_work_due():  # on GPUs every --log-every steps, as Trainer.run_epoch does
+        if parts is None:
+            return torch.tensor(float("nan"))
+        tr.step += 1
+        if tr.sync_free and tr.host_work_due():  # on GPUs every --log-every steps
             tr.check_steps()
-        return parts["loss"] if parts is not None else torch.tensor(float("nan"))
+        return parts["loss"]
 
     def finish(self):
         self.trainer.check_steps()

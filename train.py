@@ -25,7 +25,7 @@ from distributed import any_rank, barrier, convert_batchnorm, init_distributed, 
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img
+from utils import CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
 def select_device(name):
@@ -58,6 +58,16 @@ def mean_training_depth(dataset):
         total += float(d.sum(dtype=np.float64))
         count += d.size
     return total / count
+
+
+def load_resumable(path):
+    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
+                              "--resume needs a last.pt or best.pt written by training")
+    return ckpt
 
 
 class EpochSampler(Sampler):
@@ -95,6 +105,7 @@ class EpochBatches(Sampler):
 
     def set_epoch(self, epoch, start_batch=0):
         order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
+        self.epoch_length = start_batch  # batches in the whole epoch, those before start_batch included
         self.batches = []
         for i in range(0, len(order), self.batch_size):
             chunk = order[i:i + self.batch_size]
@@ -103,6 +114,7 @@ class EpochBatches(Sampler):
             per_rank, extra = divmod(len(chunk), self.world_size)
             lo = self.rank * per_rank + min(self.rank, extra)
             self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
+        self.epoch_length += len(self.batches)
 
     def __iter__(self):
         return iter(self.batches)
@@ -126,13 +138,16 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not opts.deterministic
 
-        self.train_set = DepthEstimationUnreal(opts.data_dir, "train")
-        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", native=True) if opts.eval_every > 0 else None
+        # With the cache, files are decoded (and so checked) when it is built, and a cache whose
+        # files are unchanged needs no second look; the folder loader checks them up front.
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off")
+        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True) if opts.eval_every > 0 else None
         self.cache = self.open_cache() if opts.cache == "auto" else None
         self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size)
+        self.loader_generator = torch.Generator()
         self.loader = self.make_loader() if self.cache is None else None
 
-        ckpt = load_checkpoint(opts.resume) if opts.resume else None
+        ckpt = load_resumable(opts.resume) if opts.resume else None
         if ckpt:
             init_depth = ckpt["init_depth"]
         else:
@@ -160,9 +175,8 @@ class Trainer:
         self.bad_steps = 0
         # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
         self.unchecked_losses = []
-        self.last_step_ok = True
         self.sync_free = self.device.type == "cuda"
-        self.stop_signal = None
+        self.stop_signal, self.saving = None, False
         self.stop_agreed = False
         if ckpt:
             self.load_state(ckpt)
@@ -182,10 +196,10 @@ class Trainer:
     def open_cache(self):
         """The decoded training split; the first process of each node builds it, the others then load it."""
         if self.dist.local_rank == 0:
-            cache = SplitCache.open(self.train_set, self.opts.workers)
+            cache = SplitCache.open(self.train_set)
         barrier()
         if self.dist.local_rank != 0:
-            cache = SplitCache.open(self.train_set, self.opts.workers)
+            cache = SplitCache.open(self.train_set)
         return cache.place(self.device)
 
     def wrap_model(self):
@@ -206,6 +220,9 @@ class Trainer:
     def train(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
         metrics = None
+        if self.epoch >= self.opts.epochs or self.should_stop():
+            print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
+                  f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
         with self.stop_on_signals():
             while self.epoch < self.opts.epochs and not self.should_stop():
                 if not self.run_epoch():
@@ -220,7 +237,7 @@ class Trainer:
                 self.agree_on_stop()
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
-                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} --run-dir {self.run_dir} --data-dir {self.opts.data_dir}")
+                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
         return metrics
 
     def run_epoch(self):
@@ -234,7 +251,9 @@ class Trainer:
             parts, pred = self.process_batch(rgb, depth)
             self.batch_in_epoch += 1
             seen += rgb.shape[0] * self.dist.world_size
-            # On the GPU the losses are read only when something needs the exact step count.
+            if parts is not None:
+                self.step += 1
+            # On the GPU the losses are read back only when something needs the exact step count.
             if parts is not None and (not self.sync_free or self.host_work_due()) and self.check_steps():
                 if self.vis_due() and self.dist.is_main:
                     visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
@@ -245,7 +264,8 @@ class Trainer:
                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
             if self.step % self.opts.log_every == 0:
                 self.agree_on_stop()
-            if self.should_stop():
+            # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
+            if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
                 return False
         self.check_steps()
         self.batch_in_epoch = 0
@@ -256,16 +276,23 @@ class Trainer:
         self.batch_plan.set_epoch(self.epoch, self.batch_in_epoch)
         if self.cache is not None:
             return self.cache.batches(list(self.batch_plan), self.device)
+        # Each DataLoader iterator draws its workers' base seed from this generator, not from the
+        # global RNG, which a resumed run (one more iterator) would otherwise leave in another state.
+        self.loader_generator.manual_seed(self.opts.seed * 100_003 + self.epoch)
         return iter(self.loader)
 
+    def batches_per_epoch(self):
+        return self.batch_plan.epoch_length
+
     def process_batch(self, rgb, depth):
-        """Forward, loss, backward and one optimiser + scheduler step; returns (parts, pred).
+        """Forward, loss, backward and one optimiser + scheduler step; (None, None) if the step was skipped.
 
         A step whose loss is not finite changes no weight: fused Adam skips it on the device
-        (found_inf; under fp16 GradScaler's check of the gradients does), and check_steps
-        un-counts it when it reads the loss. On CPUs, where reading a value costs nothing,
-        that happens here, and a skipped step returns (None, None). On GPUs the loss is
-        read later (every --log-every steps), so that the host never waits for the GPU.
+        (found_inf; under fp16 GradScaler's check of the gradients does). On CPUs, where
+        reading a value costs nothing, the loss is read here and a skipped step returns
+        (None, None) without stepping the schedule. On GPUs the loss is read later, every
+        --log-every steps (check_steps), so that the host never waits for the GPU; the step
+        is counted meanwhile and un-counted then.
         """
         fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
         rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
@@ -279,40 +306,47 @@ class Trainer:
             self.optimizer.found_inf = (~torch.isfinite(loss)).float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        self.unchecked_losses.append(loss.detach())
-        if not self.sync_free and not self.check_steps():
+        if self.sync_free:
+            self.unchecked_losses.append(loss.detach())
+        elif not math.isfinite(float(loss.detach())):
+            self.skip_bad_step(float(loss.detach()), self.step + 1)
             return None, None
+        else:
+            self.bad_steps = 0
+        self.scheduler.step()
         return parts, pred.detach()
 
-    def check_steps(self):
-        """Read the losses of the unchecked steps (one host sync) and un-count the skipped ones.
+    def skip_bad_step(self, value, step):
+        """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
+        self.bad_steps += 1
+        if self.dist.is_main:
+            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.opts.max_bad_steps:
+            # last.pt is left as it is: the weights that produced these losses are not saved over it.
+            last = os.path.join(self.run_dir, "last.pt")
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+            raise UserError(
+                f"{self.bad_steps} non-finite losses in a row at step {step}: training stopped; {kept}. "
+                f"Try a lower --lr or --max-lr, or --amp off")
 
-        Returns whether the latest step was applied. Raises UserError after --max-bad-steps
-        non-finite losses in a row.
-        """
+    def check_steps(self):
+        """GPU: read the losses of the steps counted since the last check (one host sync) and
+        un-count the skipped ones. Returns whether the latest step was applied."""
         if not self.unchecked_losses:
-            return self.last_step_ok
+            return True
         losses = torch.stack(self.unchecked_losses).tolist()
         self.unchecked_losses = []
         applied = self.step - len(losses)
-        for value in losses:
-            if math.isfinite(value):
-                applied += 1
-                self.bad_steps = 0
-                continue
-            self.bad_steps += 1
-            if self.dist.is_main:
-                warnings.warn(f"non-finite loss ({value}) at step {applied + 1}: step skipped ({self.bad_steps} in a row)")
-            if self.bad_steps >= self.opts.max_bad_steps:
-                self.recount_steps(applied)
-                raise UserError(
-                    f"{self.bad_steps} non-finite losses in a row at step {applied + 1}: training stopped. "
-                    f"The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}; try a lower --lr or --max-lr, or --amp off")
-        self.recount_steps(applied)
-        self.last_step_ok = math.isfinite(losses[-1])
-        return self.last_step_ok
+        try:
+            for value in losses:
+                if math.isfinite(value):
+                    applied += 1
+                    self.bad_steps = 0
+                else:
+                    self.skip_bad_step(value, applied + 1)
+        finally:
+            self.recount_steps(applied)
+        return math.isfinite(losses[-1])
 
     def recount_steps(self, applied):
         """Set the step count, and CyclicLR's lr and momentum with it, to the steps actually applied.
@@ -345,7 +379,8 @@ class Trainer:
     def make_loader(self):
         """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""
         return DataLoader(self.train_set, batch_sampler=self.batch_plan, num_workers=self.opts.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.opts.workers > 0)
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.opts.workers > 0,
+                          generator=self.loader_generator)
 
     def agree_on_stop(self):
         """Under torchrun a signal may reach the processes at different steps: they stop together
@@ -361,8 +396,15 @@ class Trainer:
     @contextlib.contextmanager
     def stop_on_signals(self):
         """SIGINT/SIGTERM end the current step, then training stops with a resumable last.pt."""
+        main_pid = os.getpid()
+
         def handler(signum, frame):
-            if self.stop_signal is not None:  # a second Ctrl-C: stop now
+            if os.getpid() != main_pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group
+                return
+            if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
+                if self.saving:
+                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is complete", flush=True)
+                    return
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             if self.dist.is_main:
@@ -397,8 +439,11 @@ class Trainer:
             os.remove(probe)
         except OSError as err:
             raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(vars(self.opts), f, indent=2)
+        remove_checkpoint_temps(self.run_dir)
+        write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
+        metrics_log = os.path.join(self.run_dir, "metrics.jsonl")
+        if not self.opts.resume and os.path.exists(metrics_log):
+            os.remove(metrics_log)  # a fresh run in an old folder starts a fresh log
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, metrics=None):
@@ -419,8 +464,13 @@ class Trainer:
 
     def save_model(self, name, metrics=None):
         self.check_steps()
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        self.saving = True  # training stops right after this save anyway if a signal came: let it finish
+        try:
             save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+        finally:
+            self.saving = False
 
     def load_state(self, ckpt):
         load_weights(self.model, ckpt["model"], self.opts.resume)

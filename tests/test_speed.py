@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import bench
+import train
 from bench import write_bench_dataset
 from losses import DepthLoss, ssim
 from main import parse_options
 from train import Trainer
-from utils import UserError
+from utils import UserError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def data(tmp_path_factory):
 def make_trainer(data_dir, run_dir, *extra, device="cpu"):
     opts = parse_options(["--data-dir", data_dir, "--run-dir", str(run_dir), "--weights", "none", "--device", device,
                           "--amp", "off", "--batch-size", "2", "--workers", "0", "--eval-every", "0", "--vis-every", "0",
-                          "--quiet", *extra])
+                          "--image-size", "64", "--quiet", *extra])
     return Trainer(opts)
 
 
@@ -41,33 +42,47 @@ def test_summed_loss_equals_the_plain_loss():
     torch.testing.assert_close(g_summed, g_plain, rtol=1e-4, atol=1e-9)
 
 
-def test_gpu_style_deferred_check_skips_on_device_and_recounts(data, tmp_path):
-    trainer = make_trainer(data, tmp_path / "run", "--max-bad-steps", "2")
-    trainer.sync_free = True  # the GPU's way (read losses later), exercised on the CPU
-    rgb = torch.rand(2, 3, 64, 64)
-    good = torch.rand(2, 1, 64, 64) * 10
-    bad = torch.full((2, 1, 64, 64), float("nan"))
-    trainer.process_batch(rgb, good)
-    weights = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+class LossWithNaNs(DepthLoss):
+    """The real loss, except NaN on the listed calls (1-based)."""
+    calls, bad_calls = 0, set()
 
-    parts, _ = trainer.process_batch(rgb, bad)
-    assert parts is not None and trainer.step == 2  # not read yet: counted for now
+    def forward(self, pred, target):
+        LossWithNaNs.calls += 1
+        loss, parts = super().forward(pred, target)
+        return (loss * float("nan") if LossWithNaNs.calls in LossWithNaNs.bad_calls else loss), parts
+
+
+def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(data, tmp_path, monkeypatch):
+    """The GPU's deferred reading of losses, exercised on the CPU: 4 batches, the 2nd one bad."""
+    monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
+    LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2}
+    trainer = make_trainer(data, tmp_path / "run", "--epochs", "1", "--log-every", "100")
+    trainer.sync_free = True
+    rgb, depth = next(trainer.epoch_batches())
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    LossWithNaNs.calls = 1
+    parts, _ = trainer.process_batch(rgb, depth)  # bad, but not read yet: returns as usual
+    assert parts is not None and trainer.scheduler.last_epoch == 1
     for k, v in trainer.model.state_dict().items():
-        if k in weights:
-            assert torch.equal(v, weights[k]), k  # ...but no weight moved
-    assert adam_steps(trainer) == {1}
+        if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in the forward pass
+            assert torch.equal(v, weights[k]), k  # ...but no weight did
+    assert adam_steps(trainer) == {0} and trainer.unchecked_losses
 
-    trainer.process_batch(rgb, good)
+    trainer = make_trainer(data, tmp_path / "run2", "--epochs", "1", "--log-every", "100")
+    trainer.sync_free = True
+    LossWithNaNs.calls = 0
     with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
-        assert trainer.check_steps() is True
-    assert trainer.step == 2 and trainer.scheduler.last_epoch == 2 and adam_steps(trainer) == {2}
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 2 / 1000)  # CyclicLR at step 2
+        trainer.train()
+    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and adam_steps(trainer) == {3}
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 3 / 1000)  # CyclicLR at step 3
+    assert load_checkpoint(str(tmp_path / "run2" / "last.pt"))["step"] == 3
 
-    trainer.process_batch(rgb, bad)
-    trainer.process_batch(rgb, bad)
-    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 3"):
-        trainer.check_steps()
-    assert trainer.step == 2 and adam_steps(trainer) == {2}
+    trainer = make_trainer(data, tmp_path / "run3", "--epochs", "1", "--log-every", "100", "--max-bad-steps", "2")
+    trainer.sync_free = True
+    LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 3}
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 2"):
+        trainer.train()  # read at the epoch's end: the error comes late, but it comes
+    assert not (tmp_path / "run3" / "last.pt").exists()
 
 
 def test_ssim_implementations_of_bench_agree_with_losses():
@@ -97,18 +112,20 @@ def test_bench_writes_its_report(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_cache_on_gpu_and_steps_without_host_sync(data, tmp_path):
-    trainer = make_trainer(data, tmp_path / "run", "--amp", "auto", "--log-every", "1000", device="cuda")
-    assert trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
+    trainer = make_trainer(data, tmp_path / "run", "--amp", "auto", "--image-size", "224", "--log-every", "1000",
+                           device="cuda")
+    assert trainer.sync_free and trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
     batches = trainer.epoch_batches()
     trainer.process_batch(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for rgb, depth in batches:
-            trainer.process_batch(rgb, depth)
+            assert trainer.process_batch(rgb, depth)[0] is not None
         trainer.epoch, trainer.batch_in_epoch = 1, 0
         for rgb, depth in trainer.epoch_batches():
-            trainer.process_batch(rgb, depth)
+            assert trainer.process_batch(rgb, depth)[0] is not None
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    trainer.step = 8
     assert trainer.check_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
