@@ -251,7 +251,7 @@ class SplitCache:
             results = pool.map(quantised, range(n))
             try:
                 for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
-                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False)):
+                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False, disable=n < 500)):
                     rgb[i], depth[i] = rgb_q, depth_q
                     total += part_sum
                     count += part_count

@@ -14,7 +14,6 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import train
 from bench import write_bench_dataset
@@ -32,25 +31,28 @@ def double_depthnet(*args, **kwargs):
 
 
 def run_trainer(rank, world_size, port, data_dir, run_dir, out):
-    """STEPS float64 steps of the real Trainer on 64 × 64 versions of its batches; rank 0 saves the weights."""
+    """STEPS float64 steps of the real Trainer at 64 × 64; rank 0 saves the weights and optimiser state."""
     if world_size > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train.DepthNet = double_depthnet
+    train.DepthNet = double_depthnet  # put back below: this also runs in the test process
     opts = parse_options(["--data-dir", data_dir, "--run-dir", run_dir, "--weights", "none", "--device", "cpu",
-                          "--amp", "off", "--batch-size", "4", "--workers", "0", "--eval-every", "0", "--vis-every", "0",
-                          "--quiet", "--deterministic"])
-    trainer = train.Trainer(opts)
+                          "--amp", "off", "--batch-size", "4", "--image-size", "64", "--workers", "0",
+                          "--eval-every", "0", "--vis-every", "0", "--quiet"])
     try:
+        trainer = train.Trainer(opts)
         for _, (rgb, depth) in zip(range(STEPS), trainer.epoch_batches()):
-            small = [F.interpolate(t.double(), size=(64, 64), mode="area") for t in (rgb, depth)]
-            assert trainer.process_batch(*small)[0] is not None
+            assert trainer.process_batch(rgb.double(), depth.double())[0] is not None
+            trainer.step += 1
             trainer.batch_in_epoch += 1
         trainer.save_model("last.pt")
         if trainer.dist.is_main:
             torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out)
     finally:
+        train.DepthNet = DepthNet
+        torch.set_num_threads(threads)
         close_distributed()
 
 
@@ -94,5 +96,5 @@ def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
     assert done.stdout.count("DepthNet:") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
     assert sorted(os.listdir(run_dir)) == ["config.json", "last.pt", "vis"]
     ckpt = load_checkpoint(str(run_dir / "last.pt"))
-    assert (ckpt["step"], ckpt["batch_in_epoch"]) == (1, 1)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 1, 0)  # one batch: the epoch is complete
     assert all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())
