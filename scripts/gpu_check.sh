@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One pass of the GPU checks, sized for about 7 minutes on one H100/H200:
+# the CUDA tests, then bench.py (ours against the plain baseline) at the paper's batch of 32
+# and at 256, the SSIM variants, and --compile while time is left. Results go to $OUT.
+#
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh
+set -u
+OUT=${OUT:-gpu_check_out}
+PY=${PYTHON:-python}
+BUDGET_S=${BUDGET_S:-420}
+mkdir -p "$OUT"
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, never stop the script
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(elapsed) s elapsed): $*" | tee -a "$OUT/summary.txt"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $(elapsed) s" | tee -a "$OUT/summary.txt"
+    tail -n 15 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nproc; } \
+    >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" | tee -a "$OUT/summary.txt"
+
+run pytest_cuda 120 "$PY" -m pytest -q -rs -k cuda tests -p no:cacheprovider
+run ssim_variants 60 "$PY" bench.py --device cuda --ssim-variants --batch-size 32 --rounds 5 --out "$OUT/ssim_cuda.json"
+run bench_b32 150 "$PY" bench.py --device cuda --batch-size 32 --warmup 30 --steps 150 --baseline-steps 40 \
+    --images 2048 --out "$OUT/bench_cuda_b32.json"
+run bench_b256 150 "$PY" bench.py --device cuda --batch-size 256 --warmup 10 --steps 40 --baseline-steps 10 \
+    --images 2048 --out "$OUT/bench_cuda_b256.json"
+if [ "$(elapsed)" -lt $(( BUDGET_S - 200 )) ]; then
+    run bench_b256_compile 200 "$PY" bench.py --device cuda --batch-size 256 --warmup 15 --steps 40 --baseline-steps 5 \
+        --images 2048 --compile --out "$OUT/bench_cuda_b256_compile.json"
+else
+    echo "== bench_b256_compile skipped: $(elapsed) s elapsed of $BUDGET_S" | tee -a "$OUT/summary.txt"
+fi
+echo "done in $(elapsed) s" | tee -a "$OUT/summary.txt"
