@@ -67,7 +67,12 @@ def build_resnet34(weights):
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = torchvision.models.resnet34(weights=None)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and format errors alike mean "not a readable state dict"
+        raise UserError(f"--weights {weights}: cannot read it as a PyTorch state dict ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {weights} holds a {type(state).__name__}, not a ResNet-34 state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
