@@ -167,7 +167,7 @@ def test_depth_loss_is_rmse_plus_one_minus_ssim():
     sim = template_ssim(pred.detach(), target)
     assert float(parts["rmse"]) == pytest.approx(err, rel=1e-5)
     assert float(parts["ssim"]) == pytest.approx(sim, abs=1e-4)
-    assert float(total) == pytest.approx(err + 1 - sim, abs=1e-4)
+    assert float(total.detach()) == pytest.approx(err + 1 - sim, abs=1e-4)
     assert float(parts["loss"]) == float(total)
     assert not any(v.requires_grad for v in parts.values())
     total.backward()
