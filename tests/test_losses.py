@@ -168,7 +168,7 @@ def test_depth_loss_is_rmse_plus_one_minus_ssim():
     assert float(parts["rmse"]) == pytest.approx(err, rel=1e-5)
     assert float(parts["ssim"]) == pytest.approx(sim, abs=1e-4)
     assert float(total.detach()) == pytest.approx(err + 1 - sim, abs=1e-4)
-    assert float(parts["loss"]) == float(total)
+    assert float(parts["loss"]) == float(total.detach())
     assert not any(v.requires_grad for v in parts.values())
     total.backward()
     assert torch.isfinite(pred.grad).all()
