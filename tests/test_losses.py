@@ -4,40 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import skimage_ssim, template_ssim
 from scipy import ndimage
-from skimage.metrics import structural_similarity
 
 from losses import DepthLoss, rmse, ssim, ssim_map
 
 H, W = 40, 56
-
-
-def skimage_ssim(a, b, data_range):
-    return structural_similarity(a.astype(np.float64), b.astype(np.float64), gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, data_range=data_range)
-
-
-def template_ssim(x, y):
-    """The course template's SSIM, written independently: one 11 × 11 Gaussian window as a 2-D
-    convolution with zero padding 5, C1 = 0.01², C2 = 0.03², map averaged over everything.
-    Computed in float64 so it is a reference, not a second float32 estimate."""
-    x, y = x.double(), y.double()
-    r = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(r**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    window = torch.outer(g, g).view(1, 1, 11, 11)
-
-    def blur(t):
-        return F.conv2d(t, window, padding=5)
-
-    mu1, mu2 = blur(x), blur(y)
-    sigma1 = blur(x * x) - mu1**2
-    sigma2 = blur(y * y) - mu2**2
-    sigma12 = blur(x * y) - mu1 * mu2
-    c1, c2 = 0.01**2, 0.03**2
-    m = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / ((mu1**2 + mu2**2 + c1) * (sigma1 + sigma2 + c2))
-    return float(m.mean())
 
 
 def depth_pairs():
