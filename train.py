@@ -138,7 +138,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", dynamic_ncols=True,
                    disable=self.opts.quiet)
         t0, seen = time.perf_counter(), 0
-        for rgb, depth in bar:
+        for i, (rgb, depth) in enumerate(bar):
             parts, pred = self.process_batch(rgb, depth)
             self.batch_in_epoch += 1
             seen += rgb.shape[0]
@@ -151,7 +151,9 @@ class Trainer:
                     rate = seen / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
-            if self.should_stop():
+            # A stop on the epoch's last batch still completes the epoch (and its evaluation),
+            # so --max-steps at an epoch boundary leaves a finished, evaluated epoch behind.
+            if self.should_stop() and i + 1 < len(loader):
                 return False
         self.batch_in_epoch = 0
         return True
@@ -177,7 +179,7 @@ class Trainer:
 
     def skip_bad_step(self, loss):
         self.bad_steps += 1
-        warnings.warn(f"non-finite loss ({float(loss)}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
+        warnings.warn(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.opts.max_bad_steps:
             raise UserError(
                 f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}: training stopped. "
