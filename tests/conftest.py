@@ -7,9 +7,16 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One intra-op thread: the tests' tensors are tiny, and on a busy 2-core machine two OpenMP
+# threads spin-wait on each other (measured: a 64 × 64 training step 0.25 s with 1 thread,
+# 1-4 s with 2 while other processes ran). Subprocesses get the same via OMP_NUM_THREADS.
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 SKY_DEPTH = 100.0
 
