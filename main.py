@@ -4,10 +4,13 @@
     python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols)
 """
 import argparse
-import json
 import os
+import signal
 import sys
 import time
+
+# Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
+NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers"}
 
 
 def str2bool(value):
@@ -20,19 +23,33 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show or the help already names it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     mode.add_argument("--eval", action="store_true", help="evaluate --ckpt on --split and print both protocols' metrics")
+    mode.add_argument("--demo", action="store_true",
+                      help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
     mode.add_argument("--is_train", type=str2bool, default=None, metavar="BOOL",
                       help="course-template alias: '--is_train false' is --eval")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", "--data_dir", default="data/DepthEstimationUnreal",
-                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy")
+    data.add_argument("--data-dir", "--data_dir", default=None,
+                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
+                           "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--image-size", type=int, default=224,
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -61,6 +78,13 @@ def build_parser():
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
+    demo.add_argument("--demo-steps", type=int, default=None,
+                      help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit")
+    demo.add_argument("--demo-train", type=int, default=400, help="synthetic training scenes to generate if absent")
+    demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
+    demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
+
     hw = p.add_argument_group("hardware and reproducibility")
     hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
     hw.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
@@ -84,6 +108,8 @@ def check_options(parser, opts):
                         "--vis-every": opts.vis_every, "--workers": opts.workers}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if opts.image_size < 32 or opts.image_size % 32:
+        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -94,21 +120,67 @@ def check_options(parser, opts):
         parser.error("--eval needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
 
 
+def apply_demo_preset(opts, explicit):
+    """Size the paper's recipe for a short run on whatever device there is.
+
+    The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
+    full triangular2 cycles and ends at the base learning rate. Options given on the
+    command line win over the preset.
+    """
+    import torch
+
+    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
+    steps = opts.demo_steps or (3000 if cuda else 600)
+    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": 10**6,
+              "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
+              "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
+    for key, value in preset.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+def typed_options(argv):
+    """The dests of the options on the command line, including those given their default value."""
+    parser, untouched = build_parser(), object()
+    # argparse fills in defaults only for names the namespace lacks: a marker in each shows what was typed.
+    namespace = argparse.Namespace(**{dest: untouched for dest in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not untouched}
+
+
+def inherit_resumed_options(opts, explicit):
+    """Options not typed again take the values of the run being resumed (its checkpoint's config).
+
+    So `python main.py --resume runs/X/last.pt` continues with the same data, batch size,
+    schedule, seed and run directory; options typed with it win. Returns the inherited names.
+    """
+    from utils import load_checkpoint
+
+    config = load_checkpoint(opts.resume, mmap=True).get("config", {})
+    inheritable = {k for k in config if k in vars(opts) and k not in NOT_INHERITED}
+    changed = sorted(k for k in inheritable & explicit if config[k] != getattr(opts, k))
+    if changed:
+        listed = ", ".join("--{} {} (was {})".format(k.replace("_", "-"), getattr(opts, k), config[k]) for k in changed)
+        print(f"resuming {opts.resume} with changed options: {listed}")
+    for key in inheritable - explicit:
+        setattr(opts, key, config[key])
+    return inheritable - explicit
+
+
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
+    # Which options the user typed, so presets and resumed runs never override them.
+    explicit = typed_options(argv)
+    if opts.resume:
+        explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
+    if opts.demo:
+        apply_demo_preset(opts, explicit)
+    if opts.data_dir is None:
+        opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
-
-
-def write_json_atomic(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run_eval(opts):
@@ -116,11 +188,12 @@ def run_eval(opts):
     from evaluate import evaluate, format_metrics
     from model import DepthNet
     from train import select_amp_dtype, select_device
+    from utils import write_json_atomic
 
     device = select_device(opts.device)
     model, _ = DepthNet.from_checkpoint(opts.ckpt)
     model.to(device).eval()
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, native=True)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
     # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
     # the same checkpoint score differently on different CPUs.
     metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,
@@ -138,18 +211,48 @@ def run_train(opts):
     Trainer(opts).train()
 
 
-def main(argv=None):
-    opts = parse_options(argv)
+def user_error_message(err):
+    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
     from utils import UserError
 
+    if isinstance(err, UserError):
+        text = str(err).strip()
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
+        return text
+    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
+        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+    return None
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        if opts.eval:
+        opts = parse_options(argv)
+        if opts.demo:
+            from demo import run_demo
+
+            run_demo(opts)
+        elif opts.eval:
             run_eval(opts)
         else:
             run_train(opts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 
