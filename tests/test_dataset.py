@@ -157,7 +157,9 @@ def test_unreadable_image_is_named(root):
         head = f.read(200)
     with open(path, "wb") as f:  # a truncated JPEG
         f.write(head)
-    ds = DepthEstimationUnreal(root, "train")
+    with pytest.raises(DataError, match=r"cannot read image .*0\.jpeg"):
+        DepthEstimationUnreal(root, "train")  # every file is decoded when the split opens
+    ds = DepthEstimationUnreal(root, "train", check=False)
     with pytest.raises(DataError, match=r"cannot read image .*0\.jpeg"):
         ds[0]
     with open(path, "wb") as f:
@@ -198,7 +200,9 @@ def test_non_finite_depth_is_rejected_and_named(root, bad):
     depth[3, 4] = bad
     write_depth(root, "val", "7", depth)
     write_rgb(root, "val", "7", np.zeros(SIZE + (3,), np.uint8))
-    ds = DepthEstimationUnreal(root, "val")
+    with pytest.raises(DataError, match=r"depth .*7\.npy contains NaN or inf"):
+        DepthEstimationUnreal(root, "val")
+    ds = DepthEstimationUnreal(root, "val", check=False)
     ds[0]  # the good pair loads
     with pytest.raises(DataError, match=r"depth .*7\.npy contains NaN or inf"):
         ds[1]
@@ -208,7 +212,19 @@ def test_rgb_and_depth_size_mismatch(root):
     write_rgb(root, "train", "0", np.zeros((18, 32, 3), np.uint8))
     write_depth(root, "train", "0", np.ones((18, 30), np.float32))
     with pytest.raises(DataError, match=r"0\.png is 32×18 but .*0\.npy is 30×18"):
-        DepthEstimationUnreal(root, "train")[0]
+        DepthEstimationUnreal(root, "train")
+    with pytest.raises(DataError, match=r"0\.png is 32×18 but .*0\.npy is 30×18"):
+        DepthEstimationUnreal(root, "train", check=False)[0]
+
+
+def test_the_first_bad_file_in_order_is_reported(root):
+    for i in range(12):
+        write_pair(root, "train", str(i), 1)
+    for stem in ("10", "3"):  # 3 comes first in file order, though written last
+        with open(os.path.join(root, "rgb", "train", stem + ".png"), "wb") as f:
+            f.write(b"broken")
+    with pytest.raises(DataError, match=r"cannot read image .*[/\\]3\.png"):
+        DepthEstimationUnreal(root, "train")
 
 
 def test_grayscale_and_rgba_are_converted(root):
