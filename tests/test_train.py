@@ -75,7 +75,7 @@ def test_non_finite_loss_skips_the_step_then_stops(tiny_data, tmp_path):
         trainer.process_batch(rgb, depth)
 
 
-def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
+def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     obj = {"model": {"w": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-3, "name": "x", "flag": None},
            "metrics": {"rmse": 1.5}, "history": [1, 2.5, "three"]}
@@ -91,13 +91,10 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    real_save = torch.save
-    torch.save = failing_save
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", failing_save)
         with pytest.raises(CheckpointError, match="No space left on device.*previous file is intact"):
             save_checkpoint({"model": {}}, str(path))
-    finally:
-        torch.save = real_save
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert load_checkpoint(str(path))["step"] == 7
 
