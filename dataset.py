@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from utils import UserError
@@ -61,12 +61,21 @@ def list_pairs(root, split):
 
 
 def read_rgb(path):
-    """HWC uint8 RGB; grayscale, palette and RGBA images are converted."""
+    """HWC uint8 RGB, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA images are converted."""
     try:
         with Image.open(path) as im:
+            ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
+            if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it at 255
+                gray = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}. Re-export or remove the file.") from None
+
+
+def rgb_to_tensor(rgb):
+    """HWC uint8 → (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
 
 
 def read_depth(path):
@@ -121,7 +130,7 @@ class DepthEstimationUnreal(Dataset):
 
     def __getitem__(self, index):
         rgb, depth = self.load_raw(index)
-        rgb_t = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+        rgb_t = rgb_to_tensor(rgb)
         depth_t = torch.from_numpy(depth)[None]
         sample = (resize_to_square(rgb_t, self.size), resize_to_square(depth_t, self.size))
         return sample + (depth_t,) if self.native else sample
