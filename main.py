@@ -50,7 +50,7 @@ def build_parser():
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
-    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step (and per batch of --predict)")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
     optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
     optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")

@@ -176,6 +176,8 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
     except OSError as err:
         raise UserError(f"cannot create output folder {out_dir}: {err.strerror}; choose another --out") from None
     model.eval()
+    # Worker processes cost a start-up and pay off only when reading overlaps with predicting.
+    num_workers = num_workers if len(paths) > batch_size else 0
     loader = DataLoader(ImageFiles(paths, size, keep_rgb=ply), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     written, skipped = 0, []

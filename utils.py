@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window: works on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -166,7 +167,7 @@ def plot_prediction_grid(samples, path, max_depth=20.0, cmap="magma", error_cmap
     if not samples:
         raise ValueError("plot_prediction_grid needs at least one sample")
     height, width = samples[0][2].shape
-    panel_w = float(np.clip(width / 100, 2.0, 3.2))  # about one screen pixel per image pixel for 256-wide images
+    panel_w = float(np.clip(width / 110, 2.0, 3.0))  # at 100 dpi a 256-pixel-wide image shows at about its own size
     panel_h = panel_w * height / width
     errors = [np.abs(pred - gt) for _, _, gt, pred in samples]
     err_max = float(max(max(e.max() for e in errors), 1e-3))
@@ -239,7 +240,8 @@ def plot_training_curves(run_dir, path):
                       (val, "rmse", "val, standard protocol")]),
         ("SSIM", [(train, "ssim", "train batch (224 × 224)"), (val, "challenge_ssim", "val, challenge protocol"),
                   (val, "ssim", "val, standard protocol")]),
-        ("learning rate", [(train, "lr", "train"), (val, "lr", "at evaluation")]),
+        # The lr between evaluations is not a straight line: take it from the training log when there is one.
+        ("learning rate", [(train, "lr", "train")] if train else [(val, "lr", "at evaluation")]),
     ]
     to_epoch, to_step = step_epoch_maps(train + val)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
@@ -250,6 +252,10 @@ def plot_training_curves(run_dir, path):
                 ax.plot(steps, values, marker="o" if records is val else None, markersize=3, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
+        if label.startswith(("loss", "RMSE")):
+            ax.set_yscale("log")  # early, unclamped predictions can be off by orders of magnitude
+            ax.yaxis.set_major_formatter(LogFormatter())  # plain 5, 6, 7 and 10, 100 rather than 5×10⁰
+            ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
