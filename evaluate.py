@@ -123,3 +123,28 @@ def write_per_image_csv(rows, path):
         # 7 significant digits: all that the float32 metrics hold
         writer.writerows({k: f"{v:.7g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
+
+class FixedMapModel(torch.nn.Module):
+    """Predicts one depth map for every image: the constant and per-row baselines."""
+
+    def __init__(self, depth_map):
+        super().__init__()
+        self.register_buffer("depth_map", depth_map.reshape(1, 1, *depth_map.shape[-2:]).float())
+
+    def forward(self, rgb):
+        return self.depth_map.expand(rgb.shape[0], -1, -1, -1)
+
+
+def baseline_models(train_set):
+    """{"constant mean": ..., "per-row mean": ...} fitted on a training split's preprocessed depth."""
+    from dataset import read_depth, resize_to_square
+
+    total = None
+    for _, _, depth_path in train_set.pairs:
+        d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]
+        d = resize_to_square(d, train_set.size)
+        total = d if total is None else total + d
+    mean_map = total / len(train_set)
+    rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
+    return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
+            "per-row mean": FixedMapModel(rows)}

@@ -6,10 +6,14 @@
     python main.py --export torchscript --ckpt runs/X/best.pt --out FILE     export for deployment
 """
 import argparse
-import json
 import os
+import signal
 import sys
 import time
+
+# Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
+NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
+                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "report", "report_images"}
 
 
 def str2bool(value):
@@ -22,13 +26,24 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show or the help already names it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     one_of = mode.add_mutually_exclusive_group()
     one_of.add_argument("--eval", action="store_true",
                         help="evaluate --ckpt on --split, print both protocols' metrics and write the reports (see --report)")
+    one_of.add_argument("--demo", action="store_true",
+                        help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
     one_of.add_argument("--predict", default=None, metavar="IMAGE_OR_DIR",
                         help="predict with --ckpt the depth of an image, or of every .jpeg/.jpg/.png in a folder, "
                              "writing NAME.npy (metres) and NAME.png (colourised) per image to --out")
@@ -39,10 +54,13 @@ def build_parser():
                       help="course-template alias: '--is_train false' is --eval")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", "--data_dir", default="data/DepthEstimationUnreal",
-                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy")
+    data.add_argument("--data-dir", "--data_dir", default=None,
+                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
+                           "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--image-size", type=int, default=224,
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -70,6 +88,13 @@ def build_parser():
     run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate")
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
+    demo.add_argument("--demo-steps", type=int, default=None,
+                      help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit")
+    demo.add_argument("--demo-train", type=int, default=400, help="synthetic training scenes to generate if absent")
+    demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
+    demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
 
     use = p.add_argument_group("using a trained model (--predict, --export, reports of --eval)")
     use.add_argument("--out", default=None, metavar="PATH",
@@ -109,6 +134,8 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if opts.image_size < 32 or opts.image_size % 32:
+        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -129,21 +156,76 @@ def check_options(parser, opts):
             parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
 
 
+def apply_demo_preset(opts, explicit):
+    """Size the paper's recipe for a short run on whatever device there is.
+
+    The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
+    full triangular2 cycles and ends at the base learning rate. Options given on the
+    command line win over the preset.
+    """
+    import torch
+
+    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
+    steps = opts.demo_steps or (3000 if cuda else 600)
+    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": 10**6,
+              "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
+              "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
+    for key, value in preset.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+def typed_options(argv):
+    """The dests of the options on the command line, including those given their default value."""
+    parser, untouched = build_parser(), object()
+    # argparse fills in defaults only for names the namespace lacks: a marker in each shows what was typed.
+    namespace = argparse.Namespace(**{dest: untouched for dest in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not untouched}
+
+
+def inherit_resumed_options(opts, explicit):
+    """Options not typed again take the values of the run being resumed (its checkpoint's config).
+
+    So `python main.py --resume runs/X/last.pt` continues with the same data, batch size,
+    schedule, seed and run directory; options typed with it win. Returns the inherited names.
+    """
+    from utils import load_checkpoint
+
+    config = load_checkpoint(opts.resume, mmap=True).get("config", {})
+    inheritable = {k for k in config if k in vars(opts) and k not in NOT_INHERITED}
+    changed = sorted(k for k in inheritable & explicit if config[k] != getattr(opts, k))
+    if changed:
+        listed = ", ".join("--{} {} (was {})".format(k.replace("_", "-"), getattr(opts, k), config[k]) for k in changed)
+        print(f"resuming {opts.resume} with changed options: {listed}")
+    for key in inheritable - explicit:
+        setattr(opts, key, config[key])
+    return inheritable - explicit
+
+
+def trained_image_size(ckpt_path, default):
+    """The network input side a checkpoint was trained at: --eval, --predict and --export use it unless --image-size is typed."""
+    from utils import load_checkpoint
+
+    return load_checkpoint(ckpt_path, mmap=True).get("config", {}).get("image_size", default)
+
+
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
+    # Which options the user typed, so presets and resumed runs never override them.
+    explicit = typed_options(argv)
+    if opts.resume:
+        explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
+    if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
+        opts.image_size = trained_image_size(opts.ckpt, opts.image_size)
+    if opts.demo:
+        apply_demo_preset(opts, explicit)
+    if opts.data_dir is None:
+        opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
-
-
-def write_json_atomic(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load_for_inference(opts):
@@ -163,9 +245,10 @@ def load_for_inference(opts):
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
     from evaluate import evaluate, format_metrics
+    from utils import write_json_atomic
 
     model, device, amp_dtype = load_for_inference(opts)
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, native=True)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
     if opts.metrics_out:
@@ -212,7 +295,7 @@ def run_predict(opts):
     model, device, amp_dtype = load_for_inference(opts)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     amp_dtype=amp_dtype, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
+                                     amp_dtype=amp_dtype, size=opts.image_size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
                                      hfov_deg=opts.fov, quiet=opts.quiet)
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
@@ -225,8 +308,9 @@ def run_export(opts):
 
     model, _ = DepthNet.from_checkpoint(opts.ckpt)
     out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
-    diff = export_model(model, opts.export, out)
-    print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, 224, 224) -> depth in metres (B, 1, 224, 224); "
+    diff = export_model(model, opts.export, out, size=opts.image_size)
+    s = opts.image_size
+    print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {s}, {s}) -> depth in metres (B, 1, {s}, {s}); "
           f"max |exported - eager| on random input: {diff:.2e}")
 
 
@@ -236,12 +320,34 @@ def run_train(opts):
     Trainer(opts).train()
 
 
-def main(argv=None):
-    opts = parse_options(argv)
+def user_error_message(err):
+    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
     from utils import UserError
 
+    if isinstance(err, UserError):
+        text = str(err).strip()
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
+        return text
+    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
+        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+    return None
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        if opts.eval:
+        opts = parse_options(argv)
+        if opts.demo:
+            from demo import run_demo
+
+            run_demo(opts)
+        elif opts.eval:
             run_eval(opts)
         elif opts.predict:
             run_predict(opts)
@@ -249,9 +355,17 @@ def main(argv=None):
             run_export(opts)
         else:
             run_train(opts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

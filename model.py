@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import CheckpointError, UserError, load_checkpoint
+from utils import CheckpointError, UserError, load_checkpoint, torch_load_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,7 +67,9 @@ def build_resnet34(weights):
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = torchvision.models.resnet34(weights=None)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = torch_load_safely(weights)
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {weights} is not a state dict (it holds a {type(state).__name__})")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
