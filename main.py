@@ -202,13 +202,6 @@ def inherit_resumed_options(opts, explicit):
     return inheritable - explicit
 
 
-def trained_image_size(ckpt_path, default):
-    """The network input side a checkpoint was trained at: --eval, --predict and --export use it unless --image-size is typed."""
-    from utils import load_checkpoint
-
-    return load_checkpoint(ckpt_path, mmap=True).get("config", {}).get("image_size", default)
-
-
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
@@ -218,7 +211,7 @@ def parse_options(argv=None):
         explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
     if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
-        opts.image_size = trained_image_size(opts.ckpt, opts.image_size)
+        opts.image_size = None  # the size the checkpoint was trained at: see load_model
     if opts.demo:
         apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
@@ -228,18 +221,26 @@ def parse_options(argv=None):
     return opts
 
 
-def load_for_inference(opts):
-    """(model on its device in eval mode, device, autocast dtype) for --eval and --predict."""
+def load_model(opts):
+    """(DepthNet of --ckpt, input side to feed it): --image-size when typed, else the side it was trained at."""
     from model import DepthNet
+
+    model, ckpt = DepthNet.from_checkpoint(opts.ckpt)
+    size = opts.image_size or ckpt.get("config", {}).get("image_size") or build_parser().get_default("image_size")
+    return model, size
+
+
+def load_for_inference(opts):
+    """(model on its device in eval mode, input side, device, autocast dtype) for --eval and --predict."""
     from train import select_amp_dtype, select_device
 
     device = select_device(opts.device)
-    model, _ = DepthNet.from_checkpoint(opts.ckpt)
+    model, size = load_model(opts)
     model.to(device).eval()
     # fp32 unless autocast is asked for by name: "auto" would make the same checkpoint
     # score (and predict) differently on different CPUs.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
-    return model, device, amp_dtype
+    return model, size, device, amp_dtype
 
 
 def run_eval(opts):
@@ -247,8 +248,8 @@ def run_eval(opts):
     from evaluate import evaluate, format_metrics
     from utils import write_json_atomic
 
-    model, device, amp_dtype = load_for_inference(opts)
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
+    model, size, device, amp_dtype = load_for_inference(opts)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
     if opts.metrics_out:
@@ -292,10 +293,10 @@ def run_predict(opts):
     from utils import UserError
 
     paths = list_images(opts.predict)
-    model, device, amp_dtype = load_for_inference(opts)
+    model, size, device, amp_dtype = load_for_inference(opts)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     amp_dtype=amp_dtype, size=opts.image_size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
+                                     amp_dtype=amp_dtype, size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
                                      hfov_deg=opts.fov, quiet=opts.quiet)
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
@@ -304,12 +305,10 @@ def run_predict(opts):
 
 def run_export(opts):
     from export import export_model
-    from model import DepthNet
 
-    model, _ = DepthNet.from_checkpoint(opts.ckpt)
+    model, s = load_model(opts)
     out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
-    diff = export_model(model, opts.export, out, size=opts.image_size)
-    s = opts.image_size
+    diff = export_model(model, opts.export, out, size=s)
     print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {s}, {s}) -> depth in metres (B, 1, {s}, {s}); "
           f"max |exported - eager| on random input: {diff:.2e}")
 

@@ -16,20 +16,24 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from export import export_model  # noqa: E402
-from main import main  # noqa: E402
+from main import load_model, main, parse_options  # noqa: E402
 from model import DepthNet  # noqa: E402
 from predict import depth_to_points, predict_depth, write_ply  # noqa: E402
 from utils import UserError, plot_training_curves, save_checkpoint, step_epoch_maps  # noqa: E402
 
 
 # ------------------------------------------------------------------ helpers
+TRAINED_SIZE = 64  # the checkpoint's --image-size: small, so that the tests run fast on a CPU
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A randomly initialised DepthNet saved as a training run would: RUN/best.pt."""
+    """A randomly initialised DepthNet saved as a training run at --image-size 64 would: RUN/best.pt."""
     path = tmp_path_factory.mktemp("run") / "best.pt"
     torch.manual_seed(0)
     model = DepthNet(weights=None, init_depth=10.0)
-    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {}, "metrics": {}}, str(path))
+    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": TRAINED_SIZE}, "metrics": {}},
+                    str(path))
     return path
 
 
@@ -103,11 +107,11 @@ def test_predict_folder_any_size_and_mode_skips_corrupt_file(checkpoint, tmp_pat
         assert len(vertices) == h * w  # every predicted depth is > 0 here
         np.testing.assert_allclose(-vertices["z"], depth.reshape(-1), rtol=1e-6)
 
-    # The prediction is the network's output on the training preprocessing, resized back: recompute it by hand.
+    # The prediction is the network's output on the training preprocessing (at the checkpoint's size), resized back.
     model, _ = DepthNet.from_checkpoint(str(checkpoint))
     with Image.open(src / "odd.jpg") as im:
         decoded = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-    rgb = TF.resize(decoded, [224, 224], antialias=True)
+    rgb = TF.resize(decoded, [TRAINED_SIZE, TRAINED_SIZE], antialias=True)
     with torch.no_grad():
         expected = F.interpolate(model.eval()(rgb[None]), size=(500, 741), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(np.load(out / "odd.npy"), expected[0, 0].clamp(0, 20).numpy(), atol=1e-4)
@@ -129,6 +133,11 @@ def test_predict_refuses_to_overwrite_inputs(checkpoint, tmp_path, capsys):
     assert "overwrite the input image" in capsys.readouterr().err
     assert (tmp_path / "a.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_inference_uses_the_trained_image_size_unless_typed(checkpoint):
+    assert load_model(parse_options(["--predict", "x.png", "--ckpt", str(checkpoint)]))[1] == TRAINED_SIZE
+    assert load_model(parse_options(["--export", "onnx", "--ckpt", str(checkpoint), "--image-size", "96"]))[1] == 96
 
 
 @pytest.mark.parametrize("argv", [["--predict", "x.png"], ["--export", "torchscript"]])
@@ -205,7 +214,7 @@ def test_training_writes_train_log_and_curves(tmp_path):
     data = tmp_path / "data"
     write_split(str(data), "train", 2)
     run_dir = tmp_path / "run"
-    assert main(["--data-dir", str(data), "--weights", "none", "--batch-size", "1", "--max-steps", "1", "--log-every", "1",
+    assert main(["--data-dir", str(data), "--weights", "none", "--image-size", "64", "--batch-size", "1", "--max-steps", "1", "--log-every", "1",
                  "--eval-every", "0", "--vis-every", "0", "--workers", "0", "--amp", "off", "--quiet",
                  "--run-dir", str(run_dir)]) == 0
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -223,7 +232,7 @@ def test_export_torchscript_matches_eager(checkpoint, tmp_path, capsys):
     assert "max |exported - eager|" in capsys.readouterr().out
     exported = torch.jit.load(str(out))
     model, _ = DepthNet.from_checkpoint(str(checkpoint))
-    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    x = torch.rand(2, 3, TRAINED_SIZE, TRAINED_SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=1e-4)
 
