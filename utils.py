@@ -101,16 +101,8 @@ def remove_checkpoint_temps(directory):
 
 def write_json_atomic(obj, path):
     """json.dump to a temporary file, then rename: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
