@@ -285,9 +285,9 @@ def plot_training_curves(run_dir, path):
 
     panels = [
         ("loss (RMSE + 1 − SSIM)", [(train, "loss", "train batch")]),
-        ("RMSE (m)", [(train, "rmse", "train batch (224 × 224)"), (val, "challenge_rmse", "val, challenge protocol"),
+        ("RMSE (m)", [(train, "rmse", "train batch"), (val, "challenge_rmse", "val, challenge protocol"),
                       (val, "rmse", "val, standard protocol")]),
-        ("SSIM", [(train, "ssim", "train batch (224 × 224)"), (val, "challenge_ssim", "val, challenge protocol"),
+        ("SSIM", [(train, "ssim", "train batch"), (val, "challenge_ssim", "val, challenge protocol"),
                   (val, "ssim", "val, standard protocol")]),
         # The lr between evaluations is not a straight line: take it from the training log when there is one.
         ("learning rate", [(train, "lr", "train")] if train else [(val, "lr", "at evaluation")]),
