@@ -284,7 +284,7 @@ def plot_training_curves(run_dir, path):
         return [p[0] for p in pts], [p[1] for p in pts]
 
     panels = [
-        ("loss (RMSE + 1 − SSIM)", [(train, "loss", "train batch")]),
+        ("loss (α·RMSE + β·(1 − SSIM))", [(train, "loss", "train batch")]),
         ("RMSE (m)", [(train, "rmse", "train batch"), (val, "challenge_rmse", "val, challenge protocol"),
                       (val, "rmse", "val, standard protocol")]),
         ("SSIM", [(train, "ssim", "train batch"), (val, "challenge_ssim", "val, challenge protocol"),
