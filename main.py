@@ -60,7 +60,8 @@ def build_parser():
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--image-size", type=int, default=224,
-                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops. "
+                           "--eval, --predict and --export use the checkpoint's own unless this is given")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -85,7 +86,7 @@ def build_parser():
     run.add_argument("--vis-every", "--visualize_every", type=int, default=100, help="save a visualisation every N steps (0: never)")
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
-    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate, predict with or export")
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
