@@ -81,11 +81,6 @@ def read_rgb(path):
         raise DataError(f"cannot read image {path}: {err}. Re-export or remove the file.") from None
 
 
-def rgb_to_tensor(rgb):
-    """HWC uint8 → (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-
-
 def read_depth(path):
     """HW float32 depth in metres; rejects wrong shapes, non-numeric dtypes and NaN/inf."""
     try:
@@ -130,6 +125,11 @@ def check_files(pairs, desc="checking files"):
             raise
 
 
+def to_model_input(rgb, size):
+    """HWC uint8 RGB → (3, size, size) float in [0, 1]: the network's input, for training and prediction alike."""
+    return resize_to_square(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0), size)
+
+
 def resize_to_square(t, size):
     """The paper's Resize((S, S)) + CenterCrop(S), bilinear with antialiasing, on a (C, H, W) tensor."""
     t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
@@ -167,7 +167,6 @@ class DepthEstimationUnreal(Dataset):
 
     def __getitem__(self, index):
         rgb, depth = self.load_raw(index)
-        rgb_t = rgb_to_tensor(rgb)
         depth_t = torch.from_numpy(depth)[None]
-        sample = (resize_to_square(rgb_t, self.size), resize_to_square(depth_t, self.size))
+        sample = (to_model_input(rgb, self.size), resize_to_square(depth_t, self.size))
         return sample + (depth_t,) if self.native else sample

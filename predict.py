@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, resize_to_square, rgb_to_tensor
+from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
 from evaluate import predict_batch
 from utils import UserError, atomic_path, colorize_depth
 
@@ -62,11 +62,6 @@ def check_outputs(paths, out_dir, png16, ply):
             if real in owner:
                 raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into separate --out folders")
             owner[real] = p
-
-
-def to_model_input(rgb, size):
-    """HWC uint8 → (3, size, size) float in [0, 1], exactly the training preprocessing."""
-    return resize_to_square(rgb_to_tensor(rgb), size)
 
 
 class ImageFiles(Dataset):
