@@ -130,6 +130,8 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
         raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
                               f"({unpickler_reason(err)}); loading it could run code, so only load files you trust") from None
     except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
+        if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
+            return torch_load_safely(path, map_location, mmap=False)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
                               "use another file (a run keeps both last.pt and best.pt)") from None
 
