@@ -162,13 +162,14 @@ def apply_demo_preset(opts, explicit):
 
     The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
     full triangular2 cycles and ends at the base learning rate. Options given on the
-    command line win over the preset.
+    command line win over the preset; epochs=None is settled by run_demo once the data
+    set (and so the epoch length) exists.
     """
     import torch
 
     cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
     steps = opts.demo_steps or (3000 if cuda else 600)
-    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": 10**6,
+    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": None,
               "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
               "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
     for key, value in preset.items():
