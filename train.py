@@ -25,7 +25,7 @@ from distributed import any_rank, barrier, convert_batchnorm, init_distributed, 
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
+from utils import CheckpointError, UserError, load_checkpoint, plot_training_curves, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
 def select_device(name):
@@ -235,6 +235,8 @@ class Trainer:
                     barrier()
                 self.save_model("last.pt")
                 self.agree_on_stop()
+        if self.dist.is_main:
+            plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
@@ -258,10 +260,8 @@ class Trainer:
                 if self.vis_due() and self.dist.is_main:
                     visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
                                   title=f"train, step {self.step}")
-                if self.log_due():
-                    rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
-                                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
+                if self.log_due() and self.dist.is_main:
+                    self.log_step(parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
                 self.agree_on_stop()
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
@@ -418,6 +418,15 @@ class Trainer:
                 signal.signal(s, h)
 
     # ---------------------------------------------------------- evaluation, logs
+    def log_step(self, parts, bar, rate):
+        """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
+        loss, rmse, ssim = torch.stack([parts["loss"], parts["rmse"], parts["ssim"]]).tolist()
+        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch(),
+                  "lr": self.scheduler.get_last_lr()[0], "loss": loss, "rmse": rmse, "ssim": ssim}
+        with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", rmse=f"{rmse:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
+
     def evaluate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
         metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype, num_workers=self.opts.workers)
