@@ -8,10 +8,12 @@ fp32 single run drift apart by exactly that much. The exact check therefore runs
 Trainer in float64 (forward and backward; the loss itself stays fp32), where the same
 arithmetic agrees to ~1e-10, and the torchrun test checks the launch and the files.
 """
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -94,7 +96,11 @@ def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("DepthNet:") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
-    assert sorted(os.listdir(run_dir)) == ["config.json", "last.pt", "vis"]
+    assert {"config.json", "last.pt", "train_log.jsonl"} <= set(os.listdir(run_dir))
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+    # One log line for the one step: written by rank 0 only. Its loss is the global batch's.
+    (record,) = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["loss"] == pytest.approx(record["rmse"] + 1 - record["ssim"], rel=1e-5)
     ckpt = load_checkpoint(str(run_dir / "last.pt"))
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 1, 0)  # one batch: the epoch is complete
     assert all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())
