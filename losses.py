@@ -1,10 +1,12 @@
-"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3)."""
+"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3), plus optional edge and SILog terms."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
+# Depths at or below this count as missing, as in evaluate.MIN_DEPTH.
+MIN_DEPTH = 1e-3
 
 
 def gaussian_taps(size=WINDOW_SIZE, sigma=WINDOW_SIGMA, device=None):
@@ -67,16 +69,61 @@ def rmse(pred, target):
     return torch.sqrt(F.mse_loss(pred.float(), target.float()))
 
 
-class DepthLoss(nn.Module):
-    """L = α·RMSE + β·(1 − SSIM) with the template SSIM; returns (total, parts for logging)."""
+def gradient_loss(pred, target):
+    """Edge loss: mean L1 difference of the horizontal and vertical finite differences.
 
-    def __init__(self, alpha=1.0, beta=1.0):
+    Penalises blurred or misplaced depth edges, which RMSE and the 11 × 11 SSIM window
+    barely see; zero for identical maps and for maps that differ by a constant.
+    """
+    pred, target = pred.float(), target.float()
+    dx = (pred.diff(dim=-1) - target.diff(dim=-1)).abs().mean()
+    dy = (pred.diff(dim=-2) - target.diff(dim=-2)).abs().mean()
+    return dx + dy
+
+
+def silog_loss(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+    """Scale-invariant log loss (Eigen et al. 2014), per image, averaged over the batch.
+
+    With d = log(pred) − log(gt) over pixels with gt > min_depth (pred clamped to at least
+    min_depth, since the network's raw output can be ≤ 0): sqrt(mean(d²) − lam·mean(d)²).
+    lam = 1 is fully invariant to a global scale of pred; lam < 1 keeps some weight on the
+    absolute scale. Unscaled (BTS multiplies by 10): set its weight with silog_weight.
+    """
+    pred, target = pred.float(), target.float()
+    valid = (target > min_depth).float()
+    n = valid.sum(dim=(1, 2, 3)).clamp_min(1)
+    d = (pred.clamp_min(min_depth).log() - target.clamp_min(min_depth).log()) * valid
+    mean_d = d.sum(dim=(1, 2, 3)) / n
+    mean_d2 = (d * d).sum(dim=(1, 2, 3)) / n
+    # Clamped away from 0: sqrt's gradient at 0 is infinite (it occurs for a perfect prediction).
+    return (mean_d2 - lam * mean_d * mean_d).clamp_min(1e-12).sqrt().mean()
+
+
+class DepthLoss(nn.Module):
+    """L = α·RMSE + β·(1 − SSIM) [+ grad_weight·edge loss + silog_weight·SILog]; returns (total, parts for logging).
+
+    The extra terms are computed, and appear in the parts, only when their weight is not 0:
+    with the defaults this is exactly the paper's loss.
+    """
+
+    def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0):
         super().__init__()
         self.alpha = alpha
         self.beta = beta
+        self.grad_weight = grad_weight
+        self.silog_weight = silog_weight
 
     def forward(self, pred, target):
         err = rmse(pred, target)
         sim = ssim(pred, target, data_range=1.0, padding="same")
         total = self.alpha * err + self.beta * (1 - sim)
-        return total, {"loss": total.detach(), "rmse": err.detach(), "ssim": sim.detach()}
+        parts = {"rmse": err.detach(), "ssim": sim.detach()}
+        if self.grad_weight:
+            grad = gradient_loss(pred, target)
+            total = total + self.grad_weight * grad
+            parts["grad"] = grad.detach()
+        if self.silog_weight:
+            silog = silog_loss(pred, target)
+            total = total + self.silog_weight * silog
+            parts["silog"] = silog.detach()
+        return total, {"loss": total.detach(), **parts}
