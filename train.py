@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, read_depth
+from dataset import DepthEstimationUnreal, augment_pair, read_depth
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
@@ -85,10 +85,11 @@ class Trainer:
         ckpt = load_checkpoint(opts.resume) if opts.resume else None
         init_depth = ckpt["init_depth"] if ckpt else mean_training_depth(self.train_set)
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
-        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth)
+        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
+                              encoder=opts.encoder, skips=opts.skips)
         self.init_depth = init_depth
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta)
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
         # CyclicLR's default cycle_momentum=True stays, as in the author's code: with Adam it
@@ -108,7 +109,7 @@ class Trainer:
         self.run_dir = opts.run_dir
         self.prepare_run_dir()
         total, trainable = count_parameters(self.model)
-        print(f"DepthNet: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
+        print(f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
               f"device {self.device}, autocast {self.amp_dtype or 'off'}, "
               f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
               f"output bias {init_depth:.2f} m")
@@ -139,6 +140,8 @@ class Trainer:
                    disable=self.opts.quiet)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
+            if self.opts.augment:
+                rgb, depth = self.augment_batch(rgb, depth)
             parts, pred = self.process_batch(rgb, depth)
             self.batch_in_epoch += 1
             seen += rgb.shape[0]
@@ -178,6 +181,17 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return parts, pred.detach()
+
+    def augment_batch(self, rgb, depth):
+        """--augment: dataset.augment_pair on the device, one random draw per image.
+
+        Done here rather than in the Dataset so it is the same whatever loads the data, and
+        runs where the batch will be used; it draws from torch's global RNG, which the
+        Trainer seeds and checkpoints, so a resumed run sees the same augmentations.
+        """
+        rgb = rgb.to(self.device, non_blocking=True)
+        depth = depth.to(self.device, non_blocking=True)
+        return augment_pair(rgb, depth)
 
     def skip_bad_step(self, loss):
         self.bad_steps += 1
