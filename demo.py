@@ -34,13 +34,13 @@ def ensure_synthetic_data(opts):
                      workers=max(1, min(4, os.cpu_count() or 1)))
 
 
-def score_table(model, baselines, data_dir, device, workers):
-    """{split: {name: metrics}} for the trained model and each baseline."""
+def score_table(model, baselines, data_dir, device, workers, size=224):
+    """{split: {name: metrics}} for the trained model and each baseline, inputs at size × size."""
     results = {}
     for split in ("val", "test"):
         if not os.path.isdir(os.path.join(data_dir, "rgb", split)):
             continue
-        dataset = DepthEstimationUnreal(data_dir, split, native=True)
+        dataset = DepthEstimationUnreal(data_dir, split, size=size, native=True)
         results[split] = {"model": evaluate(model, dataset, device, num_workers=workers)}
         for name, baseline in baselines.items():
             results[split][name] = evaluate(baseline.to(device), dataset, device, num_workers=workers)
@@ -66,7 +66,7 @@ def run_demo(opts):
     trainer = Trainer(opts)
     trainer.train()
     baselines = baseline_models(trainer.train_set)
-    results = score_table(trainer.model, baselines, opts.data_dir, trainer.device, opts.workers)
+    results = score_table(trainer.model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size)
     table = format_results(results)
     minutes = (time.time() - start) / 60
     summary = {"results": results, "steps": trainer.step, "device": str(trainer.device), "minutes": minutes}

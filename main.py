@@ -46,6 +46,9 @@ def build_parser():
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
+    data.add_argument("--image-size", type=int, default=224,
+                      help="side of the square network input, a multiple of 32 (the paper: 224; evaluation "
+                           "of a checkpoint uses the size it was trained at)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
 
     model = p.add_argument_group("model")
@@ -121,6 +124,8 @@ def check_options(parser, opts):
                         "--vis-every": opts.vis_every, "--workers": opts.workers}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if opts.image_size < 32 or opts.image_size % 32:
+        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -173,9 +178,11 @@ def run_eval(opts):
     from utils import write_json_atomic
 
     device = select_device(opts.device)
-    model, _ = DepthNet.from_checkpoint(opts.ckpt)
+    model, ckpt = DepthNet.from_checkpoint(opts.ckpt)
     model.to(device).eval()
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, native=True)
+    # The network sees images at the size it was trained at; the standard protocol scores at native size anyway.
+    size = (ckpt.get("config") or {}).get("image_size", 224)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True)
     # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
     # the same checkpoint score differently on different CPUs.
     metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,

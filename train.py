@@ -79,8 +79,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not opts.deterministic
 
-        self.train_set = DepthEstimationUnreal(opts.data_dir, "train")
-        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", native=True) if opts.eval_every > 0 else None
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size)
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True)
+                        if opts.eval_every > 0 else None)
 
         ckpt = load_checkpoint(opts.resume) if opts.resume else None
         init_depth = ckpt["init_depth"] if ckpt else mean_training_depth(self.train_set)
