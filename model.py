@@ -157,12 +157,22 @@ def build_backbone(name, weights):
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = spec.build(weights=None)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and format errors alike mean "not a readable state dict"
+        raise UserError(f"--weights {weights}: cannot read it as a PyTorch state dict ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {weights} holds a {type(state).__name__}, not a {spec.title} state dict")
     state = {k: v for k, v in state.items() if not k.startswith(spec.classifier)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(spec.classifier)]
-    if missing or unexpected:
-        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(spec.classifier)]
+    unexpected = [k for k in state if k not in expected]
+    # Same names, other shapes: e.g. a ResNet-18 file given for a ResNet-50.
+    reshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
+    if missing or unexpected or reshaped:
+        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                        + (f", other shapes {reshaped[:5]}" if reshaped else ""))
+    net.load_state_dict(state, strict=False)
     return net
 
 

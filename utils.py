@@ -90,6 +90,15 @@ def write_json_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(text, path):
+    """Write a text file through a temporary file and a rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True: a checkpoint can hold tensors and plain types, never code."""
     if not os.path.isfile(path):
