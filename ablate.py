@@ -54,7 +54,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from: {', '.join(SINGLES)}, {BEST}")
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps per variant")
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps per variant")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--image-size", type=int, default=64, help="square network input, a multiple of 32")
     p.add_argument("--data-dir", default=os.path.join("data", "ablation"),
