@@ -187,12 +187,14 @@ class Trainer:
         """--augment: dataset.augment_pair on the device, one random draw per image.
 
         Done here rather than in the Dataset so it is the same whatever loads the data, and
-        runs where the batch will be used; it draws from torch's global RNG, which the
-        Trainer seeds and checkpoints, so a resumed run sees the same augmentations.
+        runs where the batch will be used. The draws come from (seed, step), as EpochSampler's
+        order comes from (seed, epoch): a resumed run sees the augmentations the interrupted
+        one would have seen, wherever it stopped.
         """
         rgb = rgb.to(self.device, non_blocking=True)
         depth = depth.to(self.device, non_blocking=True)
-        return augment_pair(rgb, depth)
+        generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step)
+        return augment_pair(rgb, depth, generator)
 
     def skip_bad_step(self, loss):
         self.bad_steps += 1
