@@ -159,7 +159,12 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
     trainer = Trainer(opts)
     rgb, depth = next(iter(trainer.make_loader()))
     assert rgb.shape == (2, 3, SIZE, SIZE)
-    parts, pred = trainer.process_batch(*trainer.augment_batch(rgb, depth))
+    augmented = trainer.augment_batch(rgb, depth)
+    assert torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
+    trainer.step = 1
+    assert not torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])
+    trainer.step = 0
+    parts, pred = trainer.process_batch(*augmented)
     assert set(parts) == {"loss", "rmse", "ssim", "grad", "silog"}
     assert pred.shape == (2, 1, SIZE, SIZE)
     trainer.train()
