@@ -34,13 +34,13 @@ def ensure_synthetic_data(opts):
                      workers=max(1, min(4, os.cpu_count() or 1)))
 
 
-def score_table(model, baselines, data_dir, device, workers, size=224):
-    """{split: {name: metrics}} for the trained model and each baseline, inputs at size × size."""
+def score_table(model, baselines, data_dir, device, workers, image_size=224):
+    """{split: {name: metrics}} for the trained model and each baseline."""
     results = {}
     for split in ("val", "test"):
         if not os.path.isdir(os.path.join(data_dir, "rgb", split)):
             continue
-        dataset = DepthEstimationUnreal(data_dir, split, size=size, native=True)
+        dataset = DepthEstimationUnreal(data_dir, split, size=image_size, native=True)
         results[split] = {"model": evaluate(model, dataset, device, num_workers=workers)}
         for name, baseline in baselines.items():
             results[split][name] = evaluate(baseline.to(device), dataset, device, num_workers=workers)

@@ -5,8 +5,12 @@
 """
 import argparse
 import os
+import signal
 import sys
 import time
+
+# Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
+NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
 ENCODER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
@@ -46,10 +50,9 @@ def build_parser():
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
-    data.add_argument("--image-size", type=int, default=224,
-                      help="side of the square network input, a multiple of 32 (the paper: 224; evaluation "
-                           "of a checkpoint uses the size it was trained at)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--image-size", type=int, default=224,
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -155,12 +158,41 @@ def apply_demo_preset(opts, explicit):
             setattr(opts, key, value)
 
 
+def typed_options(argv):
+    """The dests of the options on the command line, including those given their default value."""
+    parser, untouched = build_parser(), object()
+    # argparse fills in defaults only for names the namespace lacks: a marker in each shows what was typed.
+    namespace = argparse.Namespace(**{dest: untouched for dest in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not untouched}
+
+
+def inherit_resumed_options(opts, explicit):
+    """Options not typed again take the values of the run being resumed (its checkpoint's config).
+
+    So `python main.py --resume runs/X/last.pt` continues with the same data, batch size,
+    schedule, seed and run directory; options typed with it win. Returns the inherited names.
+    """
+    from utils import load_checkpoint
+
+    config = load_checkpoint(opts.resume, mmap=True).get("config", {})
+    inheritable = {k for k in config if k in vars(opts) and k not in NOT_INHERITED}
+    changed = sorted(k for k in inheritable & explicit if config[k] != getattr(opts, k))
+    if changed:
+        listed = ", ".join("--{} {} (was {})".format(k.replace("_", "-"), getattr(opts, k), config[k]) for k in changed)
+        print(f"resuming {opts.resume} with changed options: {listed}")
+    for key in inheritable - explicit:
+        setattr(opts, key, config[key])
+    return inheritable - explicit
+
+
 def parse_options(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
+    # Which options the user typed, so presets and resumed runs never override them.
+    explicit = typed_options(argv)
+    if opts.resume:
+        explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
-    # Which options the user typed, so presets never override them.
-    explicit = {k for k, v in vars(opts).items() if v != parser.get_default(k)}
     if opts.demo:
         apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
@@ -178,11 +210,9 @@ def run_eval(opts):
     from utils import write_json_atomic
 
     device = select_device(opts.device)
-    model, ckpt = DepthNet.from_checkpoint(opts.ckpt)
+    model, _ = DepthNet.from_checkpoint(opts.ckpt)
     model.to(device).eval()
-    # The network sees images at the size it was trained at; the standard protocol scores at native size anyway.
-    size = (ckpt.get("config") or {}).get("image_size", 224)
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
     # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
     # the same checkpoint score differently on different CPUs.
     metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,
@@ -200,11 +230,29 @@ def run_train(opts):
     Trainer(opts).train()
 
 
-def main(argv=None):
-    opts = parse_options(argv)
+def user_error_message(err):
+    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
     from utils import UserError
 
+    if isinstance(err, UserError):
+        text = str(err).strip()
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
+        return text
+    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
+        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+    return None
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
+        opts = parse_options(argv)
         if opts.demo:
             from demo import run_demo
 
@@ -213,9 +261,17 @@ def main(argv=None):
             run_eval(opts)
         else:
             run_train(opts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import CheckpointError, UserError, load_checkpoint
+from utils import CheckpointError, UserError, load_checkpoint, torch_load_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,12 +157,9 @@ def build_backbone(name, weights):
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = spec.build(weights=None)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and format errors alike mean "not a readable state dict"
-        raise UserError(f"--weights {weights}: cannot read it as a PyTorch state dict ({type(err).__name__})") from None
+    state = torch_load_safely(weights)
     if not isinstance(state, dict):
-        raise UserError(f"--weights {weights} holds a {type(state).__name__}, not a {spec.title} state dict")
+        raise UserError(f"--weights {weights} is not a state dict (it holds a {type(state).__name__})")
     state = {k: v for k, v in state.items() if not k.startswith(spec.classifier)}
     expected = net.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith(spec.classifier)]

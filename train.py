@@ -16,7 +16,7 @@ from dataset import DepthEstimationUnreal, augment_pair, read_depth
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
+from utils import CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
 def select_device(name):
@@ -51,6 +51,16 @@ def mean_training_depth(dataset):
     return total / count
 
 
+def load_resumable(path):
+    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
+                              "--resume needs a last.pt or best.pt written by training")
+    return ckpt
+
+
 class EpochSampler(Sampler):
     """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
 
@@ -80,10 +90,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = not opts.deterministic
 
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size)
-        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True)
-                        if opts.eval_every > 0 else None)
+        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True) if opts.eval_every > 0 else None
 
-        ckpt = load_checkpoint(opts.resume) if opts.resume else None
+        ckpt = load_resumable(opts.resume) if opts.resume else None
         init_depth = ckpt["init_depth"] if ckpt else mean_training_depth(self.train_set)
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
         self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
@@ -103,7 +112,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
         self.bad_steps = 0
-        self.stop_signal = None
+        self.stop_signal, self.saving = None, False
         if ckpt:
             self.load_state(ckpt)
 
@@ -119,6 +128,9 @@ class Trainer:
     def train(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
         metrics = None
+        if self.epoch >= self.opts.epochs or self.should_stop():
+            print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
+                  f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
         with self.stop_on_signals():
             while self.epoch < self.opts.epochs and not self.should_stop():
                 if not self.run_epoch():
@@ -130,7 +142,7 @@ class Trainer:
                 self.save_model("last.pt")
         if self.stop_signal:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
-                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} --run-dir {self.run_dir} --data-dir {self.opts.data_dir}")
+                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
         return metrics
 
     def run_epoch(self):
@@ -198,11 +210,14 @@ class Trainer:
 
     def skip_bad_step(self, loss):
         self.bad_steps += 1
-        warnings.warn(f"non-finite loss ({float(loss)}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
+        warnings.warn(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1}: step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.opts.max_bad_steps:
+            # last.pt is left as it is: the weights that produced these losses are not saved over it.
+            last = os.path.join(self.run_dir, "last.pt")
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise UserError(
-                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}: training stopped. "
-                f"The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}; try a lower --lr or --max-lr, or --amp off")
+                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}: training stopped; {kept}. "
+                f"Try a lower --lr or --max-lr, or --amp off")
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -211,9 +226,12 @@ class Trainer:
 
     def make_loader(self):
         sampler = EpochSampler(len(self.train_set), self.opts.seed, self.epoch, self.batch_in_epoch * self.opts.batch_size)
+        # Each DataLoader iterator draws its workers' base seed from `generator`; by default that
+        # is the global RNG, and a resumed run (one more iterator) would leave it in another state.
+        generator = torch.Generator().manual_seed(self.opts.seed * 100_003 + self.epoch)
         return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler,
                           num_workers=self.opts.workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+                          persistent_workers=False, generator=generator)
 
     def should_stop(self):
         return self.stop_signal is not None or (self.opts.max_steps is not None and self.step >= self.opts.max_steps)
@@ -221,8 +239,15 @@ class Trainer:
     @contextlib.contextmanager
     def stop_on_signals(self):
         """SIGINT/SIGTERM end the current step, then training stops with a resumable last.pt."""
+        main_pid = os.getpid()
+
         def handler(signum, frame):
-            if self.stop_signal is not None:  # a second Ctrl-C: stop now
+            if os.getpid() != main_pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group
+                return
+            if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
+                if self.saving:
+                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is complete", flush=True)
+                    return
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
@@ -256,6 +281,7 @@ class Trainer:
             os.remove(probe)
         except OSError as err:
             raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
+        remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
         metrics_log = os.path.join(self.run_dir, "metrics.jsonl")
         if not self.opts.resume and os.path.exists(metrics_log):
@@ -279,7 +305,11 @@ class Trainer:
         }
 
     def save_model(self, name, metrics=None):
-        save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+        self.saving = True  # training stops right after this save anyway if a signal came: let it finish
+        try:
+            save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+        finally:
+            self.saving = False
 
     def load_state(self, ckpt):
         load_weights(self.model, ckpt["model"], self.opts.resume)

@@ -4,7 +4,7 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
+import warnings
 
 import matplotlib
 
@@ -57,7 +57,7 @@ def set_rng_state(state):
 def save_checkpoint(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then rename over it.
 
-    A crash or a full disk mid-write leaves the previous file at `path` untouched.
+    A crash, a kill or a full disk mid-write leaves the previous file at `path` untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -66,12 +66,15 @@ def save_checkpoint(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file a normal file's mode
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(err, OSError):
             raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact") from None
+        if isinstance(err.__context__, KeyboardInterrupt):  # torch.save's zip writer, closing, turns Ctrl-C into a RuntimeError
+            raise KeyboardInterrupt from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -81,38 +84,79 @@ def save_checkpoint(obj, path):
         pass
 
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_checkpoint_temps(directory):
+    """Delete the temporary files (.NAME.pt.XXXX.tmp) of writers killed mid-save: each is a checkpoint's size."""
+    for name in os.listdir(directory):
+        if name.startswith(".") and name.endswith(".tmp") and ".pt." in name:
+            os.remove(os.path.join(directory, name))
+
+
 def write_json_atomic(obj, path):
     """json.dump to a temporary file, then rename: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def write_text_atomic(text, path):
     """Write a text file through a temporary file and a rename: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: a checkpoint can hold tensors and plain types, never code."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; pass --ckpt with a file written by training (e.g. runs/NAME/best.pt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain types ({first}); only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}); use another checkpoint, e.g. best.pt or last.pt") from None
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """torch.load with weights_only=True: a checkpoint can hold tensors and plain types, never code.
+
+    mmap=True maps the tensors instead of reading them: cheap when only the config is needed.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt or best.pt)")
+    ckpt = torch_load_safely(path, map_location, mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
     return ckpt
+
+
+def torch_load_safely(path, map_location="cpu", mmap=False):
+    """torch.load(weights_only=True) whose failures are one-line CheckpointErrors naming `path`."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to our error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another file") from None
+        raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
+                              f"({unpickler_reason(err)}); loading it could run code, so only load files you trust") from None
+    except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
+                              "use another file (a run keeps both last.pt and best.pt)") from None
+
+
+def first_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else "no message"
+
+
+def unpickler_reason(err):
+    """The line of torch's long weights_only message that says what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line.rstrip(".")
+    return "see torch.load's weights_only documentation"
 
 
 def colorize_depth(depth, vmin=0.0, vmax=20.0, cmap="magma"):
@@ -152,6 +196,12 @@ def save_figure(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
