@@ -33,7 +33,7 @@ from evaluate import evaluate
 from main import parse_options
 from model import count_parameters
 from train import Trainer, select_device
-from utils import UserError, save_figure, write_json_atomic, write_text_atomic
+from utils import UserError, atomic_path, save_figure, write_json_atomic
 
 # Each single change, as the main.py options that turn it on ({...}: filled from ablate's options).
 SINGLES = {
@@ -244,7 +244,8 @@ def write_report(args, results, combination, note, minutes):
         "budget's size, the variants taking turns three times after training, median round; each variant's "
         "training wall time is in ablation.json.", "",
     ] + ([note, ""] if note else []))
-    write_text_atomic(text, os.path.join(args.out, "ablation.md"))
+    with atomic_path(os.path.join(args.out, "ablation.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
     write_json_atomic({"budget": budget, "variants": args.variants, "combination": combination, "results": results},
                       os.path.join(args.out, "ablation.json"))
     plot(results, os.path.join(args.out, "ablation.png"))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -75,9 +75,13 @@ def list_pairs(root, split):
 
 
 def read_rgb(path):
-    """HWC uint8 RGB; grayscale, palette and RGBA images are converted."""
+    """HWC uint8 RGB, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA images are converted."""
     try:
         with Image.open(path) as im:
+            ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
+            if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it at 255
+                gray = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}. Re-export or remove the file.") from None
@@ -125,6 +129,11 @@ def check_files(pairs, desc="checking files"):
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def to_model_input(rgb, size):
+    """HWC uint8 RGB → (3, size, size) float in [0, 1]: the network's input, for training and prediction alike."""
+    return resize_to_square(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0), size)
 
 
 def resize_to_square(t, size):
@@ -212,7 +221,6 @@ class DepthEstimationUnreal(Dataset):
 
     def __getitem__(self, index):
         rgb, depth = self.load_raw(index)
-        rgb_t = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
         depth_t = torch.from_numpy(depth)[None]
-        sample = (resize_to_square(rgb_t, self.size), resize_to_square(depth_t, self.size))
+        sample = (to_model_input(rgb, self.size), resize_to_square(depth_t, self.size))
         return sample + (depth_t,) if self.native else sample

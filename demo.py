@@ -3,12 +3,13 @@
 Synthesise a data set if there is none, train the paper's model briefly, then score it on
 val and test against the constant-mean and per-row-mean baselines, under both protocols.
 """
+import math
 import os
 import time
 
 import torch
 
-from dataset import DepthEstimationUnreal
+from dataset import DepthEstimationUnreal, list_pairs
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights
 from train import Trainer
@@ -60,6 +61,9 @@ def run_demo(opts):
     """opts: main.py's options with the demo preset already applied."""
     start = time.time()
     ensure_synthetic_data(opts)
+    if opts.epochs is None:  # enough epochs for --max-steps, so the bar counts real epochs
+        batches = math.ceil(len(list_pairs(opts.data_dir, "train")) / opts.batch_size)
+        opts.epochs = math.ceil(opts.max_steps / batches)
     if opts.weights == "imagenet" and not imagenet_weights_cached(opts.encoder):
         print(f"ImageNet weights for {encoder_spec(opts.encoder).title} are not cached and this may be offline: the demo starts from random weights")
         opts.weights = "none"

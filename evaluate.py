@@ -5,12 +5,14 @@ order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
 standard: at the ground truth's own resolution, every metric per image, then averaged.
 """
 import contextlib
+import csv
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from losses import rmse, ssim, ssim_map
+from utils import atomic_path
 
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
                "challenge_rmse", "challenge_ssim", "n_images")
@@ -110,6 +112,16 @@ def format_metrics(metrics, title=None):
     vals = " ".join(f"{metrics[k]:>14.4f}" for k in keys)
     lines = [title] if title else []
     return "\n".join(lines + [head, vals, f"({metrics['n_images']} images)"])
+
+
+def write_per_image_csv(rows, path):
+    """evaluate(..., per_image=True)'s rows as a CSV: name, then the standard metrics, one line per image."""
+    keys = ["name"] + [k for k in METRIC_KEYS if rows and k in rows[0]]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        # 7 significant digits: all that the float32 metrics hold
+        writer.writerows({k: f"{v:.7g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
 
 class FixedMapModel(torch.nn.Module):

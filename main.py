@@ -1,7 +1,9 @@
 """Entry point: every option lives here, with the paper's values as defaults (SPEC §4, §6).
 
     python main.py                                  train (paper preset)
-    python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols)
+    python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols) and write reports
+    python main.py --predict IMAGE_OR_DIR --ckpt runs/X/best.pt --out DIR    depth of any images
+    python main.py --export torchscript --ckpt runs/X/best.pt --out FILE     export for deployment
 """
 import argparse
 import os
@@ -10,7 +12,8 @@ import sys
 import time
 
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
-NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers"}
+NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
+                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "report", "report_images"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
 ENCODER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
@@ -39,9 +42,17 @@ def build_parser():
     p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
                                 formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
-    mode.add_argument("--eval", action="store_true", help="evaluate --ckpt on --split and print both protocols' metrics")
-    mode.add_argument("--demo", action="store_true",
-                      help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
+    one_of = mode.add_mutually_exclusive_group()
+    one_of.add_argument("--eval", action="store_true",
+                        help="evaluate --ckpt on --split, print both protocols' metrics and write the reports (see --report)")
+    one_of.add_argument("--demo", action="store_true",
+                        help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
+    one_of.add_argument("--predict", default=None, metavar="IMAGE_OR_DIR",
+                        help="predict with --ckpt the depth of an image, or of every .jpeg/.jpg/.png in a folder, "
+                             "writing NAME.npy (metres) and NAME.png (colourised) per image to --out")
+    one_of.add_argument("--export", default=None, choices=["torchscript", "onnx"],
+                        help="export --ckpt to --out for deployment, checked against the eager model "
+                             "(onnx needs: pip install onnx onnxscript onnxruntime)")
     mode.add_argument("--is_train", type=str2bool, default=None, metavar="BOOL",
                       help="course-template alias: '--is_train false' is --eval")
 
@@ -52,7 +63,8 @@ def build_parser():
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--image-size", type=int, default=224,
-                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops")
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops. "
+                           "--eval, --predict and --export use the checkpoint's own unless this is given")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -75,7 +87,7 @@ def build_parser():
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
-    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step (and per batch of --predict)")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
     optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
     optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")
@@ -92,7 +104,7 @@ def build_parser():
     run.add_argument("--vis-every", "--visualize_every", type=int, default=100, help="save a visualisation every N steps (0: never)")
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
-    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate, predict with or export")
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -102,6 +114,20 @@ def build_parser():
     demo.add_argument("--demo-train", type=int, default=400, help="synthetic training scenes to generate if absent")
     demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
     demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
+
+    use = p.add_argument_group("using a trained model (--predict, --export, reports of --eval)")
+    use.add_argument("--out", default=None, metavar="PATH",
+                     help="--predict: output folder (default: out); --export: output file (default: the checkpoint's "
+                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the checkpoint's folder)")
+    use.add_argument("--cmap", default="magma", help="matplotlib colormap of the depth PNGs and of the report grid")
+    use.add_argument("--png16", action="store_true", help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
+    use.add_argument("--ply", action="store_true", help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
+    use.add_argument("--fov", type=float, default=90.0,
+                     help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
+                          "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
+    use.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                     help="--eval: write report_SPLIT_grid.png, report_SPLIT_per_image.csv and curves.png (see --out)")
+    use.add_argument("--report-images", type=int, default=6, help="--eval: rows of the report grid, spread evenly over the split")
 
     hw = p.add_argument_group("hardware and reproducibility")
     hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
@@ -124,7 +150,8 @@ def check_options(parser, opts):
             parser.error(f"{name} must be positive, got {value}")
     for name, value in {"--weight-decay": opts.weight_decay, "--eval-every": opts.eval_every,
                         "--grad-weight": opts.grad_weight, "--silog-weight": opts.silog_weight,
-                        "--vis-every": opts.vis_every, "--workers": opts.workers}.items():
+                        "--vis-every": opts.vis_every, "--workers": opts.workers,
+                        "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
     if opts.image_size < 32 or opts.image_size % 32:
@@ -135,8 +162,18 @@ def check_options(parser, opts):
         parser.error(f"--max-steps must be at least 1, got {opts.max_steps}")
     if opts.is_train is False:
         opts.eval = True
-    if opts.eval and not opts.ckpt:
-        parser.error("--eval needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+    if opts.eval and (opts.predict or opts.export):
+        parser.error("choose one of --eval (or --is_train false), --predict and --export")
+    for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
+        if value and not opts.ckpt:
+            parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+    if not 0 < opts.fov < 180:
+        parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
+    if opts.eval or opts.predict:
+        import matplotlib
+
+        if opts.cmap not in matplotlib.colormaps:
+            parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
 
 
 def apply_demo_preset(opts, explicit):
@@ -144,13 +181,14 @@ def apply_demo_preset(opts, explicit):
 
     The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
     full triangular2 cycles and ends at the base learning rate. Options given on the
-    command line win over the preset.
+    command line win over the preset; epochs=None is settled by run_demo once the data
+    set (and so the epoch length) exists.
     """
     import torch
 
     cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
     steps = opts.demo_steps or (3000 if cuda else 600)
-    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": 10**6,
+    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": None,
               "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
               "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
     for key, value in preset.items():
@@ -193,6 +231,8 @@ def parse_options(argv=None):
     if opts.resume:
         explicit |= inherit_resumed_options(opts, explicit)
     check_options(parser, opts)
+    if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
+        opts.image_size = None  # the size the checkpoint was trained at: see load_model
     if opts.demo:
         apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
@@ -202,26 +242,96 @@ def parse_options(argv=None):
     return opts
 
 
+def load_model(opts):
+    """(DepthNet of --ckpt, input side to feed it): --image-size when typed, else the side it was trained at."""
+    from model import DepthNet
+
+    model, ckpt = DepthNet.from_checkpoint(opts.ckpt)
+    size = opts.image_size or ckpt.get("config", {}).get("image_size") or build_parser().get_default("image_size")
+    return model, size
+
+
+def load_for_inference(opts):
+    """(model on its device in eval mode, input side, device, autocast dtype) for --eval and --predict."""
+    from train import select_amp_dtype, select_device
+
+    device = select_device(opts.device)
+    model, size = load_model(opts)
+    model.to(device).eval()
+    # fp32 unless autocast is asked for by name: "auto" would make the same checkpoint
+    # score (and predict) differently on different CPUs.
+    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
+    return model, size, device, amp_dtype
+
+
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
     from evaluate import evaluate, format_metrics
-    from model import DepthNet
-    from train import select_amp_dtype, select_device
     from utils import write_json_atomic
 
-    device = select_device(opts.device)
-    model, _ = DepthNet.from_checkpoint(opts.ckpt)
-    model.to(device).eval()
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=opts.image_size, native=True)
-    # Scores are reported in fp32 unless autocast is asked for by name: "auto" would make
-    # the same checkpoint score differently on different CPUs.
-    metrics = evaluate(model, dataset, device, amp_dtype=select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None,
-                       num_workers=opts.workers)
+    model, size, device, amp_dtype = load_for_inference(opts)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True)
+    metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
     if opts.metrics_out:
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
+    if opts.report:
+        write_eval_report(opts, model, dataset, rows, device, amp_dtype)
     return metrics
+
+
+def write_eval_report(opts, model, dataset, rows, device, amp_dtype):
+    """After --eval, into --out or the checkpoint's folder: the per-image CSV, a grid of predictions, the training curves."""
+    import numpy as np
+
+    from evaluate import write_per_image_csv
+    from predict import predict_samples
+    from utils import plot_prediction_grid, plot_training_curves
+
+    run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
+    out = opts.out or run_dir
+    csv_path = os.path.join(out, f"report_{opts.split}_per_image.csv")
+    write_per_image_csv(rows, csv_path)
+    worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
+    print(f"per-image metrics: {csv_path}; highest RMSE: " + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
+    if opts.report_images > 0:
+        indices = np.unique(np.linspace(0, len(rows) - 1, min(opts.report_images, len(rows))).round().astype(int))
+        samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
+                   for i, (name, rgb, gt, pred) in zip(indices, predict_samples(model, dataset, indices, device, amp_dtype))]
+        grid_path = os.path.join(out, f"report_{opts.split}_grid.png")
+        plot_prediction_grid(samples, grid_path, dataset.max_depth, opts.cmap)
+        print(f"prediction grid: {grid_path}")
+    curves_path = os.path.join(out, "curves.png")
+    if plot_training_curves(run_dir, curves_path):
+        print(f"training curves: {curves_path}")
+    else:
+        print(f"no training curves: {run_dir} has no metrics.jsonl or train_log.jsonl")
+
+
+def run_predict(opts):
+    from predict import list_images, predict_files
+    from utils import UserError
+
+    paths = list_images(opts.predict)
+    model, size, device, amp_dtype = load_for_inference(opts)
+    out = opts.out or "out"
+    written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
+                                     amp_dtype=amp_dtype, size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
+                                     hfov_deg=opts.fov, quiet=opts.quiet)
+    print(f"wrote the depth of {written} image(s) to {out}")
+    if skipped:
+        raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")
+
+
+def run_export(opts):
+    from export import export_model
+
+    model, s = load_model(opts)
+    out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
+    diff = export_model(model, opts.export, out, size=s)
+    print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {s}, {s}) -> depth in metres (B, 1, {s}, {s}); "
+          f"max |exported - eager| on random input: {diff:.2e}")
 
 
 def run_train(opts):
@@ -259,6 +369,10 @@ def main(argv=None):
             run_demo(opts)
         elif opts.eval:
             run_eval(opts)
+        elif opts.predict:
+            run_predict(opts)
+        elif opts.export:
+            run_export(opts)
         else:
             run_train(opts)
     except Exception as err:

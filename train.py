@@ -16,7 +16,7 @@ from dataset import DepthEstimationUnreal, augment_pair, read_depth
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
+from utils import CheckpointError, UserError, load_checkpoint, plot_training_curves, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
 def select_device(name):
@@ -140,6 +140,7 @@ class Trainer:
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
                     metrics = self.evaluate()
                 self.save_model("last.pt")
+        plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.stop_signal:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
@@ -164,9 +165,7 @@ class Trainer:
                     visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
                                   title=f"train, step {self.step}")
                 if self.step % self.opts.log_every == 0 or self.step == 1:
-                    rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{float(parts['loss']):.4f}", rmse=f"{float(parts['rmse']):.3f}",
-                                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.1f}")
+                    self.log_step(parts, bar, seen / (time.perf_counter() - t0))
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
             if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
                 return False
@@ -260,6 +259,15 @@ class Trainer:
                 signal.signal(s, h)
 
     # ---------------------------------------------------------- evaluation, logs
+    def log_step(self, parts, bar, rate):
+        """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
+        loss, rmse, ssim = torch.stack([parts["loss"], parts["rmse"], parts["ssim"]]).tolist()
+        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch(),
+                  "lr": self.scheduler.get_last_lr()[0], "loss": loss, "rmse": rmse, "ssim": ssim}
+        with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", rmse=f"{rmse:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
+
     def evaluate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
         metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype, num_workers=self.opts.workers)

@@ -295,13 +295,15 @@ class CreatesMarker:
 
 
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
-def test_checkpoint_crafted_to_run_code_is_refused(capsys, recwarn, tmp_path, data, writer):
+@pytest.mark.parametrize("mode", ["eval", "resume"])
+def test_checkpoint_crafted_to_run_code_is_refused(capsys, recwarn, tmp_path, data, writer, mode):
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pt"
     payload = {"model": CreatesMarker(marker), "config": {}}
     with open(path, "wb") as f:
         pickle.dump(payload, f) if writer == "pickle" else torch.save(payload, f)
-    code, err = run_main(capsys, "--eval", "--ckpt", path, "--data-dir", data, "--workers", "0")
+    args = ("--eval", "--ckpt", path) if mode == "eval" else ("--resume", path)
+    code, err = run_main(capsys, *args, "--data-dir", data, "--workers", "0")
     line = assert_one_error_line(code, err, "refused to load", str(path))
     assert "GLOBAL posix.system" in line or "Unsupported operand" in line  # torch's reason, not its advice
     assert not recwarn.list, [str(w.message) for w in recwarn]  # no torch warning printed beside the error

@@ -334,7 +334,7 @@ def test_full_disk_during_training_is_one_error_line(data, tmp_path, monkeypatch
     assert code == 1
     assert err.strip() == (f"error: could not write checkpoint {tmp_path / 'last.pt'}: "
                            "No space left on device; the previous file is intact")
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "vis"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "train_log.jsonl", "vis"]  # the log of step 1 stays
 
 
 def test_full_disk_while_saving_a_figure_is_one_error_line(data, tmp_path, monkeypatch, capsys):

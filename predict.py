@@ -1,0 +1,193 @@
+"""Depth from image files with a trained model, and the files written for each image.
+
+Every image, whatever its size and mode (RGB, RGBA, grayscale), is preprocessed as in
+training (SPEC §2: resized to the model's square input), and the prediction is resized
+back to the image's own height × width and clamped to [0, max_depth], as the standard
+evaluation protocol does (SPEC §5). Per input NAME.ext the output folder gets:
+  NAME.npy     float32 depth in metres
+  NAME.png     the depth colourised with a matplotlib colormap on the fixed scale [0, max_depth]
+  NAME_mm.png  (png16) 16-bit depth in millimetres, for tools that read depth PNGs
+  NAME.ply     (ply) a coloured point cloud, binary PLY
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
+from evaluate import predict_batch
+from utils import UserError, atomic_path, colorize_depth
+
+
+def list_images(path):
+    """The image files to predict: `path` itself, or the .jpeg/.jpg/.png files of folder `path` in natural order."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--predict {path}: no such file or folder")
+    names = [n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in RGB_EXTENSIONS
+             and os.path.isfile(os.path.join(path, n))]
+    if not names:
+        raise UserError(f"--predict {path}: the folder holds no {'/'.join(RGB_EXTENSIONS)} images")
+    names.sort(key=lambda n: (natural_key(os.path.splitext(n)[0]), n))
+    return [os.path.join(path, n) for n in names]
+
+
+def output_paths(image_path, out_dir, png16=False, ply=False):
+    """{kind: path} of the files written for one input image."""
+    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(image_path))[0])
+    paths = {"npy": stem + ".npy", "png": stem + ".png"}
+    if png16:
+        paths["png16"] = stem + "_mm.png"
+    if ply:
+        paths["ply"] = stem + ".ply"
+    return paths
+
+
+def check_outputs(paths, out_dir, png16, ply):
+    """Refuse inputs whose outputs would collide with each other or overwrite an input."""
+    inputs = {os.path.realpath(p) for p in paths}
+    owner = {}
+    for p in paths:
+        for out in output_paths(p, out_dir, png16, ply).values():
+            real = os.path.realpath(out)
+            if real in inputs:
+                raise UserError(f"writing {out} would overwrite the input image {p}; choose another --out folder")
+            if real in owner:
+                raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into separate --out folders")
+            owner[real] = p
+
+
+class ImageFiles(Dataset):
+    """Image files as (index, model input, original height × width, RGB or None, error or None).
+
+    An unreadable file yields its error message instead of raising, so that one bad
+    file in a folder is reported and skipped while the rest are still predicted.
+    """
+
+    def __init__(self, paths, size, keep_rgb=False):
+        self.paths, self.size, self.keep_rgb = paths, size, keep_rgb
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            rgb = read_rgb(self.paths[index])
+        except DataError as err:
+            return index, None, None, None, str(err)
+        return index, to_model_input(rgb, self.size), rgb.shape[:2], rgb if self.keep_rgb else None, None
+
+
+def collate_images(items):
+    """Stack the readable images' inputs; keep the failures' messages apart."""
+    good = [it for it in items if it[4] is None]
+    failed = [(it[0], it[4]) for it in items if it[4] is not None]
+    inputs = torch.stack([it[1] for it in good]) if good else None
+    return inputs, [it[0] for it in good], [it[2] for it in good], [it[3] for it in good], failed
+
+
+@torch.no_grad()
+def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=20.0):
+    """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes`: a list of float32 HW arrays."""
+    pred = predict_batch(model, inputs, amp_dtype)
+    depths = []
+    for p, (h, w) in zip(pred, sizes):
+        d = F.interpolate(p[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
+        depths.append(d[0, 0].clamp_(0.0, max_depth).cpu().numpy())
+    return depths
+
+
+def predict_samples(model, dataset, indices, device, amp_dtype=None):
+    """(name, rgb, ground truth, prediction) at native resolution for images `indices` of a DepthEstimationUnreal."""
+    raws = [dataset.load_raw(i) for i in indices]
+    inputs = torch.stack([to_model_input(rgb, dataset.size) for rgb, _ in raws]).to(device)
+    preds = predict_depth(model, inputs, [gt.shape for _, gt in raws], amp_dtype, dataset.max_depth)
+    return [(dataset.names[i], rgb, gt, pred) for i, (rgb, gt), pred in zip(indices, raws, preds)]
+
+
+def depth_to_points(depth, hfov_deg):
+    """(H·W, 3) float32 camera-space points of a planar (z-)depth map, pinhole camera, square pixels.
+
+    The principal point is the image centre and f = (W / 2) / tan(hfov / 2). Axes are
+    OpenGL's (x right, y up, the camera looking along −z), the default view of MeshLab
+    and Open3D, so the cloud opens upright, seen from the camera.
+    """
+    h, w = depth.shape
+    f = (w / 2) / math.tan(math.radians(hfov_deg) / 2)
+    x = (np.arange(w, dtype=np.float32) + 0.5 - w / 2) / f
+    y = (np.arange(h, dtype=np.float32) + 0.5 - h / 2) / f
+    z = depth.astype(np.float32)
+    return np.stack([x[None, :] * z, -y[:, None] * z, -z], axis=-1).reshape(-1, 3)
+
+
+def write_ply(path, rgb, depth, hfov_deg):
+    """Binary little-endian PLY of every pixel with depth > 0, coloured by `rgb`."""
+    keep = depth.reshape(-1) > 0
+    points = depth_to_points(depth, hfov_deg)[keep]
+    vertex = np.empty(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                          ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    vertex["x"], vertex["y"], vertex["z"] = points.T
+    colours = rgb.reshape(-1, 3)[keep]
+    vertex["red"], vertex["green"], vertex["blue"] = colours.T
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; x right, y up, camera looking along -z\n"
+              f"element vertex {len(vertex)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.encode("ascii"))
+        vertex.tofile(f)
+
+
+def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
+    """Write every file in `paths` (from output_paths) for one image's depth."""
+    with atomic_path(paths["npy"]) as tmp:
+        np.save(tmp, depth.astype(np.float32))
+    with atomic_path(paths["png"]) as tmp:
+        Image.fromarray(colorize_depth(depth, 0.0, max_depth, cmap)).save(tmp)
+    if "png16" in paths:
+        with atomic_path(paths["png16"]) as tmp:
+            Image.fromarray(np.round(depth * 1000.0).astype(np.uint16)).save(tmp)
+    if "ply" in paths:
+        write_ply(paths["ply"], rgb, depth, hfov_deg)
+
+
+def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, amp_dtype=None, size=224,
+                  max_depth=20.0, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
+    """Predict every image in `paths` in batches and write its files to `out_dir`.
+
+    Returns (number written, [(path, message)] of the files skipped because they could not be read).
+    """
+    check_outputs(paths, out_dir, png16, ply)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {out_dir}: {err.strerror}; choose another --out") from None
+    model.eval()
+    # Worker processes cost a start-up and pay off only when reading overlaps with predicting.
+    num_workers = num_workers if len(paths) > batch_size else 0
+    loader = DataLoader(ImageFiles(paths, size, keep_rgb=ply), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_images, pin_memory=device.type == "cuda")
+    written, skipped = 0, []
+    with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True, disable=quiet) as bar:
+        for inputs, indices, sizes, rgbs, failed in loader:
+            for index, message in failed:
+                tqdm.write(f"skipped: {message}", file=sys.stderr)
+                skipped.append((paths[index], message))
+            if inputs is not None:
+                depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)
+                for index, depth, rgb in zip(indices, depths, rgbs):
+                    try:
+                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap, hfov_deg)
+                    except OSError as err:
+                        raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: {err.strerror or err}") from None
+                    written += 1
+            bar.update(len(indices) + len(failed))
+    return written, skipped

@@ -1,0 +1,66 @@
+"""Independent reference implementations the tests compare the project's code against.
+
+Written from the formulas of SPEC §3 and §5 (not from losses.py or evaluate.py), in
+float64, so a shared mistake cannot make both sides agree.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from skimage.transform import resize
+
+MIN_DEPTH = 1e-3
+MAX_DEPTH = 20.0
+
+
+def template_ssim(x, y, dtype=torch.float64):
+    """The course template's SSIM of (B, 1, H, W) tensors: one 11 × 11 Gaussian window as a 2-D
+    convolution with zero padding 5, C1 = 0.01², C2 = 0.03², the map averaged over everything.
+
+    float64 gives the formula's value; float32 the template's own arithmetic (10× faster here),
+    which rounds E[x²] − μ² on metre values differently, by up to ~1e-4 in the mean.
+    """
+    x, y = x.to(dtype), y.to(dtype)
+    r = torch.arange(11, dtype=dtype) - 5
+    g = torch.exp(-(r**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = torch.outer(g, g).view(1, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t, window, padding=5)
+
+    mu1, mu2 = blur(x), blur(y)
+    sigma1 = blur(x * x) - mu1**2
+    sigma2 = blur(y * y) - mu2**2
+    sigma12 = blur(x * y) - mu1 * mu2
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)) / ((mu1**2 + mu2**2 + c1) * (sigma1 + sigma2 + c2))
+    return float(m.mean())
+
+
+def skimage_ssim(a, b, data_range):
+    """scikit-image's SSIM with the settings SPEC §3 names for the standard metric."""
+    return structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False, data_range=data_range)
+
+
+def standard_metrics(gt, pred_square):
+    """SPEC §5's standard metrics of one image.
+
+    gt: HW raw depth (clipped here to [0, 20]); pred_square: the network's S × S output, resized
+    bilinearly (half-pixel centres, no antialiasing) to the gt's size, then clamped.
+    """
+    gt = np.clip(np.asarray(gt, np.float64), 0, MAX_DEPTH)
+    pred = resize(np.asarray(pred_square, np.float64), gt.shape, order=1, mode="edge", anti_aliasing=False)
+    pred = np.clip(pred, 0, MAX_DEPTH)
+    out = {"rmse": np.sqrt(np.mean((gt - pred) ** 2)), "ssim": skimage_ssim(pred, gt, MAX_DEPTH)}
+    valid = gt > MIN_DEPTH
+    g, p = gt[valid], np.clip(pred[valid], MIN_DEPTH, MAX_DEPTH)
+    out["abs_rel"] = np.mean(np.abs(g - p) / g)
+    out["sq_rel"] = np.mean((g - p) ** 2 / g)
+    out["rmse_log"] = np.sqrt(np.mean((np.log(g) - np.log(p)) ** 2))
+    out["log10"] = np.mean(np.abs(np.log10(g) - np.log10(p)))
+    ratio = np.maximum(g / p, p / g)
+    for i in (1, 2, 3):
+        out[f"delta{i}"] = np.mean(ratio < 1.25**i)
+    return out

@@ -1,0 +1,142 @@
+"""main.py end to end (SPEC §6): train, evaluate, course-template aliases and option errors."""
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+from conftest import REPO, SUBPROCESS_ENV, make_dataset
+from PIL import Image
+
+import main
+from evaluate import METRIC_KEYS
+from utils import load_checkpoint
+
+MAIN = os.path.join(REPO, "main.py")
+FAST = ["--weights", "none", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def run_main(*args, timeout=300):
+    return subprocess.run([sys.executable, MAIN, *map(str, args)], cwd=REPO, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    # Two training images at batch 2: one step per epoch, so --max-steps 2 runs two epochs.
+    return make_dataset(tmp_path_factory.mktemp("cli_data"), {"train": 2, "val": 3}, size=(36, 64))
+
+
+def test_train_then_eval_end_to_end(cli_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_main("--data-dir", cli_data, "--run-dir", run_dir, "--max-steps", "2", "--eval-every", "1",
+                      "--vis-every", "1", "--amp", "off", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "val after epoch 2 (step 2)" in result.stdout
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data_dir"] == cli_data and config["batch_size"] == 2 and config["max_steps"] == 2
+    ckpt = load_checkpoint(str(run_dir / "last.pt"))
+    assert (ckpt["step"], ckpt["epoch"]) == (2, 2)
+    assert os.path.isfile(run_dir / "best.pt")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 1), (2, 2)]
+    for r in records:
+        assert set(METRIC_KEYS) <= set(r) and r["n_images"] == 3
+    pictures = sorted(os.listdir(run_dir / "vis"))
+    assert pictures == ["train_step000001.png", "train_step000002.png"]
+    with Image.open(run_dir / "vis" / pictures[0]) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+    assert not [n for n in os.listdir(run_dir) if "tmp" in n]
+
+    out = tmp_path / "metrics" / "m.json"
+    result = run_main("--eval", "--ckpt", run_dir / "last.pt", "--data-dir", cli_data, "--split", "val",
+                      "--metrics-out", out, "--workers", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == set(METRIC_KEYS) and metrics["n_images"] == 3
+    assert all(key in result.stdout for key in METRIC_KEYS[:-1])
+    # The checkpoint holds the model that training evaluated last (both in fp32 here).
+    for key in ("rmse", "ssim", "challenge_rmse", "challenge_ssim"):
+        assert metrics[key] == pytest.approx(records[-1][key], abs=1e-4), key
+
+
+def test_course_template_aliases(cli_data, tmp_path):
+    run_dir = tmp_path / "template_run"
+    code = main.main(["--data_dir", cli_data, "--ckpt_dir", str(run_dir), "--batch_size", "2", "--max_epochs", "1",
+                      "--evaluate_every", "0", "--visualize_every", "0", "--is_train", "true", "--lr", "2e-3",
+                      "--weights", "none", "--workers", "0", "--device", "cpu", "--amp", "off", "--quiet"])
+    assert code == 0
+    ckpt = load_checkpoint(str(run_dir / "last.pt"))
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
+    assert ckpt["config"]["batch_size"] == 2 and ckpt["config"]["lr"] == 2e-3
+    assert not os.path.exists(run_dir / "metrics.jsonl")
+
+    out = tmp_path / "m.json"
+    code = main.main(["--is_train", "False", "--ckpt_file", str(run_dir / "last.pt"), "--data_dir", cli_data,
+                      "--metrics-out", str(out), "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    assert set(json.loads(out.read_text())) == set(METRIC_KEYS)
+
+
+@pytest.mark.parametrize("alias,option,value,expected", [
+    ("--batch_size", "batch_size", "4", 4),
+    ("--max_epochs", "epochs", "3", 3),
+    ("--data_dir", "data_dir", "somewhere", "somewhere"),
+    ("--ckpt_dir", "run_dir", "runs/x", "runs/x"),
+    ("--evaluate_every", "eval_every", "5", 5),
+    ("--visualize_every", "vis_every", "7", 7),
+])
+def test_alias_sets_the_same_option(alias, option, value, expected):
+    assert getattr(main.parse_options([alias, value]), option) == expected
+
+
+def test_is_train_parses_as_a_real_boolean():
+    assert main.parse_options(["--is_train", "False", "--ckpt_file", "x.pt"]).eval is True
+    assert main.parse_options(["--is_train", "true"]).eval is False
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--eval"], "--ckpt"),
+    (["--is_train", "false"], "--ckpt"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--lr", "1e-2", "--max-lr", "1e-3"], "--max-lr"),
+    (["--workers", "-1"], "--workers"),
+    (["--is_train", "maybe"], "--is_train"),
+])
+def test_bad_options_exit_with_one_line_naming_the_option(args, option):
+    result = run_main(*args, timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and option in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_user_errors_print_one_line_and_return_1(tmp_path, capsys):
+    code = main.main(["--data-dir", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run"), *FAST])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data folder") and "\n" not in err
+
+    code = main.main(["--eval", "--ckpt", str(tmp_path / "missing.pt"), "--data-dir", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint") and "missing.pt" in err and "\n" not in err
+
+
+def test_offline_imagenet_weights_is_one_line_error(cli_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    code = main.main(["--data-dir", cli_data, "--run-dir", str(tmp_path / "run"), "--weights", "imagenet",
+                      "--eval-every", "0", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not load ImageNet weights") and "--weights none" in err and "\n" not in err

@@ -1,0 +1,137 @@
+"""evaluate.py against SPEC §5: both protocols on hand-made predictions, checked independently."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import make_dataset
+from reference import standard_metrics, template_ssim
+
+from dataset import DepthEstimationUnreal
+from evaluate import METRIC_KEYS, compute_errors, evaluate, format_metrics
+
+N_IMAGES = 35  # two challenge batches: 32, then 3
+NATIVE = (24, 32)
+
+
+class ReplayModel(nn.Module):
+    """Returns fixed predictions in call order, whatever the input: the model's output is known."""
+
+    def __init__(self, predictions):
+        super().__init__()
+        self.predictions = predictions
+        self.next = 0
+        self.anchor = nn.Parameter(torch.zeros(()))  # so .eval()/.train() and devices behave as usual
+
+    def forward(self, rgb):
+        assert rgb.shape[1:] == (3, 224, 224)
+        batch = self.predictions[self.next : self.next + rgb.shape[0]]
+        self.next += rgb.shape[0]
+        return batch.to(rgb.device) + self.anchor
+
+
+def known_predictions(n, seed=0):
+    """(n, 1, 224, 224) maps spanning about -2..25 m, so both clamps of §5 matter.
+
+    A smooth field plus texture, like a real prediction. Texture also keeps the local
+    variances far above float32's rounding of E[x²] − μ² on 20 m values, which otherwise
+    moves the data_range=1 SSIM (C2 = 9e-4) by ~5e-4 in any float32 implementation.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 7, 7, generator=g) * 27 - 2
+    smooth = torch.nn.functional.interpolate(coarse, size=(224, 224), mode="bilinear", align_corners=False)
+    return smooth + 0.5 * torch.randn(n, 1, 224, 224, generator=g)
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    """35 small pairs; a few depth maps have zero-depth patches, which the masked metrics skip."""
+    root = make_dataset(tmp_path_factory.mktemp("eval_data"), {"val": N_IMAGES}, size=NATIVE, seed=3)
+    for i in (0, 5, 33):
+        path = os.path.join(root, "depth", "val", f"{i}.npy")
+        depth = np.load(path)
+        depth[-6:, :10] = 0.0
+        np.save(path, depth)
+    return root
+
+
+def raw_depths(root, split, n):
+    return [np.load(os.path.join(root, "depth", split, f"{i}.npy")) for i in range(n)]
+
+
+def test_both_protocols_match_independent_computation(eval_data):
+    dataset = DepthEstimationUnreal(eval_data, "val", native=True)
+    preds = known_predictions(N_IMAGES)
+    model = ReplayModel(preds).train()
+    metrics, rows = evaluate(model, dataset, torch.device("cpu"), per_image=True)
+
+    assert set(METRIC_KEYS) <= set(metrics) and metrics["n_images"] == N_IMAGES
+    assert model.next == N_IMAGES and model.training  # every image once; training mode restored
+
+    # Challenge protocol: 224 × 224 targets, batches of 32 then 3, raw predictions, batch means averaged.
+    targets = torch.stack([dataset[i][1] for i in range(N_IMAGES)])
+    batches = [slice(0, 32), slice(32, N_IMAGES)]
+    batch_rmse = [math.sqrt(float(((preds[b].double() - targets[b].double()) ** 2).mean())) for b in batches]
+    batch_ssim = [template_ssim(preds[b], targets[b], dtype=torch.float32) for b in batches]
+    assert metrics["challenge_rmse"] == pytest.approx(np.mean(batch_rmse), abs=1e-4)
+    assert metrics["challenge_ssim"] == pytest.approx(np.mean(batch_ssim), abs=1e-4)
+    # A pooled mean over all 35 images would differ: the batch structure is really used.
+    pooled = math.sqrt(float(((preds.double() - targets.double()) ** 2).mean()))
+    assert abs(pooled - np.mean(batch_rmse)) > 1e-3
+
+    # Standard protocol: native resolution, per image, then averaged.
+    refs = [standard_metrics(gt, preds[i, 0].numpy()) for i, gt in enumerate(raw_depths(eval_data, "val", N_IMAGES))]
+    for key in refs[0]:
+        assert metrics[key] == pytest.approx(np.mean([r[key] for r in refs]), abs=1e-3), key
+        per_image = [row[key] for row in rows]
+        np.testing.assert_allclose(per_image, [r[key] for r in refs], atol=2e-3, err_msg=key)
+    assert [row["name"] for row in rows] == [str(i) for i in range(N_IMAGES)]
+
+
+def test_images_of_different_sizes_are_scored_at_their_own_size(tmp_path):
+    root = make_dataset(tmp_path / "a", {"val": 2}, size=(24, 32), seed=1)
+    # Pair 2 is larger: the standard protocol must score it at 30 × 40.
+    other = make_dataset(tmp_path / "b", {"val": 1}, size=(30, 40), seed=2)
+    os.replace(os.path.join(other, "rgb", "val", "0.jpeg"), os.path.join(root, "rgb", "val", "2.jpeg"))
+    os.replace(os.path.join(other, "depth", "val", "0.npy"), os.path.join(root, "depth", "val", "2.npy"))
+    dataset = DepthEstimationUnreal(root, "val", native=True)
+    preds = known_predictions(3, seed=1)
+    metrics, rows = evaluate(ReplayModel(preds), dataset, torch.device("cpu"), per_image=True)
+    for i, gt in enumerate(raw_depths(root, "val", 3)):
+        ref = standard_metrics(gt, preds[i, 0].numpy())
+        for key, value in ref.items():
+            assert rows[i][key] == pytest.approx(value, abs=2e-3), (i, key)
+    assert metrics["n_images"] == 3
+
+
+def test_compute_errors_on_a_hand_made_case():
+    gt = torch.full((1, 1, 12, 12), 4.0)
+    gt[..., :6, :] = 0.0  # invalid half: ignored by the ratio and log metrics
+    pred = torch.full_like(gt, 5.0)
+    m = compute_errors(gt, pred)
+    # RMSE uses every pixel: half the errors are 5 m, half 1 m.
+    assert float(m["rmse"]) == pytest.approx(math.sqrt((25 + 1) / 2))
+    assert float(m["abs_rel"]) == pytest.approx(0.25)
+    assert float(m["sq_rel"]) == pytest.approx(0.25)
+    assert float(m["rmse_log"]) == pytest.approx(math.log(5 / 4))
+    assert float(m["log10"]) == pytest.approx(math.log10(5 / 4))
+    assert [float(m[f"delta{i}"]) for i in (1, 2, 3)] == [0.0, 1.0, 1.0]  # 1.25 is not < 1.25
+    # Predictions are clamped: to [0, 20] for RMSE, to [1e-3, 20] for the ratios.
+    far = compute_errors(torch.full((1, 1, 12, 12), 20.0), torch.full((1, 1, 12, 12), 50.0))
+    assert float(far["rmse"]) == 0.0 and float(far["delta1"]) == 1.0
+    near = compute_errors(torch.full((1, 1, 12, 12), 1.0), torch.full((1, 1, 12, 12), -3.0))
+    assert float(near["rmse"]) == pytest.approx(1.0)
+    assert float(near["abs_rel"]) == pytest.approx(1 - 1e-3)
+    assert math.isfinite(float(near["rmse_log"]))
+
+
+def test_format_metrics_lists_every_metric():
+    metrics = {k: 0.5 for k in METRIC_KEYS}
+    metrics["n_images"] = 7
+    text = format_metrics(metrics, "title")
+    assert text.splitlines()[0] == "title"
+    for key in METRIC_KEYS[:-1]:
+        assert key in text
+    assert "(7 images)" in text

@@ -1,0 +1,244 @@
+"""DepthNet against SPEC §1: decoder layout, frozen stem, normalisation, output bias, --weights."""
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from model import DepthNet, load_weights
+from utils import CheckpointError, UserError
+
+# SPEC §1's table, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
+DECODER_TABLE = [
+    ("up", 256, 14, True),
+    ("up", 128, 28, True),
+    ("1x1", 128, 28, False),
+    ("up", 64, 56, True),
+    ("up", 32, 112, True),
+    ("1x1", 32, 112, False),
+    ("up", 1, 224, False),
+    ("1x1", 1, 224, False),  # the output, in metres
+]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return DepthNet(weights=None, init_depth=0.0)
+
+
+def leaves(module):
+    """Modules without children, in registration order (= forward order for nested Sequentials)."""
+    return [m for m in module.modules() if not list(m.children())]
+
+
+def group_rows(layers):
+    """Split the decoder's leaf layers into table rows: a convolution plus what follows it."""
+    rows = []
+    for layer in layers:
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            rows.append([layer])
+        else:
+            rows[-1].append(layer)
+    return rows
+
+
+def test_decoder_matches_spec_table_layer_by_layer(net):
+    layers = leaves(net.decoder)
+    rows = group_rows(layers)
+    assert len(rows) == len(DECODER_TABLE)
+    x = torch.randn(2, 512, 7, 7)
+    in_ch = 512
+    with torch.no_grad():
+        for row, (kind, out_ch, size, norm_act) in zip(rows, DECODER_TABLE):
+            conv = row[0]
+            if kind == "up":
+                assert type(conv) is nn.ConvTranspose2d
+                assert (conv.kernel_size, conv.stride, conv.padding) == ((4, 4), (2, 2), (1, 1))
+            else:
+                assert type(conv) is nn.Conv2d and conv.kernel_size == (1, 1)
+            assert (conv.in_channels, conv.out_channels) == (in_ch, out_ch)
+            assert conv.bias is not None
+            followers = [type(m) for m in row[1:]]
+            assert followers == ([nn.BatchNorm2d, nn.ReLU] if norm_act else [])
+            if norm_act:
+                assert row[1].num_features == out_ch
+            for layer in row:
+                x = layer(x)
+                assert x.shape == (2, out_ch, size, size)
+            in_ch = out_ch
+        # The walk above is the decoder's own forward order.
+        net.eval()
+        x = torch.randn(2, 512, 7, 7)
+        walked = x
+        for layer in layers:
+            walked = layer(walked)
+        assert torch.equal(walked, net.decoder(x))
+
+
+def test_decoder_output_conv_is_last_layer(net):
+    assert net.decoder.output_conv is leaves(net.decoder)[-1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shape(net, batch):
+    net.train(batch > 1)  # batch 1 in eval mode, batch 3 through training-mode BatchNorm
+    with torch.no_grad():
+        out = net(torch.rand(batch, 3, 224, 224))
+    assert out.shape == (batch, 1, 224, 224)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_encoder_is_resnet34_without_pool_and_fc(net):
+    names = [n for n, _ in net.encoder.named_children()]
+    assert names == ["0", "1", "2", "3", "4", "5", "6", "7"]
+    assert not any(isinstance(m, (nn.Linear, nn.AdaptiveAvgPool2d)) for m in net.encoder.modules())
+    net.eval()
+    with torch.no_grad():
+        assert net.encoder(torch.rand(1, 3, 224, 224)).shape == (1, 512, 7, 7)
+
+
+def test_stem_frozen_and_everything_else_trainable():
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, init_depth=5.0)
+    conv1, bn1 = model.encoder[0], model.encoder[1]
+    assert isinstance(conv1, nn.Conv2d) and isinstance(bn1, nn.BatchNorm2d)
+    frozen = {id(p) for p in list(conv1.parameters()) + list(bn1.parameters())}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) not in frozen), name
+
+    def stem_state():
+        return {f"{name}.{k}": v.clone() for name, m in (("conv1", conv1), ("bn1", bn1)) for k, v in m.state_dict().items()}
+
+    stem_before = stem_state()
+    other_bn = model.encoder[4][0].bn1  # layer1's first BatchNorm: its statistics must move
+    other_before = other_bn.running_mean.clone()
+    dec_before = model.decoder[0][0].weight.clone()
+
+    model.train()
+    assert not bn1.training and model.decoder[0][1].training
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    out = model(torch.rand(2, 3, 64, 64))
+    out.mean().backward()
+    opt.step()
+
+    stem_after = stem_state()
+    assert "bn1.running_mean" in stem_after and "bn1.num_batches_tracked" in stem_after
+    for k, v in stem_after.items():
+        assert torch.equal(v, stem_before[k]), k
+    assert conv1.weight.grad is None
+    assert not torch.equal(other_bn.running_mean, other_before)
+    assert not torch.equal(model.decoder[0][0].weight, dec_before)
+
+
+def test_stem_stays_in_eval_mode_after_eval_then_train(net):
+    net.eval()
+    net.train()
+    assert net.training and not net.encoder[1].training and net.encoder[4].training
+
+
+def test_imagenet_normalisation_inside_the_model(net):
+    net.eval()
+    x = torch.rand(2, 3, 64, 96)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = net.decoder(net.encoder((x - mean) / std))
+        unnormalised = net.decoder(net.encoder(x))
+        out = net(x)
+    assert out.shape == (2, 1, 64, 96)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out - unnormalised).abs().max() > 1e-3
+
+
+def test_output_bias_is_init_depth():
+    model = DepthNet(weights=None, init_depth=7.25).eval()
+    assert model.decoder.output_conv.bias.item() == pytest.approx(7.25)
+    with torch.no_grad():
+        model.decoder.output_conv.weight.zero_()
+        out = model(torch.rand(1, 3, 64, 64))
+    torch.testing.assert_close(out, torch.full_like(out, 7.25))
+
+
+def test_from_checkpoint_restores_weights_and_init_depth(tmp_path, net):
+    from utils import save_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": net.state_dict(), "init_depth": 3.5}, str(path))
+    loaded, ckpt = DepthNet.from_checkpoint(str(path))
+    assert ckpt["init_depth"] == 3.5
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_load_weights_names_keys_of_another_architecture(net):
+    state = dict(net.state_dict())
+    state.pop("decoder.7.bias")
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"decoder\.7\.bias.*head\.weight"):
+        load_weights(net, state, "other.pt")
+    state = dict(net.state_dict())
+    state["decoder.7.weight"] = torch.zeros(2, 1, 1, 1)
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        load_weights(net, state, "other.pt")
+
+
+def test_weights_missing_file_is_user_error(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=r"nope\.pth.*no such file"):
+        DepthNet(weights=str(missing))
+
+
+def test_weights_state_dict_file_loads(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet34(weights=None)
+    path = tmp_path / "r34.pth"
+    torch.save(reference.state_dict(), path)
+    model = DepthNet(weights=str(path))
+    ref_state = reference.state_dict()
+    for k, v in model.encoder.state_dict().items():
+        # encoder children are numbered 0..7 in place of conv1, bn1, relu, maxpool, layer1..4
+        assert torch.equal(v, ref_state[encoder_key_to_resnet(k)]), k
+
+
+def encoder_key_to_resnet(key):
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    index, rest = key.split(".", 1)
+    return f"{names[int(index)]}.{rest}"
+
+
+def test_weights_state_dict_of_another_network_is_user_error(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(UserError, match="not a ResNet-34 state dict"):
+        DepthNet(weights=str(path))
+
+
+def test_weights_corrupt_file_is_user_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"this is not a torch file")
+    with pytest.raises(UserError, match=r"broken\.pth"):
+        DepthNet(weights=str(path))
+
+
+def test_weights_imagenet_offline_is_one_line_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    # torch.hub downloads through its own `urlopen`; torchvision calls torch.hub.
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    with pytest.raises(UserError) as info:
+        DepthNet(weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--weights none" in message and "URLError" in message
+
+
+def test_weights_file_holding_no_dict_is_user_error(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(UserError, match=r"tensor\.pth.*not a state dict"):
+        DepthNet(weights=str(path))
