@@ -18,6 +18,7 @@ OUT/ablation.json (every metric of every variant), rewritten after each variant,
 each variant's run folder in OUT/runs/NAME (config.json; last.pt only with --keep-checkpoints).
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -107,9 +108,11 @@ def run_folder(args, name):
 
 def common_options(args, name):
     """main.py options shared by every variant: the budget, the data and the run folder."""
+    # Enough whole epochs for --steps, so the progress bar counts real ones; --max-steps ends the run.
+    epochs = math.ceil(args.steps / math.ceil(len(list_pairs(args.data_dir, "train")) / args.batch_size))
     argv = ["--data-dir", args.data_dir, "--run-dir", run_folder(args, name), "--weights", args.weights,
             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-            "--max-steps", str(args.steps), "--epochs", str(10**6),
+            "--max-steps", str(args.steps), "--epochs", str(epochs),
             "--step-size-up", str(max(1, args.steps // 6)), "--step-size-down", str(max(1, args.steps // 3)),
             "--eval-every", "0", "--vis-every", "0", "--workers", str(args.workers), "--device", args.device,
             "--amp", args.amp]
