@@ -14,6 +14,9 @@ traceback. Decoding a 144 × 256 pair costs about 0.5 ms (JPEG + .npy, one core)
 SplitCache holds a split decoded once (uint8 RGB, float16 depth, at S × S), so that an
 epoch needs no decoding; on a GPU the whole cache lives in device memory. Building it
 decodes every file in the same way, which is then the check.
+
+Training augmentation (augment_pair) is not applied here but by the Trainer, per batch on
+the device: the same on every data-loading path, and cheap on a GPU.
 """
 import glob
 import hashlib
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -33,6 +37,8 @@ from utils import UserError, atomic_save
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val", "test")
+# ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
+LUMA = (0.299, 0.587, 0.114)
 
 
 class DataError(UserError):
@@ -142,6 +148,54 @@ def resize_to_square(t, size):
     """The paper's Resize((S, S)) + CenterCrop(S), bilinear with antialiasing, on a (C, H, W) tensor."""
     t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(t, [size, size])
+
+
+def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2):
+    """Paired training augmentation (--augment) of (3, H, W) + (1, H, W) tensors, or of a batch
+    (B, 3, H, W) + (B, 1, H, W) on any device, each image with its own random draw.
+
+    Geometry, identical for RGB and depth: a horizontal flip (p = 0.5 when `flip`), then a
+    zoom by s ∈ [1, max_scale] about a random point, cropped back to H × W. Because s ≥ 1 the
+    crop always lies inside the image: no black borders. Depth values are kept (a zoom is a
+    narrower field of view, not a closer camera). Both are resampled bilinearly, as the
+    paper's resize treats both. Colour, RGB only: brightness, contrast and saturation, each
+    scaled by a factor in [1 − jitter, 1 + jitter], then clipped to [0, 1].
+
+    Seven uniforms per image are drawn on the CPU from `generator` (torch's global RNG when
+    None, which the Trainer seeds and checkpoints) in a fixed order whatever the options, so
+    a seed gives the same geometry on every device, with or without jitter.
+    """
+    single = rgb.dim() == 3
+    if single:
+        rgb, depth = rgb[None], depth[None]
+    b, _, h, w = rgb.shape
+    u = torch.rand(b, 7, generator=generator, dtype=torch.float64)
+    sign = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if flip else torch.ones(b, dtype=torch.float64)
+    inv_scale = 1.0 / (1.0 + (max_scale - 1.0) * u[:, 1])
+    # Output pixel (x, y) in [-1, 1] samples input (sign·x/s + tx, y/s + ty); |t| ≤ 1 − 1/s keeps it inside.
+    tx = (1 - inv_scale) * (2 * u[:, 2] - 1)
+    ty = (1 - inv_scale) * (2 * u[:, 3] - 1)
+    zero = torch.zeros(b, dtype=torch.float64)
+    theta = torch.stack([torch.stack([sign * inv_scale, zero, tx], 1), torch.stack([zero, inv_scale, ty], 1)], 1)
+    theta = theta.to(device=rgb.device, dtype=torch.float32, non_blocking=True)
+    both = torch.cat([rgb.float(), depth.float()], dim=1)
+    grid = F.affine_grid(theta, list(both.shape), align_corners=False)
+    both = F.grid_sample(both, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rgb, depth = both[:, :3], both[:, 3:]
+    if jitter > 0:
+        factors = (1 + jitter * (2 * u[:, 4:7] - 1)).to(device=rgb.device, dtype=torch.float32, non_blocking=True)
+        rgb = jitter_colour(rgb, *factors.view(b, 3, 1, 1, 1).unbind(1))
+    return (rgb[0], depth[0]) if single else (rgb, depth)
+
+
+def jitter_colour(rgb, brightness, contrast, saturation):
+    """Brightness, contrast and saturation of (B, 3, H, W) in [0, 1] by per-image factors (B, 1, 1, 1)."""
+    luma = torch.tensor(LUMA, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    rgb = (rgb * brightness).clamp(0, 1)
+    mean = (rgb * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    rgb = ((rgb - mean) * contrast + mean).clamp(0, 1)
+    gray = (rgb * luma).sum(1, keepdim=True)
+    return ((rgb - gray) * saturation + gray).clamp(0, 1)
 
 
 class DepthEstimationUnreal(Dataset):

@@ -8,19 +8,19 @@ import os
 import time
 
 import torch
-import torchvision
 
 from dataset import DepthEstimationUnreal, list_pairs
 from evaluate import baseline_models, evaluate
+from model import encoder_spec, imagenet_weights
 from train import Trainer
 from utils import write_json_atomic
 
 TABLE_KEYS = ("rmse", "ssim", "abs_rel", "delta1", "challenge_rmse", "challenge_ssim")
 
 
-def imagenet_weights_cached():
-    """True when torchvision would load ResNet-34's ImageNet weights without a download."""
-    url = torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url
+def imagenet_weights_cached(encoder="resnet34"):
+    """True when torchvision would load the encoder's ImageNet weights without a download."""
+    url = imagenet_weights(encoder).url
     return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
 
 
@@ -64,8 +64,8 @@ def run_demo(opts):
     if opts.epochs is None:  # enough epochs for --max-steps, so the bar counts real epochs
         batches = math.ceil(len(list_pairs(opts.data_dir, "train")) / opts.batch_size)
         opts.epochs = math.ceil(opts.max_steps / batches)
-    if opts.weights == "imagenet" and not imagenet_weights_cached():
-        print("ImageNet weights for ResNet-34 are not cached and this may be offline: the demo starts from random weights")
+    if opts.weights == "imagenet" and not imagenet_weights_cached(opts.encoder):
+        print(f"ImageNet weights for {encoder_spec(opts.encoder).title} are not cached and this may be offline: the demo starts from random weights")
         opts.weights = "none"
     trainer = Trainer(opts)
     trainer.train()

@@ -1,4 +1,4 @@
-"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3)."""
+"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3), plus optional edge and SILog terms."""
 import functools
 
 import torch
@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
+# Depths at or below this count as missing, as in evaluate.MIN_DEPTH.
+MIN_DEPTH = 1e-3
 
 
 def gaussian_taps(size=WINDOW_SIZE, sigma=WINDOW_SIGMA, device=None):
@@ -85,32 +87,98 @@ def rmse(pred, target):
     return torch.sqrt(F.mse_loss(pred.float(), target.float()))
 
 
-class DepthLoss(nn.Module):
-    """L = α·RMSE + β·(1 − SSIM) with the template SSIM; returns (total, parts for logging).
+def gradient_error_sums(pred, target):
+    """(Σ|Δx error|, count, Σ|Δy error|, count): the edge loss's sums, for adding up across processes."""
+    pred, target = pred.float(), target.float()
+    dx = (pred.diff(dim=-1) - target.diff(dim=-1)).abs()
+    dy = (pred.diff(dim=-2) - target.diff(dim=-2)).abs()
+    return dx.sum(), dx.numel(), dy.sum(), dy.numel()
 
-    `reduce` sums a tensor over the processes of a distributed run (distributed.sum_across_ranks):
-    RMSE and SSIM are then those of the global batch, as one process would compute them.
-    RMSE is a square root of a mean, so averaging per-process losses would not give that.
+
+def gradient_loss(pred, target):
+    """Edge loss: mean L1 difference of the horizontal and vertical finite differences.
+
+    Penalises blurred or misplaced depth edges, which RMSE and the 11 × 11 SSIM window
+    barely see; zero for identical maps and for maps that differ by a constant.
+    """
+    sum_x, n_x, sum_y, n_y = gradient_error_sums(pred, target)
+    return sum_x / n_x + sum_y / n_y
+
+
+def silog_per_image(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+    """Scale-invariant log loss (Eigen et al. 2014) of each image, (B,).
+
+    With d = log(pred) − log(gt) over pixels with gt > min_depth (pred clamped to at least
+    min_depth, since the network's raw output can be ≤ 0): sqrt(mean(d²) − lam·mean(d)²).
+    lam = 1 is fully invariant to a global scale of pred; lam < 1 keeps some weight on the
+    absolute scale. Unscaled (BTS multiplies by 10): set its weight with silog_weight.
+    """
+    pred, target = pred.float(), target.float()
+    valid = (target > min_depth).float()
+    n = valid.sum(dim=(1, 2, 3)).clamp_min(1)
+    d = (pred.clamp_min(min_depth).log() - target.clamp_min(min_depth).log()) * valid
+    mean_d = d.sum(dim=(1, 2, 3)) / n
+    mean_d2 = (d * d).sum(dim=(1, 2, 3)) / n
+    # Clamped away from 0: sqrt's gradient at 0 is infinite (it occurs for a perfect prediction).
+    return (mean_d2 - lam * mean_d * mean_d).clamp_min(1e-12).sqrt()
+
+
+def silog_loss(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+    """silog_per_image averaged over the batch."""
+    return silog_per_image(pred, target, lam, min_depth).mean()
+
+
+class DepthLoss(nn.Module):
+    """L = α·RMSE + β·(1 − SSIM) [+ grad_weight·edge loss + silog_weight·SILog]; returns (total, parts for logging).
+
+    The extra terms are computed, and appear in the parts, only when their weight is not 0:
+    with the defaults this is exactly the paper's loss. `reduce` sums a tensor over the
+    processes of a distributed run (distributed.sum_across_ranks): every term is then that
+    of the global batch, as one process would compute it. RMSE is a square root of a mean,
+    so averaging per-process losses would not give that.
     """
 
-    def __init__(self, alpha=1.0, beta=1.0, reduce=None):
+    def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0, reduce=None):
         super().__init__()
         self.alpha = alpha
         self.beta = beta
+        self.grad_weight = grad_weight
+        self.silog_weight = silog_weight
         self.reduce = reduce
 
     def forward(self, pred, target):
         if self.reduce is None:
-            err = rmse(pred, target)
-            sim = ssim(pred, target, data_range=1.0, padding="same")
+            err, sim = rmse(pred, target), ssim(pred, target, data_range=1.0, padding="same")
+            grad = gradient_loss(pred, target) if self.grad_weight else None
+            silog = silog_loss(pred, target) if self.silog_weight else None
         else:
-            sq_err = (pred.float() - target.float()).pow(2).sum()
-            ssim_sum = ssim_map(pred, target, data_range=1.0, padding="same").mean(dim=(1, 2, 3)).sum()
-            # torch.full, not torch.tensor([...], device=...): a fill kernel needs no host-to-device copy.
-            n_pixels = torch.full((), float(pred.numel()), device=pred.device)
-            n_images = torch.full((), float(pred.shape[0]), device=pred.device)
-            sums = self.reduce(torch.stack([sq_err, ssim_sum, n_pixels, n_images]))
-            err = torch.sqrt(sums[0] / sums[2])
-            sim = sums[1] / sums[3]
+            err, sim, grad, silog = self.global_batch_terms(pred, target)
         total = self.alpha * err + self.beta * (1 - sim)
-        return total, {"loss": total.detach(), "rmse": err.detach(), "ssim": sim.detach()}
+        parts = {"rmse": err.detach(), "ssim": sim.detach()}
+        if self.grad_weight:
+            total = total + self.grad_weight * grad
+            parts["grad"] = grad.detach()
+        if self.silog_weight:
+            total = total + self.silog_weight * silog
+            parts["silog"] = silog.detach()
+        return total, {"loss": total.detach(), **parts}
+
+    def global_batch_terms(self, pred, target):
+        """RMSE, SSIM, edge and SILog terms (None when unweighted) from sums and counts added up by `reduce`."""
+        pred, target = pred.float(), target.float()
+
+        def count(n):  # torch.full, not torch.tensor(..., device=...): no host-to-device copy
+            return torch.full((), float(n), device=pred.device)
+
+        sums = [((pred - target) ** 2).sum(), count(pred.numel()),
+                ssim_map(pred, target, data_range=1.0, padding="same").mean(dim=(1, 2, 3)).sum(), count(pred.shape[0])]
+        if self.grad_weight:
+            sum_x, n_x, sum_y, n_y = gradient_error_sums(pred, target)
+            sums += [sum_x, count(n_x), sum_y, count(n_y)]
+        if self.silog_weight:
+            sums.append(silog_per_image(pred, target).sum())
+        s = self.reduce(torch.stack(sums))
+        err, sim = torch.sqrt(s[0] / s[1]), s[2] / s[3]
+        grad = s[4] / s[5] + s[6] / s[7] if self.grad_weight else None
+        silog = s[-1] / s[3] if self.silog_weight else None
+        return err, sim, grad, silog

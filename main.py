@@ -17,6 +17,9 @@ NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics
                  "predict", "export", "out", "cmap", "png16", "ply", "fov", "report", "report_images",
                  "compile"}
 
+# model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
+ENCODER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
+
 
 def str2bool(value):
     """For the course template's --is_train, whose type=bool made '--is_train False' true."""
@@ -70,7 +73,22 @@ def build_parser():
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
-                       help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a ResNet-34 state dict")
+                       help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a "
+                            "state dict of the --encoder network")
+
+    beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is unchanged)")
+    beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,
+                        help="torchvision encoder; the decoder adapts to its channels and its stem stays frozen")
+    beyond.add_argument("--skips", action="store_true",
+                        help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
+                             "are concatenated into the decoder")
+    beyond.add_argument("--augment", action="store_true",
+                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no borders) "
+                             "on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB only")
+    beyond.add_argument("--grad-weight", type=float, default=0.0,
+                        help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
+    beyond.add_argument("--silog-weight", type=float, default=0.0,
+                        help="weight of the scale-invariant log loss (SILog, lambda 0.85)")
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
@@ -138,6 +156,7 @@ def check_options(parser, opts):
         if not value > 0:
             parser.error(f"{name} must be positive, got {value}")
     for name, value in {"--weight-decay": opts.weight_decay, "--eval-every": opts.eval_every,
+                        "--grad-weight": opts.grad_weight, "--silog-weight": opts.silog_weight,
                         "--vis-every": opts.vis_every, "--workers": opts.workers,
                         "--report-images": opts.report_images}.items():
         if value < 0:

@@ -6,6 +6,8 @@ convolutions, the fifth transposed convolution and the output convolution are pl
 """
 import copy
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,71 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FROZEN_STEM_CHILDREN = 4
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to cut one torchvision classifier into a DepthNet encoder.
+
+    The encoder is an nn.Sequential (`trunk` cuts it from the classifier); `stem` counts its
+    leading children that stay frozen; `taps` are the children whose outputs are the skip
+    features, deepest first as the decoder takes them (1/16, 1/8, 1/4 and 1/2 of the input
+    size; None where the network has no such stage), with `skip_channels` channels;
+    `out_channels` leave the last child, at 1/32.
+    """
+
+    title: str
+    build: Callable
+    weights: str
+    trunk: Callable
+    stem: int
+    taps: tuple
+    skip_channels: tuple
+    out_channels: int
+    classifier: str
+
+
+def resnet_trunk(net):
+    """Everything up to layer4; avgpool and fc are for classification only."""
+    return nn.Sequential(*list(net.children())[:-2])
+
+
+def efficientnet_trunk(net):
+    """features[0:8], up to 320 channels at 1/32; features[8] is a 1 × 1 widening to 1280
+    channels that only the classifier needs, and would make the decoder's first layer 4× larger."""
+    return net.features[:8]
+
+
+def convnext_trunk(net):
+    return net.features
+
+
+tvm = torchvision.models
+ENCODERS = {
+    "resnet18": EncoderSpec("ResNet-18", tvm.resnet18, "ResNet18_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+                            (6, 5, 4, 2), (256, 128, 64, 64), 512, "fc."),
+    "resnet34": EncoderSpec("ResNet-34", tvm.resnet34, "ResNet34_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+                            (6, 5, 4, 2), (256, 128, 64, 64), 512, "fc."),
+    "resnet50": EncoderSpec("ResNet-50", tvm.resnet50, "ResNet50_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+                            (6, 5, 4, 2), (1024, 512, 256, 64), 2048, "fc."),
+    # features[0] is the stem (conv + BN + SiLU); features[1] still runs at 1/2.
+    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights", efficientnet_trunk, 1,
+                                   (5, 3, 2, 1), (112, 40, 24, 16), 320, "classifier."),
+    # features[0] is the 4 × 4 stride-4 patchify stem: ConvNeXt has no 1/2-resolution stage.
+    "convnext_tiny": EncoderSpec("ConvNeXt-Tiny", tvm.convnext_tiny, "ConvNeXt_Tiny_Weights", convnext_trunk, 1,
+                                 (5, 3, 1, None), (384, 192, 96, 0), 768, "classifier."),
+}
+
+
+def encoder_spec(name):
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def imagenet_weights(name):
+    """The torchvision weights enum entry that --weights imagenet loads for an encoder."""
+    return getattr(torchvision.models, encoder_spec(name).weights).IMAGENET1K_V1
+
+
 def up_block(in_ch, out_ch, norm_act=True):
     """A ×2 transposed convolution (k4 s2 p1), optionally followed by BatchNorm + ReLU."""
     layers = [nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1)]
@@ -28,16 +95,27 @@ def up_block(in_ch, out_ch, norm_act=True):
 
 
 class Decoder(nn.Sequential):
-    """512 × 7 × 7 → 1 × 224 × 224, exactly SPEC §1's table."""
+    """512 × 7 × 7 → 1 × 224 × 224, exactly SPEC §1's table (with the defaults).
 
-    def __init__(self, in_ch=512):
+    in_ch follows the encoder's output channels. skip_channels (at 1/16, 1/8, 1/4, 1/2 of
+    the input size) widen the inputs of the layers listed in SKIP_INPUTS: the first layer
+    after each ×2 step that reaches that resolution, so every skip is concatenated to the
+    decoder's features of the same size. Concatenation rather than addition: encoder and
+    decoder widths differ (64 vs 32 at 1/2 for ResNets, 24 vs 64 at 1/4 for EfficientNet),
+    and concatenation needs no extra projection to match them.
+    """
+
+    SKIP_INPUTS = (1, 2, 4, 5)
+
+    def __init__(self, in_ch=512, skip_channels=(0, 0, 0, 0)):
+        s16, s8, s4, s2 = skip_channels
         super().__init__(
             up_block(in_ch, 256),
-            up_block(256, 128),
-            nn.Conv2d(128, 128, kernel_size=1),
+            up_block(256 + s16, 128),
+            nn.Conv2d(128 + s8, 128, kernel_size=1),
             up_block(128, 64),
-            up_block(64, 32),
-            nn.Conv2d(32, 32, kernel_size=1),
+            up_block(64 + s4, 32),
+            nn.Conv2d(32 + s2, 32, kernel_size=1),
             up_block(32, 1, norm_act=False),
             nn.Conv2d(1, 1, kernel_size=1),
         )
@@ -46,48 +124,77 @@ class Decoder(nn.Sequential):
     def output_conv(self):
         return self[-1]
 
+    def forward(self, x, skips=None):
+        """skips: None, or the (1/16, 1/8, 1/4, 1/2) encoder features, None where absent."""
+        if skips is None:
+            return super().forward(x)
+        skip_at = dict(zip(self.SKIP_INPUTS, skips))
+        for i, layer in enumerate(self):
+            if skip_at.get(i) is not None:
+                x = torch.cat([x, skip_at[i]], dim=1)
+            x = layer(x)
+        return x
 
-def build_resnet34(weights):
-    """torchvision ResNet-34 with ImageNet weights, a local state dict, or random weights.
+
+def build_backbone(name, weights):
+    """A torchvision classifier `name` with ImageNet weights, a local state dict, or random weights.
 
     weights: None / "none" (random), "imagenet" (IMAGENET1K_V1 from torchvision's
-    cache, downloading if allowed) or a path to a ResNet-34 state dict.
+    cache, downloading if allowed) or a path to a state dict of that network.
     """
+    spec = encoder_spec(name)
     if weights in (None, "none"):
-        return torchvision.models.resnet34(weights=None)
+        return spec.build(weights=None)
     if weights == "imagenet":
         try:
-            return torchvision.models.resnet34(weights=torchvision.models.ResNet34_Weights.IMAGENET1K_V1)
+            return spec.build(weights=imagenet_weights(name))
         except Exception as err:  # URLError, socket errors, SSL errors: all mean "not cached, offline"
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise UserError(
-                f"could not load ImageNet weights for ResNet-34 (not in {cache} and download failed: "
+                f"could not load ImageNet weights for {spec.title} (not in {cache} and download failed: "
                 f"{type(err).__name__}); use --weights none for random initialisation, or "
-                f"--weights PATH with a ResNet-34 state dict"
+                f"--weights PATH with a {spec.title} state dict"
             ) from None
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
-    net = torchvision.models.resnet34(weights=None)
+    net = spec.build(weights=None)
     state = torch_load_safely(weights)
     if not isinstance(state, dict):
         raise UserError(f"--weights {weights} is not a state dict (it holds a {type(state).__name__})")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UserError(f"{weights} is not a ResNet-34 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = {k: v for k, v in state.items() if not k.startswith(spec.classifier)}
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(spec.classifier)]
+    unexpected = [k for k in state if k not in expected]
+    # Same names, other shapes: e.g. a ResNet-18 file given for a ResNet-50.
+    reshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
+    if missing or unexpected or reshaped:
+        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                        + (f", other shapes {reshaped[:5]}" if reshaped else ""))
+    net.load_state_dict(state, strict=False)
     return net
 
 
-class DepthNet(nn.Module):
-    """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W)."""
+def build_resnet34(weights):
+    """torchvision ResNet-34 with ImageNet weights, a local state dict, or random weights."""
+    return build_backbone("resnet34", weights)
 
-    def __init__(self, weights=None, init_depth=0.0):
+
+class DepthNet(nn.Module):
+    """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W).
+
+    encoder: a key of ENCODERS (default the paper's resnet34); skips: concatenate the
+    encoder's 1/16 … 1/2 features into the decoder (U-Net style). With the defaults the
+    module tree, parameter names and forward pass are the paper's (SPEC §1).
+    """
+
+    def __init__(self, weights=None, init_depth=0.0, encoder="resnet34", skips=False):
         super().__init__()
-        resnet = build_resnet34(weights)
-        # Everything up to layer4; avgpool and fc are for classification only.
-        self.encoder = nn.Sequential(*list(resnet.children())[:-2])
-        self.decoder = Decoder(512)
+        spec = encoder_spec(encoder)
+        self.encoder_name, self.skips = encoder, bool(skips)
+        self.encoder = spec.trunk(build_backbone(encoder, weights))
+        self.decoder = Decoder(spec.out_channels, spec.skip_channels if self.skips else (0, 0, 0, 0))
+        # Plain attributes, not modules or buffers: the state dict of the default model stays the paper's.
+        self.stem_children, self.skip_taps = spec.stem, spec.taps
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         for p in self.stem.parameters():
@@ -98,15 +205,21 @@ class DepthNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """A trained DepthNet from a checkpoint of this project; (model, checkpoint dict)."""
+        """A trained DepthNet from a checkpoint of this project; (model, checkpoint dict).
+
+        The architecture comes from the checkpoint's config (encoder, skips); checkpoints
+        written before those options existed are the paper's resnet34 without skips.
+        """
         ckpt = load_checkpoint(path, map_location)
-        model = cls(weights=None, init_depth=ckpt.get("init_depth", 0.0))
+        config = ckpt.get("config") or {}
+        model = cls(weights=None, init_depth=ckpt.get("init_depth", 0.0),
+                    encoder=config.get("encoder", "resnet34"), skips=bool(config.get("skips", False)))
         load_weights(model, ckpt["model"], path)
         return model, ckpt
 
     @property
     def stem(self):
-        return self.encoder[:FROZEN_STEM_CHILDREN]
+        return self.encoder[:self.stem_children]
 
     def train(self, mode=True):
         super().train(mode)
@@ -116,7 +229,14 @@ class DepthNet(nn.Module):
 
     def forward(self, rgb):
         x = (rgb - self.mean) / self.std
-        return self.decoder(self.encoder(x))
+        if not self.skips:
+            return self.decoder(self.encoder(x))
+        features = {}
+        for i, layer in enumerate(self.encoder):
+            x = layer(x)
+            if i in self.skip_taps:
+                features[i] = x
+        return self.decoder(x, [features.get(t) for t in self.skip_taps])
 
 
 class InferenceModel(nn.Module):

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, SplitCache, read_depth
+from dataset import DepthEstimationUnreal, SplitCache, augment_pair, read_depth
 from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
@@ -153,12 +153,14 @@ class Trainer:
         else:
             init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set)
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
-        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth)
+        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
+                              encoder=opts.encoder, skips=opts.skips)
         self.init_depth = init_depth
         if self.dist.active:
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta, reduce=sum_across_ranks if self.dist.active else None)
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight,
+                                 reduce=sum_across_ranks if self.dist.active else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -186,7 +188,8 @@ class Trainer:
         if self.dist.is_main:
             self.prepare_run_dir()
             total, trainable = count_parameters(self.model)
-            print(f"DepthNet: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable; "
+            print(f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
+                  f"{trainable / 1e6:.2f}M trainable; "
                   f"device {self.device}{f' x {self.dist.world_size} processes' if self.dist.active else ''}, "
                   f"autocast {self.amp_dtype or 'off'}, {'compiled' if opts.compile else 'eager'}, "
                   f"data {'cache on ' + str(self.cache.rgb.device) if self.cache is not None else 'folder loader'}, "
@@ -250,6 +253,8 @@ class Trainer:
                    dynamic_ncols=True, disable=self.opts.quiet or not self.dist.is_main)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
+            if self.opts.augment:
+                rgb, depth = self.augment_batch(rgb, depth)
             parts, pred = self.process_batch(rgb, depth)
             self.batch_in_epoch += 1
             seen += rgb.shape[0] * self.dist.world_size
@@ -315,6 +320,21 @@ class Trainer:
             self.bad_steps = 0
         self.scheduler.step()
         return parts, pred.detach()
+
+    def augment_batch(self, rgb, depth):
+        """--augment: dataset.augment_pair on the device, one random draw per image.
+
+        Done here rather than in the Dataset so it is the same whatever loads the data, and
+        runs where the batch will be used. The draws come from (seed, step), as EpochSampler's
+        order comes from (seed, epoch): a resumed run sees the augmentations the interrupted
+        one would have seen, wherever it stopped.
+        """
+        rgb = rgb.to(self.device, non_blocking=True)
+        depth = depth.to(self.device, non_blocking=True)
+        # Under torchrun each process draws its own (seed, step, rank) stream: the same draws on
+        # every process would give the i-th image of each process the same flip and zoom.
+        generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
+        return augment_pair(rgb, depth, generator)
 
     def skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""

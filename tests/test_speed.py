@@ -34,13 +34,15 @@ def test_summed_loss_equals_the_plain_loss():
     gen = torch.Generator().manual_seed(0)
     target = torch.rand(3, 1, 40, 40, generator=gen) * 20
     pred = (target + torch.randn(3, 1, 40, 40, generator=gen)).requires_grad_()
-    plain, plain_parts = DepthLoss()(pred, target)
-    (g_plain,) = torch.autograd.grad(plain, pred)
-    summed, summed_parts = DepthLoss(reduce=lambda t: t)(pred, target)  # one process: the sum is the identity
-    (g_summed,) = torch.autograd.grad(summed, pred)
-    assert float(summed.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
-    assert float(summed_parts["rmse"]) == pytest.approx(float(plain_parts["rmse"]), rel=1e-6)
-    torch.testing.assert_close(g_summed, g_plain, rtol=1e-4, atol=1e-9)
+    for weights in ({}, {"grad_weight": 0.5, "silog_weight": 0.3}):
+        plain, plain_parts = DepthLoss(**weights)(pred, target)
+        (g_plain,) = torch.autograd.grad(plain, pred)
+        summed, summed_parts = DepthLoss(**weights, reduce=lambda t: t)(pred, target)  # one process: sum = identity
+        (g_summed,) = torch.autograd.grad(summed, pred)
+        assert summed_parts.keys() == plain_parts.keys()
+        for k in plain_parts:
+            assert float(summed_parts[k]) == pytest.approx(float(plain_parts[k]), rel=1e-6), k
+        torch.testing.assert_close(g_summed, g_plain, rtol=1e-4, atol=1e-9)
 
 
 class LossWithNaNs(DepthLoss):
