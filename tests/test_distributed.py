@@ -95,7 +95,7 @@ def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
            "--batch-size", "4", "--max-steps", "1", "--eval-every", "0", "--vis-every", "0", "--workers", "0", "--quiet"]
     done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("DepthNet:") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
+    assert done.stdout.count("DepthNet (") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
     assert {"config.json", "last.pt", "train_log.jsonl"} <= set(os.listdir(run_dir))
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
     # One log line for the one step: written by rank 0 only. Its loss is the global batch's.
