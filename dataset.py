@@ -190,7 +190,8 @@ def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0
 
 def jitter_colour(rgb, brightness, contrast, saturation):
     """Brightness, contrast and saturation of (B, 3, H, W) in [0, 1] by per-image factors (B, 1, 1, 1)."""
-    luma = torch.tensor(LUMA, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    # Built on the CPU, then copied without blocking: torch.tensor(..., device="cuda") would wait for the GPU.
+    luma = torch.tensor(LUMA, dtype=rgb.dtype).to(rgb.device, non_blocking=True).view(1, 3, 1, 1)
     rgb = (rgb * brightness).clamp(0, 1)
     mean = (rgb * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
     rgb = ((rgb - mean) * contrast + mean).clamp(0, 1)

@@ -146,8 +146,8 @@ def test_cuda_cache_on_gpu_and_steps_without_host_sync(data, tmp_path):
         for rgb, depth in batches:
             assert trainer.process_batch(rgb, depth)[0] is not None
         trainer.epoch, trainer.batch_in_epoch = 1, 0
-        for rgb, depth in trainer.epoch_batches():
-            assert trainer.process_batch(rgb, depth)[0] is not None
+        for rgb, depth in trainer.epoch_batches():  # a new epoch, with --augment's work on the batches
+            assert trainer.process_batch(*trainer.augment_batch(rgb, depth))[0] is not None
     finally:
         torch.cuda.set_sync_debug_mode(0)
     trainer.step = 8
