@@ -367,6 +367,6 @@ class SplitCache:
             idx = order[start:start + len(b)]
             start += len(b)
             rgb, depth = self.rgb.index_select(0, idx), self.depth.index_select(0, idx)
-            if rgb.device != device:
+            if rgb.device.type != device.type:  # a host cache ("cuda" and "cuda:0" are one device)
                 rgb, depth = rgb.pin_memory().to(device, non_blocking=True), depth.pin_memory().to(device, non_blocking=True)
             yield rgb.float().div_(255.0), depth.float()
