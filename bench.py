@@ -281,6 +281,8 @@ def time_training(runners, device, warmup, steps, rounds):
     for k in range(rounds):
         for r in runners:
             n = steps[r.name] // rounds + (k < steps[r.name] % rounds)
+            if n == 0:
+                continue
             sync(device)
             start = time.perf_counter()
             for _ in range(n):

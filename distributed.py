@@ -85,6 +85,8 @@ class _SumAcrossRanks(torch.autograd.Function):
         return grad
 
 
+# Run eagerly under --compile: a collective inside a custom autograd function is no graph to capture.
+@torch.compiler.disable
 def sum_across_ranks(t):
     """Differentiable sum of `t` over all ranks; `t` itself when running as one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -108,7 +110,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least, under autocast too
         # Sums of deviations from the running mean rather than of raw values: the variance
         # E[d²] − E[d]² then loses no precision to cancellation.
-        shift = self.running_mean.detach().view(1, c, 1, 1)
+        # (A copy: the running mean is updated in place below, which torch.compile cannot trace through a view.)
+        shift = self.running_mean.detach().clone().view(1, c, 1, 1)
         d = xf - shift
         count = torch.full((1,), x.numel() // c, dtype=xf.dtype, device=x.device)
         sums = sum_across_ranks(torch.cat([d.sum(dim=(0, 2, 3)), (d * d).sum(dim=(0, 2, 3)), count]))

@@ -38,9 +38,9 @@ def gaussian_blur_maps(maps, padding):
 
     The 2-D window is the outer product of two 1-D ones, so the blur is a product with a
     banded matrix on each side. On 2 CPU cores, forward + backward of the five SSIM
-    statistics at batch 8, 224 × 224 (bench.py --ssim-variants): banded matmul 25 ms,
-    one grouped 11 × 11 convolution 66 ms, two grouped 1-D convolutions 80 ms, five
-    separate 2-D convolutions 317 ms. The matrix products run in full fp32 unless TF32
+    statistics at batch 8, 224 × 224 (bench.py --ssim-variants): banded matmul 24 ms,
+    one grouped 11 × 11 convolution 66 ms, two grouped 1-D convolutions 73 ms, five
+    separate 2-D convolutions 307 ms. The matrix products run in full fp32 unless TF32
     matmuls are switched on (torch.backends.cuda.matmul.allow_tf32; off by default).
     """
     h, w = maps.shape[-2:]
