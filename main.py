@@ -346,9 +346,13 @@ def run_train(opts):
     from train import Trainer
 
     try:
-        Trainer(opts).train()
+        trainer = Trainer(opts)
+        trainer.train()
     finally:
         close_distributed()
+    # Stopped by a signal: exit as a killed process would (130, 143), though last.pt is
+    # written, so that `python main.py && python main.py --eval ...` does not go on.
+    return 128 + signal.Signals[trainer.stop_signal].value if trainer.stop_signal else 0
 
 
 def user_error_message(err):
@@ -385,7 +389,7 @@ def main(argv=None):
         elif opts.export:
             run_export(opts)
         else:
-            run_train(opts)
+            return run_train(opts)
     except Exception as err:
         message = user_error_message(err)
         if message is None:
