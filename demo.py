@@ -7,11 +7,9 @@ import math
 import os
 import time
 
-import torch
-
 from dataset import DepthEstimationUnreal, list_pairs
 from evaluate import baseline_models, evaluate
-from model import encoder_spec, imagenet_weights
+from model import encoder_spec, imagenet_weights_path
 from train import Trainer
 from utils import write_json_atomic
 
@@ -20,8 +18,7 @@ TABLE_KEYS = ("rmse", "ssim", "abs_rel", "delta1", "challenge_rmse", "challenge_
 
 def imagenet_weights_cached(encoder="resnet34"):
     """True when torchvision would load the encoder's ImageNet weights without a download."""
-    url = imagenet_weights(encoder).url
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    return os.path.isfile(imagenet_weights_path(encoder))
 
 
 def ensure_synthetic_data(opts):

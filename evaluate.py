@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dataset import read_depth, resize_to_square
 from losses import rmse, ssim, ssim_map
 from utils import atomic_path
 
@@ -137,8 +138,6 @@ class FixedMapModel(torch.nn.Module):
 
 def baseline_models(train_set):
     """{"constant mean": ..., "per-row mean": ...} fitted on a training split's preprocessed depth."""
-    from dataset import read_depth, resize_to_square
-
     total = None
     for _, _, depth_path in train_set.pairs:
         d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]

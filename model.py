@@ -86,6 +86,11 @@ def imagenet_weights(name):
     return getattr(torchvision.models, encoder_spec(name).weights).IMAGENET1K_V1
 
 
+def imagenet_weights_path(name):
+    """Where torchvision's hub cache keeps (or would download) an encoder's ImageNet weights."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(imagenet_weights(name).url))
+
+
 def up_block(in_ch, out_ch, norm_act=True):
     """A ×2 transposed convolution (k4 s2 p1), optionally followed by BatchNorm + ReLU."""
     layers = [nn.ConvTranspose2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1)]
@@ -149,9 +154,8 @@ def build_backbone(name, weights):
         try:
             return spec.build(weights=imagenet_weights(name))
         except Exception as err:  # URLError, socket errors, SSL errors: all mean "not cached, offline"
-            cache = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise UserError(
-                f"could not load ImageNet weights for {spec.title} (not in {cache} and download failed: "
+                f"could not load ImageNet weights for {spec.title} (not in {imagenet_weights_path(name)} and download failed: "
                 f"{type(err).__name__}); use --weights none for random initialisation, or "
                 f"--weights PATH with a {spec.title} state dict"
             ) from None
