@@ -20,10 +20,11 @@ Misses and hits beyond SKY_DEPTH are written as SKY_DEPTH (100 m, the real set's
 sky value; loaders clip to 20 m).
 
 Two styles mimic the real split shift: "street" (city street canyon: facades,
-pavements, trees, lamp posts, parked cars) for train/test, and "yard" (a
-junkyard: scattered and stacked cars, fences, sheds, poles with wires, trees,
-distant hills) for val. Every image draws from its own generator seeded by
-(seed, split, index), so output is independent of the worker count.
+pavements, trees, lamp posts, parked cars, traffic ahead, car parks on open
+sides) for train/test, and "yard" (a junkyard: scattered and stacked cars,
+fences, sheds, poles with wires, trees, distant hills) for val.
+Every image draws from its own generator seeded by (seed, split, index), so
+output is independent of the worker count.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 SKY_DEPTH = 100.0
 SPLITS = ("train", "val", "test")
 STYLES = ("street", "yard")
@@ -442,6 +443,14 @@ def _car(rng, x, z, yaw, y0, prims):
     prims.append(Box((x, y0 + 1.3, z), (width / 2 - 0.1, 0.3, length / 3), cabin, yaw))
 
 
+def _van(rng, x, z, yaw, prims):
+    """A delivery van or small truck: one tall box, taller than a car, with a banded side."""
+    length, width, height = rng.uniform(5.0, 8.0), rng.uniform(2.0, 2.5), rng.uniform(2.2, 3.2)
+    paint = _CAR_PAINTS[rng.integers(len(_CAR_PAINTS))]
+    body = _material(rng, "stripes", paint, np.multiply(paint, 0.7), rng.uniform(0.6, 1.5))
+    prims.append(Box((x, 0.3 + height / 2, z), (width / 2, height / 2, length / 2), body, yaw))
+
+
 def _camera(rng, x, z, yaw, width):
     """Random height, pitch, roll and focal length within CAMERA_RANGES."""
     r = CAMERA_RANGES
@@ -464,21 +473,30 @@ def _lighting(rng, prims):
                  haze_distance=rng.uniform(150, 400))
 
 
+def _open_lot(rng, side, edge, far, prims):
+    """The open side of a street beyond x = side·edge: a low wall, and half the time a car park behind it."""
+    h = rng.uniform(0.4, 1.2)
+    prims.append(Box((side * (edge + 0.3), h / 2, far / 2), (0.3, h / 2, far / 2 + 30),
+                     _material(rng, "bricks", (0.55, 0.5, 0.45), (0.7, 0.7, 0.68), 0.2)))
+    if rng.random() < 0.5:  # cars at any angle
+        for _ in range(rng.integers(2, 10)):
+            x, z = side * (edge + rng.uniform(3.5, 25)), rng.uniform(3, 50)
+            _car(rng, x, z, rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.3), 0.0, prims)
+
+
 def street_scene(rng, width=256):
-    """City street canyon: road, curbs, facades both sides, trees, lamp posts, cars."""
+    """City street canyon: road, curbs, facades or open lots, trees, lamp posts, parked cars, traffic."""
     road, pave = rng.uniform(3.0, 6.5), rng.uniform(1.5, 4.0)
     far = rng.uniform(60, 220)
     prims = [GroundPlane(_material(rng, "road", (0.25, 0.25, 0.26), (0.9, 0.9, 0.85), 0.6))]
     curb = _material(rng, "checkers", (0.6, 0.58, 0.55), (0.5, 0.48, 0.46), rng.uniform(0.4, 0.8))
     for side in (-1, 1):
         prims.append(Box((side * (road + pave / 2 + 1), 0.075, far / 2), (pave / 2 + 1, 0.075, far / 2 + 30), curb))
-        # Some sides are open (a park or car park behind a low wall): these
-        # scenes supply the sky-heavy tail of the depth distribution.
+        # Some sides are open (a park or a car park): these scenes supply the
+        # sky-heavy tail of the depth distribution.
         open_side = rng.random() < 0.45
         if open_side:
-            h = rng.uniform(0.4, 1.2)
-            prims.append(Box((side * (road + pave + 0.3), h / 2, far / 2), (0.3, h / 2, far / 2 + 30),
-                             _material(rng, "bricks", (0.55, 0.5, 0.45), (0.7, 0.7, 0.68), 0.2)))
+            _open_lot(rng, side, road + pave, far, prims)
         z = -30.0
         while z < far and not open_side:
             span = rng.uniform(8, 30)
@@ -501,6 +519,12 @@ def street_scene(rng, width=256):
     if rng.random() < 0.5:  # the street ends at a cross building
         h = rng.uniform(10, 40)
         prims.append(Box((0, h / 2, far + 10), (60, h / 2, 10), _facade_material(rng)))
+    for _ in range(rng.integers(0, 4)):  # traffic in the lanes ahead, sometimes close
+        x, z = rng.uniform(-road + 2.3, road - 2.3), rng.uniform(4.5, 45)
+        if rng.random() < 0.75:
+            _car(rng, x, z, rng.normal(0, 0.15), 0.0, prims)
+        else:
+            _van(rng, x, z + 1.5, rng.normal(0, 0.1), prims)
     for _ in range(rng.integers(0, 4)):  # street furniture on the pavements
         x, z = rng.choice([-1, 1]) * (road + rng.uniform(0.5, pave)), rng.uniform(2, 40)
         s = rng.uniform(0.3, 0.9)
@@ -678,7 +702,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-style", choices=STYLES, default="yard")
     parser.add_argument("--test-style", choices=STYLES, default="street")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="processes (output is identical)")
+    parser.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1),
+                        help="processes; the output is identical for any number (default: the cores, up to 8)")
     parser.add_argument("--height", type=_positive_int, default=144)
     parser.add_argument("--width", type=_positive_int, default=256)
     args = parser.parse_args(argv)

@@ -1,0 +1,84 @@
+"""`python main.py --demo` (issue 4): the preset, and the whole quickstart at a tiny size."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO, SUBPROCESS_ENV
+from PIL import Image
+
+import main
+from demo import ensure_synthetic_data
+from utils import load_checkpoint
+
+PREDICTORS = {"model", "constant mean", "per-row mean"}
+
+
+def test_demo_preset_scales_the_paper_recipe_to_a_cpu():
+    opts = main.parse_options(["--demo", "--device", "cpu"])
+    assert (opts.batch_size, opts.max_steps, opts.data_dir) == (8, 600, os.path.join("data", "synthetic"))
+    # Two triangular2 cycles with the paper's 1 : 2 rise/fall, ending at (or within 5 steps of) the base lr.
+    assert 0 <= opts.max_steps - 2 * (opts.step_size_up + opts.step_size_down) < 6
+    assert 2 * opts.step_size_up == opts.step_size_down
+    # Learning rates scale with the batch against the paper's 32.
+    assert math.isclose(opts.lr, 1e-3 * 8 / 32) and math.isclose(opts.max_lr, 5e-3 * 8 / 32)
+
+
+def test_demo_preset_gives_way_to_typed_options():
+    opts = main.parse_options(["--demo", "--device", "cpu", "--batch-size", "16", "--lr", "2e-3",
+                               "--demo-steps", "60", "--run-dir", "elsewhere"])
+    assert (opts.batch_size, opts.max_steps, opts.run_dir) == (16, 60, "elsewhere")
+    assert math.isclose(opts.lr, 2e-3), "a typed --lr is never rescaled"
+    assert math.isclose(opts.max_lr, 5e-3 * 16 / 32)
+    assert (opts.step_size_up, opts.step_size_down) == (10, 20)
+
+
+def test_demo_reuses_an_existing_data_set(tmp_path, capsys):
+    (tmp_path / "rgb" / "train").mkdir(parents=True)
+    opts = argparse.Namespace(data_dir=str(tmp_path), demo_train=3, demo_val=1, demo_test=1, seed=0)
+    ensure_synthetic_data(opts)
+    assert "using the data set in" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "rgb" / "train") == [], "nothing is synthesised over existing data"
+
+
+def test_demo_end_to_end_at_a_tiny_size(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    # An empty TORCH_HOME: no cached ImageNet weights, so the demo must say it starts from random ones.
+    env = {**SUBPROCESS_ENV, "TORCH_HOME": str(tmp_path / "torch_home")}
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--demo-train", "5",
+                             "--demo-val", "2", "--demo-test", "2", "--demo-steps", "2", "--image-size", "64",
+                             "--data-dir", str(data), "--run-dir", str(run), "--workers", "0", "--device", "cpu",
+                             "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "starts from random weights" in result.stdout
+
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["counts"] == {"train": 5, "val": 2, "test": 2}
+    assert sorted(os.listdir(data / "rgb" / "val")) == ["0.jpeg", "1.jpeg"]
+
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(str(run / name))
+        assert ckpt["step"] == 2 and ckpt["config"]["demo"] is True
+    config = json.loads((run / "config.json").read_text())
+    assert (config["batch_size"], config["image_size"], config["weights"]) == (8, 64, "none")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1]["step"] == 2 and records[-1]["n_images"] == 2
+    for picture in ["curves.png", *(os.path.join("vis", n) for n in os.listdir(run / "vis"))]:
+        with Image.open(run / picture) as im:
+            assert im.format == "PNG"
+    assert os.listdir(run / "vis"), "at least one visualisation"
+
+    summary = json.loads((run / "demo_results.json").read_text())
+    assert summary["steps"] == 2 and summary["device"] == "cpu"
+    assert set(summary["results"]) == {"val", "test"}
+    for split, rows in summary["results"].items():
+        assert set(rows) == PREDICTORS
+        for metrics in rows.values():
+            assert math.isfinite(metrics["rmse"]) and math.isfinite(metrics["challenge_rmse"])
+            assert 0 <= metrics["rmse"] <= 20 and -1 <= metrics["ssim"] <= 1
+    table = (run / "demo_results.md").read_text()
+    assert table.count("\n") == 2 + 2 * len(PREDICTORS)
+    assert "| val | per-row mean |" in table and "| val | per-row mean |" in result.stdout
+    assert not [n for n in os.listdir(run) if "tmp" in n]
