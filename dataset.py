@@ -123,7 +123,7 @@ def read_pair(rgb_path, depth_path):
     return rgb, depth
 
 
-def check_files(pairs, desc="checking files"):
+def check_files(pairs, desc="checking files", progress=True):
     """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order."""
     def check(pair):
         read_pair(pair[1], pair[2])
@@ -132,7 +132,7 @@ def check_files(pairs, desc="checking files"):
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(check, pairs)
         try:
-            for _ in tqdm(results, total=len(pairs), desc=desc, leave=False, disable=len(pairs) < 500):
+            for _ in tqdm(results, total=len(pairs), desc=desc, leave=False, disable=not progress or len(pairs) < 500):
                 pass
         except BaseException:
             pool.shutdown(cancel_futures=True)
@@ -204,16 +204,17 @@ class DepthEstimationUnreal(Dataset):
 
     native=True adds a third item, the clipped depth at its own resolution, which the
     standard evaluation protocol compares against. check=False skips decoding every file
-    up front (see the module's docstring); only for files checked moments ago.
+    up front (see the module's docstring); only for files checked moments ago. progress=False
+    hides the bar of that check (--quiet).
     """
 
-    def __init__(self, root, split="train", size=224, max_depth=20.0, native=False, check=True):
+    def __init__(self, root, split="train", size=224, max_depth=20.0, native=False, check=True, progress=True):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
         self.pairs = list_pairs(root, split)
         if check:
-            check_files(self.pairs, desc=f"checking {split} files")
+            check_files(self.pairs, desc=f"checking {split} files", progress=progress)
 
     def __len__(self):
         return len(self.pairs)
@@ -277,7 +278,7 @@ class SplitCache:
         return self.rgb.nbytes + self.depth.nbytes
 
     @classmethod
-    def open(cls, dataset, build=True):
+    def open(cls, dataset, build=True, progress=True):
         """The cache of `dataset`'s split: loaded if up to date, else built (build=True) and saved; None if absent."""
         key = cache_key(dataset)
         name = f"{dataset.split}-{dataset.size}-{key}.pt"
@@ -291,12 +292,12 @@ class SplitCache:
                     warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it")
         if not build:
             return None
-        cache = cls.build(dataset)
+        cache = cls.build(dataset, progress)
         cache.save(dataset, name)
         return cache
 
     @classmethod
-    def build(cls, dataset):
+    def build(cls, dataset, progress=True):
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
         source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True, check=False)
@@ -314,7 +315,7 @@ class SplitCache:
             results = pool.map(quantised, range(n))
             try:
                 for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
-                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False, disable=n < 500)):
+                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False, disable=not progress or n < 500)):
                     rgb[i], depth[i] = rgb_q, depth_q
                     total += part_sum
                     count += part_count

@@ -29,7 +29,7 @@ def ensure_synthetic_data(opts):
 
     print(f"synthesising {opts.demo_train}/{opts.demo_val}/{opts.demo_test} train/val/test scenes into {opts.data_dir}")
     generate_dataset(opts.data_dir, opts.demo_train, opts.demo_val, opts.demo_test, seed=opts.seed,
-                     workers=max(1, min(8, os.cpu_count() or 1)))
+                     workers=max(1, min(8, os.cpu_count() or 1)), progress=not opts.quiet)
 
 
 def score_table(model, baselines, data_dir, device, workers, image_size=224):

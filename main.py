@@ -285,7 +285,7 @@ def run_eval(opts):
     from utils import write_json_atomic
 
     model, size, device, amp_dtype = load_for_inference(opts)
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
     if opts.metrics_out:

@@ -50,10 +50,10 @@ def select_amp_dtype(amp, device):
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def mean_training_depth(dataset):
+def mean_training_depth(dataset, progress=True):
     """Mean clipped depth over the split's files: the output bias's starting value (SPEC §1)."""
     total, count = 0.0, 0
-    for _, _, depth_path in tqdm(dataset.pairs, desc="mean depth", leave=False, disable=len(dataset) < 200):
+    for _, _, depth_path in tqdm(dataset.pairs, desc="mean depth", leave=False, disable=not progress or len(dataset) < 200):
         d = np.clip(read_depth(depth_path), 0.0, dataset.max_depth)
         total += float(d.sum(dtype=np.float64))
         count += d.size
@@ -140,8 +140,11 @@ class Trainer:
 
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
-        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off")
-        self.val_set = DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True) if opts.eval_every > 0 else None
+        self.progress = not opts.quiet and self.dist.is_main
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
+                                               progress=self.progress)
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True, progress=self.progress)
+                        if opts.eval_every > 0 else None)
         self.cache = self.open_cache() if opts.cache == "auto" else None
         self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size)
         self.loader_generator = torch.Generator()
@@ -151,7 +154,7 @@ class Trainer:
         if ckpt:
             init_depth = ckpt["init_depth"]
         else:
-            init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set)
+            init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set, self.progress)
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
         self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
                               encoder=opts.encoder, skips=opts.skips)
@@ -199,10 +202,10 @@ class Trainer:
     def open_cache(self):
         """The decoded training split; the first process of each node builds it, the others then load it."""
         if self.dist.local_rank == 0:
-            cache = SplitCache.open(self.train_set)
+            cache = SplitCache.open(self.train_set, progress=self.progress)
         barrier()
         if self.dist.local_rank != 0:
-            cache = SplitCache.open(self.train_set)
+            cache = SplitCache.open(self.train_set, progress=False)
         return cache.place(self.device)
 
     def wrap_model(self):
@@ -250,7 +253,7 @@ class Trainer:
         self.net.train()
         batches = self.epoch_batches()
         bar = tqdm(batches, total=len(self.batch_plan), desc=f"epoch {self.epoch + 1}/{self.opts.epochs}",
-                   dynamic_ncols=True, disable=self.opts.quiet or not self.dist.is_main)
+                   dynamic_ncols=True, disable=not self.progress)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
             if self.opts.augment:

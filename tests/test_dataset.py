@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import SKY_DEPTH
 from PIL import Image
 
-from dataset import DataError, DepthEstimationUnreal, list_pairs, read_depth, read_rgb
+from dataset import DataError, DepthEstimationUnreal, check_files, list_pairs, read_depth, read_rgb
 from utils import UserError
 
 SIZE = (18, 32)  # small native size: these tests are about files, not pixels
@@ -244,3 +244,11 @@ def test_grayscale_and_rgba_are_converted(root):
     assert rgb1.shape == SIZE + (3,)
     assert (rgb1 == [10, 20, 30]).all()
     assert ds[0][0].shape == ds[1][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_file_check_shows_a_bar_on_large_splits_unless_quiet(tiny_data, capsys, progress):
+    # 600 checks of one real pair: over the 500 at which the bar appears, and fast.
+    pair = list_pairs(tiny_data, "train")[0]
+    check_files([pair] * 600, desc="checking train files", progress=progress)
+    assert ("checking train files" in capsys.readouterr().err) == progress

@@ -37,7 +37,7 @@ def test_demo_preset_gives_way_to_typed_options():
 
 def test_demo_reuses_an_existing_data_set(tmp_path, capsys):
     (tmp_path / "rgb" / "train").mkdir(parents=True)
-    opts = argparse.Namespace(data_dir=str(tmp_path), demo_train=3, demo_val=1, demo_test=1, seed=0)
+    opts = argparse.Namespace(data_dir=str(tmp_path), demo_train=3, demo_val=1, demo_test=1, seed=0, quiet=True)
     ensure_synthetic_data(opts)
     assert "using the data set in" in capsys.readouterr().out
     assert os.listdir(tmp_path / "rgb" / "train") == [], "nothing is synthesised over existing data"
