@@ -14,7 +14,7 @@ import time
 
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
-                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "report", "report_images",
+                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "npy", "report", "report_images",
                  "compile"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
@@ -49,9 +49,11 @@ def build_parser():
                         help="evaluate --ckpt on --split, print both protocols' metrics and write the reports (see --report)")
     one_of.add_argument("--demo", action="store_true",
                         help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
-    one_of.add_argument("--predict", default=None, metavar="IMAGE_OR_DIR",
+    one_of.add_argument("--predict", default=None, metavar="IMAGE_DIR_OR_VIDEO",
                         help="predict with --ckpt the depth of an image, or of every .jpeg/.jpg/.png in a folder, "
-                             "writing NAME.npy (metres) and NAME.png (colourised) per image to --out")
+                             "writing NAME.npy (metres) and NAME.png (colourised) per image to --out; of a video file "
+                             "(.mp4, .mov, ...), writing NAME_depth.mp4, RGB and depth side by side "
+                             "(needs: pip install -r requirements-video.txt)")
     one_of.add_argument("--export", default=None, choices=["torchscript", "onnx"],
                         help="export --ckpt to --out for deployment, checked against the eager model "
                              "(onnx needs: pip install onnx onnxscript onnxruntime)")
@@ -112,6 +114,9 @@ def build_parser():
     run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate, predict with or export")
     run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
+                          "(needs: pip install -r requirements-tensorboard.txt)")
 
     demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
     demo.add_argument("--demo-steps", type=int, default=None,
@@ -128,6 +133,9 @@ def build_parser():
     use.add_argument("--cmap", default="magma", help="matplotlib colormap of the depth PNGs and of the report grid")
     use.add_argument("--png16", action="store_true", help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
     use.add_argument("--ply", action="store_true", help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
+    use.add_argument("--npy", action="store_true",
+                     help="--predict of a video: also write NAME_depth.npy, every frame's depth in metres as one "
+                          "float16 (frames, H, W) array")
     use.add_argument("--fov", type=float, default=90.0,
                      help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
@@ -148,6 +156,56 @@ def build_parser():
     return p
 
 
+# --predict's options that app.py takes too, defined once in build_parser.
+APP_SHARED = ("ckpt", "image_size", "device", "amp", "cmap", "fov")
+
+
+def build_app_parser():
+    """Options of app.py, the web page to try a model: how to serve it, then --predict's own."""
+    p = argparse.ArgumentParser(prog="app.py", formatter_class=HelpFormatter,
+                                description="A web page to try a trained model: upload a photo, see its depth and "
+                                            "a 3-D point cloud, download the depth (needs: pip install -r requirements-app.txt).")
+    serve = p.add_argument_group("serving")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
+    serve.add_argument("--port", type=int, default=7860, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this many megabytes are refused")
+    shared = p.add_argument_group("the model, as for --predict")
+    for action in build_parser()._actions:
+        if action.dest in APP_SHARED:
+            # No default size: like --predict, the page feeds the model the size it was trained at unless told.
+            shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
+                                default=None if action.dest == "image_size" else action.default,
+                                metavar=action.metavar, help=action.help)
+    return p
+
+
+def parse_app_options(argv=None):
+    parser = build_app_parser()
+    opts = parser.parse_args(argv)
+    if not opts.ckpt:
+        parser.error("--ckpt PATH is required (a checkpoint written by training, e.g. runs/demo/best.pt)")
+    if not 0 < opts.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {opts.port}")
+    if not opts.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
+    check_model_options(parser, opts, cmap=True)
+    return opts
+
+
+def check_model_options(parser, opts, cmap):
+    """--image-size, --fov and (when `cmap`, which costs a matplotlib import) --cmap, for main.py and app.py."""
+    if opts.image_size is not None and (opts.image_size < 32 or opts.image_size % 32):
+        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
+    if not 0 < opts.fov < 180:
+        parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
+    if cmap:
+        import matplotlib
+
+        if opts.cmap not in matplotlib.colormaps:
+            parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
+
+
 def check_options(parser, opts):
     """Reject out-of-range values with one line naming the option."""
     positive = {"--epochs": opts.epochs, "--batch-size": opts.batch_size, "--lr": opts.lr, "--max-lr": opts.max_lr,
@@ -162,8 +220,6 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
-    if opts.image_size < 32 or opts.image_size % 32:
-        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -175,13 +231,11 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
-    if not 0 < opts.fov < 180:
-        parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
-    if opts.eval or opts.predict:
-        import matplotlib
+    check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
+    if opts.tensorboard:
+        from tblog import require_tensorboard
 
-        if opts.cmap not in matplotlib.colormaps:
-            parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
+        require_tensorboard()  # now, not after the data set is checked and cached
 
 
 def apply_demo_preset(opts, explicit):
@@ -327,7 +381,12 @@ def write_eval_report(opts, model, dataset, rows, device, amp_dtype):
 def run_predict(opts):
     from predict import list_images, predict_files
     from utils import UserError
+    from video import is_video
 
+    if is_video(opts.predict):
+        return run_predict_video(opts)
+    if opts.npy:
+        raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
     model, size, device, amp_dtype = load_for_inference(opts)
     out = opts.out or "out"
@@ -337,6 +396,21 @@ def run_predict(opts):
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
         raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")
+
+
+def run_predict_video(opts):
+    from utils import UserError
+    from video import output_paths, predict_video
+
+    if opts.png16 or opts.ply:
+        raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
+    model, size, device, amp_dtype = load_for_inference(opts)
+    out = opts.out or "out"
+    frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
+                                          amp_dtype=amp_dtype, cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
+    written = output_paths(opts.predict, out)
+    print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
+          + (f" and {written['npy']}" if opts.npy else ""))
 
 
 def run_export(opts):

@@ -25,6 +25,7 @@ from distributed import any_rank, barrier, convert_batchnorm, init_distributed, 
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
+from tblog import TensorBoardLog
 from utils import CheckpointError, UserError, load_checkpoint, plot_training_curves, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
 
 
@@ -188,8 +189,10 @@ class Trainer:
         self.net = self.wrap_model()
 
         self.run_dir = opts.run_dir
+        self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
         if self.dist.is_main:
             self.prepare_run_dir()
+            self.tb = TensorBoardLog(self.run_dir) if opts.tensorboard else None
             total, trainable = count_parameters(self.model)
             print(f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
                   f"{trainable / 1e6:.2f}M trainable; "
@@ -243,6 +246,8 @@ class Trainer:
                 self.agree_on_stop()
         if self.dist.is_main:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
+        if self.tb:
+            self.tb.close(vars(self.opts), metrics)
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
@@ -266,8 +271,10 @@ class Trainer:
             # On the GPU the losses are read back only when something needs the exact step count.
             if parts is not None and (not self.sync_free or self.host_work_due()) and self.check_steps():
                 if self.vis_due() and self.dist.is_main:
-                    visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
-                                  title=f"train, step {self.step}")
+                    vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
+                    visualize_img(rgb[0], depth[0], pred[0], vis_path, title=f"train, step {self.step}")
+                    if self.tb:
+                        self.tb.picture("vis/train", vis_path, self.step)
                 if self.log_due() and self.dist.is_main:
                     self.log_step(parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
@@ -443,12 +450,15 @@ class Trainer:
     # ---------------------------------------------------------- evaluation, logs
     def log_step(self, parts, bar, rate):
         """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
-        loss, rmse, ssim = torch.stack([parts["loss"], parts["rmse"], parts["ssim"]]).tolist()
+        values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
         record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch(),
-                  "lr": self.scheduler.get_last_lr()[0], "loss": loss, "rmse": rmse, "ssim": ssim}
+                  "lr": self.scheduler.get_last_lr()[0], "beta1": self.optimizer.param_groups[0]["betas"][0],
+                  **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", rmse=f"{rmse:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
+        if self.tb:
+            self.tb.train_step(record)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
 
     def evaluate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
@@ -456,6 +466,8 @@ class Trainer:
         record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0], **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb:
+            self.tb.evaluation(self.step, metrics)
         tqdm.write(format_metrics(metrics, f"val after epoch {self.epoch} (step {self.step})"))
         if metrics["rmse"] < self.best_rmse:
             self.best_rmse = metrics["rmse"]

@@ -70,3 +70,19 @@ def make_dataset(root, splits=None, ext=".jpeg", size=(144, 256), seed=0):
 def tiny_data(tmp_path_factory):
     """A read-only data set shared by the session: train 8, val 4, test 4 pairs of 144 × 256."""
     return make_dataset(tmp_path_factory.mktemp("tiny_data"), {"train": 8, "val": 4, "test": 4})
+
+
+def train_tiny_run(data_dir, run_dir, *extra):
+    """Train a 64 × 64 model for 4 steps (2 epochs of 8 images), evaluating each epoch; returns run_dir."""
+    from main import main
+
+    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--weights", "none", "--image-size", "64",
+            "--batch-size", "4", "--max-steps", "4", "--eval-every", "1", "--workers", "0", "--amp", "off", "--quiet", *extra]
+    assert main(argv) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """best.pt of a tiny trained run, for tests of what uses a trained model (read-only)."""
+    return train_tiny_run(tiny_data, tmp_path_factory.mktemp("tiny_run"), "--vis-every", "0") / "best.pt"
