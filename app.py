@@ -159,16 +159,6 @@ def colour_bar_html(cmap, max_depth=MAX_DEPTH, ticks=5):
 def build_page(page, gr):
     """The Gradio Blocks of the page, wired to `page` (a DepthPage); (blocks, theme)."""
 
-    class PhotoInput(gr.Image):
-        """gr.Image that passes the uploaded file on untouched, readable or not: reading it, and saying
-        what is wrong, is read_rgb's job (gr.Image would fail first, with a generic message)."""
-
-        def preprocess(self, payload):
-            return None if payload is None else payload.path
-
-        def get_block_name(self):
-            return "image"  # gr.Image's front end
-
     def on_click(state, evt: gr.SelectData):  # Gradio passes the clicked pixel by this annotation
         return page.on_click(state, tuple(int(v) for v in evt.index))
 
@@ -181,8 +171,12 @@ def build_page(page, gr):
         state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column():
-                photo = PhotoInput(label="photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                   elem_id="photo")
+                photo = gr.Image(label="photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="photo")
+                # The upload goes on untouched, image or not: read_rgb says what is wrong with it, where gr.Image
+                # would fail first with a generic message. (Set on the instance: Gradio writes a .pyi stub beside
+                # any module that subclasses a component.)
+                photo.preprocess = lambda payload: None if payload is None else payload.path
                 gr.Examples([[p] for p in page.make_examples()], inputs=photo, label="examples: synthetic scenes")
             with gr.Column():
                 depth = gr.Image(label="depth, at the photo's size", type="filepath", format="png", interactive=False,
