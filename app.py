@@ -199,23 +199,25 @@ def build_page(page, gr):
     return blocks, theme
 
 
+def import_gradio():
+    from utils import UserError
+
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(f"app.py needs Gradio: {INSTALL_HINT}") from None
+    return gradio
+
+
 def main(argv=None):
-    from main import parse_app_options, raise_interrupt, user_error_message
+    from main import parse_app_options, print_user_error, raise_interrupt
 
     opts = parse_app_options(argv)
     try:
-        import gradio as gr
-    except ImportError:
-        print(f"error: app.py needs Gradio: {INSTALL_HINT}", file=sys.stderr)
-        return 1
-    try:
+        gr = import_gradio()
         page = DepthPage(opts)  # a missing, corrupt or unsafe checkpoint stops here, with one line
     except Exception as err:
-        message = user_error_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
     try:
         blocks, theme = build_page(page, gr)
         blocks.queue(default_concurrency_limit=1, max_size=32)

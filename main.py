@@ -451,6 +451,15 @@ def user_error_message(err):
     return None
 
 
+def print_user_error(err):
+    """For an error the user can fix: print its one `error:` line and return the exit status 1. A bug is raised again."""
+    message = user_error_message(err)
+    if message is None:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -473,11 +482,7 @@ def main(argv=None):
         else:
             return run_train(opts)
     except Exception as err:
-        message = user_error_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
     except KeyboardInterrupt:
         print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130
