@@ -137,7 +137,11 @@ class FixedMapModel(torch.nn.Module):
 
 
 def baseline_models(train_set):
-    """{"constant mean": ..., "per-row mean": ...} fitted on a training split's preprocessed depth."""
+    """The predictors that see no image, fitted on a training split's preprocessed depth.
+
+    constant mean: one value everywhere; per-row mean: each row's mean (depth mostly
+    grows with height in the image); mean map: each pixel's mean over the split.
+    """
     total = None
     for _, _, depth_path in train_set.pairs:
         d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]
@@ -146,4 +150,5 @@ def baseline_models(train_set):
     mean_map = total / len(train_set)
     rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
     return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
-            "per-row mean": FixedMapModel(rows)}
+            "per-row mean": FixedMapModel(rows),
+            "mean map": FixedMapModel(mean_map)}
