@@ -75,8 +75,9 @@ def build_parser():
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
-                       help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a "
-                            "state dict of the --encoder network")
+                       help="initialisation: imagenet (the encoder's torchvision IMAGENET1K_V1), none (random), PATH "
+                            "to a state dict of the --encoder network, or PATH to a checkpoint written by training "
+                            "(best.pt, last.pt), which starts encoder and decoder alike (fine-tuning)")
 
     beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is unchanged)")
     beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,

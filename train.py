@@ -178,6 +178,7 @@ class Trainer:
 
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
+        self.last_eval_step = None
         self.bad_steps = 0
         # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
         self.unchecked_losses = []
@@ -228,7 +229,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
-        metrics = None
+        metrics, start_step = None, self.step
         if self.epoch >= self.opts.epochs or self.should_stop():
             print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
                   f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
@@ -241,9 +242,16 @@ class Trainer:
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
                     if self.dist.is_main:
                         metrics = self.evaluate()
+                    self.last_eval_step = self.step
                     barrier()
                 self.save_model("last.pt")
                 self.agree_on_stop()
+            if self.final_evaluation_due(start_step):
+                if self.dist.is_main:
+                    metrics = self.evaluate()
+                self.last_eval_step = self.step
+                self.save_model("last.pt")  # its best_rmse now counts this evaluation too
+                barrier()
         if self.dist.is_main:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.tb:
@@ -252,6 +260,15 @@ class Trainer:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
         return metrics
+
+    def final_evaluation_due(self, start_step):
+        """Whether --max-steps ended this call of train() between two evaluations: the final weights
+        are then scored too, so that a run that evaluates at all ends with its last state scored
+        and a best.pt, however short it is."""
+        signalled = self.stop_agreed if self.dist.active else self.stop_signal is not None
+        reached_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
+        return (self.opts.eval_every > 0 and reached_max and not signalled and self.step > start_step
+                and self.last_eval_step != self.step)
 
     def run_epoch(self):
         """One pass over the training set (from where a resume left off); False if stopped early."""

@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, make_dataset
 from PIL import Image
 
 import main
 from demo import ensure_synthetic_data
 from utils import load_checkpoint
 
-PREDICTORS = {"model", "constant mean", "per-row mean"}
+PREDICTORS = {"model", "constant mean", "per-row mean", "mean map"}
 
 
 def test_demo_preset_scales_the_paper_recipe_to_a_cpu():
@@ -82,3 +82,24 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
     assert table.count("\n") == 2 + 2 * len(PREDICTORS)
     assert "| val | per-row mean |" in table and "| val | per-row mean |" in result.stdout
     assert not [n for n in os.listdir(run) if "tmp" in n]
+
+
+def test_demo_on_a_set_without_test_split_scores_val_and_keeps_a_best_checkpoint(tmp_path):
+    """Like the published DepthEstimationUnreal (train and val only), with a run shorter than the
+    evaluation interval: the final weights are still scored and best.pt written."""
+    data = make_dataset(tmp_path / "data", {"train": 20, "val": 3})
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--demo-steps", "2",
+                             "--image-size", "64", "--data-dir", data, "--run-dir", str(run), "--workers", "0",
+                             "--device", "cpu", "--weights", "none", "--quiet"],
+                            cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "data" / "rgb")) == ["train", "val"], "nothing is synthesised"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2], "one evaluation, of the final weights (3 batches an epoch)"
+    best = load_checkpoint(str(run / "best.pt"))
+    assert best["step"] == 2 and best["metrics"]["rmse"] == records[0]["rmse"]
+    summary = json.loads((run / "demo_results.json").read_text())
+    assert set(summary["results"]) == {"val"} and set(summary["results"]["val"]) == PREDICTORS
+    # The demo's table scores the same final weights as the run's own evaluation.
+    assert math.isclose(summary["results"]["val"]["model"]["rmse"], records[0]["rmse"], rel_tol=5e-3)
