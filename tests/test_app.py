@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -310,6 +311,11 @@ def test_page_in_a_real_browser(tiny_checkpoint, tmp_path):
         with urllib.request.urlopen(img.get_attribute("src")) as response, Image.open(reference["png"]) as png:
             np.testing.assert_array_equal(np.asarray(Image.open(response)), np.asarray(png))
         np.testing.assert_array_equal(np.load(download(driver, "photo.npy", downloads)), depth)
+        img.click()  # at its centre: the readout adds the depth of the pixel there
+        wait(driver, lambda d: "At the clicked point" in readout(d), "the depth at the clicked point")
+        x, y = map(int, re.search(r"\(x (\d+), y (\d+)\)", readout(driver)).groups())
+        assert abs(x - 131 // 2) <= 2 and abs(y - 97 // 2) <= 2, (x, y)
+        assert f"**{depth[y, x]:.2f} m**".replace("**", "") in readout(driver)
         driver.save_screenshot(str(tmp_path / "page.png"))
 
         upload(driver, broken)
