@@ -165,7 +165,7 @@ def build_page(page, gr):
     opts = page.opts
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
-        gr.Markdown(f"## Monocular depth: ResNet-34 encoder, transposed-convolution decoder\n"
+        gr.Markdown(f"## Monocular depth estimation\n"
                     f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {page.size} × {page.size}, on {page.device}. "
                     f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), or pick an example.")
         state = gr.State(None)
@@ -218,19 +218,23 @@ def main(argv=None):
         page = DepthPage(opts)  # a missing, corrupt or unsafe checkpoint stops here, with one line
     except Exception as err:
         return print_user_error(err)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)  # stop as on Ctrl-C: the work folder goes too
     try:
         blocks, theme = build_page(page, gr)
         blocks.queue(default_concurrency_limit=1, max_size=32)
-        print(f"serving {opts.ckpt} on http://{opts.host}:{opts.port} (Ctrl-C stops)", flush=True)
-        signal.signal(signal.SIGTERM, raise_interrupt)  # stop as on Ctrl-C: Gradio closes, the work folder goes
         blocks.launch(server_name=opts.host, server_port=opts.port, max_file_size=f"{opts.max_upload_mb:g}mb",
-                      allowed_paths=[page.workdir], theme=theme, css=CSS, footer_links=[], quiet=True)
-    except OSError as err:  # the port is taken
-        print(f"error: cannot serve on {opts.host}:{opts.port}: {err}", file=sys.stderr)
+                      allowed_paths=[page.workdir], theme=theme, css=CSS, footer_links=[], quiet=True,
+                      prevent_thread_lock=True)
+        print(f"serving {opts.ckpt} on http://{opts.host}:{opts.port} (Ctrl-C stops)", flush=True)
+        blocks.block_thread()  # until Ctrl-C or SIGTERM, which close the server
+    except OSError as err:  # Gradio's words for a port in use name its own API: say it with our options
+        print(f"error: cannot serve on {opts.host}:{opts.port} ({str(err).split('. ')[0]}); choose another --port "
+              "or --host", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         page.close()
     return 0
 

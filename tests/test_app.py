@@ -105,6 +105,17 @@ def test_app_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: app.py needs Gradio: pip install -r requirements-app.txt\n"
 
 
+def test_app_on_a_port_in_use_is_a_one_line_error(tiny_checkpoint, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app.main(["--ckpt", str(tiny_checkpoint), "--port", str(port), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot serve on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------ the handlers, called as Gradio calls them
 @pytest.fixture(scope="module")
 def page(tiny_checkpoint):
