@@ -241,7 +241,7 @@ def wait(driver, condition, what):
 def upload(driver, path):
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(path))
+    driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(os.path.abspath(path))
 
 
 def readout(driver):
