@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 
-import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
@@ -34,7 +33,8 @@ from evaluate import evaluate
 from main import parse_options
 from model import count_parameters
 from train import Trainer, select_device
-from utils import UserError, atomic_path, save_figure, write_json_atomic
+from plots import plot_ablation
+from utils import UserError, atomic_path, write_json_atomic
 
 # Each single change, as the main.py options that turn it on ({...}: filled from ablate's options).
 SINGLES = {
@@ -222,20 +222,6 @@ def format_table(results, combination):
     return "\n".join(lines)
 
 
-def plot(results, path):
-    """Bars of val RMSE (lower is better) and SSIM (higher is better), the paper preset in another colour."""
-    names = list(results)
-    colours = ["tab:gray" if n == "paper" else "tab:orange" if n == BEST else "tab:blue" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 3), 4.2), constrained_layout=True)
-    for ax, key, title in ((axes[0], "rmse", "val RMSE (m), lower is better"), (axes[1], "ssim", "val SSIM, higher is better")):
-        values = [results[n][key] for n in names]
-        bars = ax.bar(range(len(names)), values, color=colours)
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-        ax.set_title(title)
-    save_figure(fig, path)
-
-
 def write_report(args, results, combination, note, minutes):
     budget = budget_text(args)
     text = "\n".join([
@@ -251,7 +237,7 @@ def write_report(args, results, combination, note, minutes):
         f.write(text)
     write_json_atomic({"budget": budget, "variants": args.variants, "combination": combination, "results": results},
                       os.path.join(args.out, "ablation.json"))
-    plot(results, os.path.join(args.out, "ablation.png"))
+    plot_ablation(results, os.path.join(args.out, "ablation.png"), reference="paper", combined=BEST)
 
 
 def run_ablation(args):

@@ -302,7 +302,7 @@ def write_eval_report(opts, model, dataset, rows, device, amp_dtype):
 
     from evaluate import write_per_image_csv
     from predict import predict_samples
-    from utils import plot_prediction_grid, plot_training_curves
+    from plots import plot_prediction_grid, plot_training_curves
 
     run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
     out = opts.out or run_dir

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
 from evaluate import predict_batch
-from utils import UserError, atomic_path, colorize_depth
+from plots import colorize_depth
+from utils import UserError, atomic_path
 
 
 def list_images(path):

@@ -25,7 +25,9 @@ from distributed import any_rank, barrier, convert_batchnorm, init_distributed, 
 from evaluate import evaluate, format_metrics
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
-from utils import CheckpointError, UserError, load_checkpoint, plot_training_curves, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
+from plots import plot_training_curves, visualize_img
+from utils import (CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, write_json_atomic)
 
 
 def select_device(name):

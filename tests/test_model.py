@@ -242,3 +242,17 @@ def test_weights_file_holding_no_dict_is_user_error(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(UserError, match=r"tensor\.pth.*not a state dict"):
         DepthNet(weights=str(path))
+
+
+def test_importing_the_model_loads_no_plotting_library():
+    """Inference and export need no matplotlib: model.py (and what it imports) must not load it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, SUBPROCESS_ENV
+
+    code = "import sys, model; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -19,7 +19,8 @@ from export import export_model  # noqa: E402
 from main import load_model, main, parse_options  # noqa: E402
 from model import DepthNet  # noqa: E402
 from predict import depth_to_points, predict_depth, write_ply  # noqa: E402
-from utils import UserError, plot_training_curves, save_checkpoint, step_epoch_maps  # noqa: E402
+from plots import plot_training_curves, step_epoch_maps  # noqa: E402
+from utils import UserError, save_checkpoint  # noqa: E402
 
 
 # ------------------------------------------------------------------ helpers
