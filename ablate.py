@@ -32,7 +32,8 @@ from dataset import DepthEstimationUnreal, list_pairs
 from evaluate import evaluate
 from main import parse_options
 from model import count_parameters
-from train import Trainer, select_device
+from hardware import select_device, synchronize
+from train import Trainer
 from plots import plot_ablation
 from utils import UserError, atomic_path, write_json_atomic
 
@@ -174,12 +175,6 @@ def measure_speed(variants, args, rounds=3, steps=2):
                 seconds[name].append((time.perf_counter() - start) / steps)
                 del trainer
     return {name: args.batch_size / statistics.median(s) for name, s in seconds.items()}
-
-
-def synchronize(device):
-    """Wait for queued GPU work, so a clock read measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def choose_combination(results):

@@ -38,7 +38,8 @@ from evaluate import evaluate
 from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
 from model import DepthNet, InferenceModel
-from train import Trainer, mean_training_depth, select_amp_dtype, select_device
+from hardware import select_amp_dtype, select_device, synchronize
+from train import Trainer, mean_training_depth
 from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
@@ -172,11 +173,11 @@ def bench_ssim_variants(device, batch_size, rounds):
         results[name] = {"abs_diff_to_2d": abs(float(value.detach()) - reference)}
     for _ in range(rounds):
         for name, fn in SSIM_VARIANTS.items():
-            sync(device)
+            synchronize(device)
             t = time.perf_counter()
             fn(x, y).backward()
             x.grad = None
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - t)
     for name in SSIM_VARIANTS:
         results[name]["ms"] = 1e3 * statistics.median(times[name])
@@ -263,11 +264,6 @@ class OurTraining:
         del self.batches
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_training(runners, device, warmup, steps, rounds):
     """{name: {img_s, step_ms, ...}}: `steps[name]` timed steps each, alternating in `rounds` rounds."""
     out = {}
@@ -276,19 +272,19 @@ def time_training(runners, device, warmup, steps, rounds):
         for _ in range(warmup):
             r.step()
         r.finish()
-        sync(device)
+        synchronize(device)
         out[r.name] = {"warmup_s": time.perf_counter() - start, "seconds": 0.0, "steps": 0}
     for k in range(rounds):
         for r in runners:
             n = steps[r.name] // rounds + (k < steps[r.name] % rounds)
             if n == 0:
                 continue
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(n):
                 loss = r.step()
             r.finish()
-            sync(device)
+            synchronize(device)
             out[r.name]["seconds"] += time.perf_counter() - start
             out[r.name]["steps"] += n
             out[r.name]["last_loss"] = float(loss)
@@ -360,14 +356,14 @@ def bench_inference(device, amp_dtype, compile_model, reps, batch_size=32):
         for name in out:
             for _ in range(3 if device.type == "cuda" or compile_model else 1):  # warm-up (and compiling this shape)
                 run(name, x)
-        sync(device)
+        synchronize(device)
         times = {name: [] for name in out}
         for _ in range(reps if b == 1 else max(2, reps // 5)):
             for name in out:
-                sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 run(name, x)
-                sync(device)
+                synchronize(device)
                 times[name].append(time.perf_counter() - t)
         for name in out:
             if b == 1:
@@ -395,11 +391,11 @@ def matmul_flops(device, dtype, n=None, reps=5):
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 

@@ -4,7 +4,6 @@ challenge_*: the paper's and the course's numbers: 224 × 224, batches of 32 in 
 order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
 standard: at the ground truth's own resolution, every metric per image, then averaged.
 """
-import contextlib
 import csv
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import read_depth, resize_to_square
+from hardware import autocast
 from losses import rmse, ssim, ssim_map
 from utils import atomic_path
 
@@ -60,8 +60,7 @@ def collate_with_native(batch):
 @torch.no_grad()
 def predict_batch(model, rgb, amp_dtype=None):
     """Raw fp32 predictions of a batch, optionally computed under autocast."""
-    ctx = torch.autocast(rgb.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with ctx:
+    with autocast(rgb.device.type, amp_dtype):
         return model(rgb).float()
 
 

@@ -268,7 +268,7 @@ def load_model(opts):
 
 def load_for_inference(opts):
     """(model on its device in eval mode, input side, device, autocast dtype) for --eval and --predict."""
-    from train import select_amp_dtype, select_device
+    from hardware import select_amp_dtype, select_device
 
     device = select_device(opts.device)
     model, size = load_model(opts)

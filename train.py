@@ -23,33 +23,12 @@ from tqdm import tqdm
 from dataset import DepthEstimationUnreal, SplitCache, augment_pair, read_depth
 from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
 from evaluate import evaluate, format_metrics
+from hardware import autocast, select_amp_dtype, select_device
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
 from plots import plot_training_curves, visualize_img
 from utils import (CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, write_json_atomic)
-
-
-def select_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu or auto")
-    return torch.device(name)
-
-
-def select_amp_dtype(amp, device):
-    """The autocast dtype for --amp: bf16 where the hardware runs it natively, else fp16 on CUDA, else none."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPUs without bf16 instructions autocast emulates it and runs slower than fp32.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def mean_training_depth(dataset, progress=True):
@@ -307,7 +286,7 @@ class Trainer:
         fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
         rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         depth = depth.to(self.device, non_blocking=True)
-        with self.autocast():
+        with autocast(self.device.type, self.amp_dtype):
             pred = self.net(rgb)
         loss, parts = self.loss_fn(pred.float(), depth)
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,11 +374,6 @@ class Trainer:
 
     def log_due(self):
         return self.step % self.opts.log_every == 0 or self.step == 1
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def make_loader(self):
         """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""

@@ -11,7 +11,7 @@ from conftest import make_dataset
 
 from dataset import DepthEstimationUnreal
 from main import parse_options
-from train import EpochSampler, Trainer, mean_training_depth, select_amp_dtype, select_device
+from train import EpochSampler, Trainer, mean_training_depth
 from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
@@ -199,16 +199,3 @@ def test_mean_training_depth_is_the_clipped_mean(tiny_data):
     files = [np.load(os.path.join(tiny_data, "depth", "train", f"{i}.npy")) for i in range(8)]
     expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
     assert mean_training_depth(ds) == pytest.approx(expected, rel=1e-6)
-
-
-def test_device_and_autocast_selection():
-    assert select_device("cpu") == torch.device("cpu")
-    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="--device cuda"):
-            select_device("cuda")
-    cpu = torch.device("cpu")
-    assert select_amp_dtype("off", cpu) is None
-    assert select_amp_dtype("bf16", cpu) is torch.bfloat16
-    assert select_amp_dtype("fp16", cpu) is torch.float16
-    assert select_amp_dtype("auto", cpu) in (None, torch.bfloat16)
