@@ -39,7 +39,7 @@ from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
 from model import DepthNet, InferenceModel
 from hardware import select_amp_dtype, select_device, synchronize
-from train import Trainer, mean_training_depth
+from train import Trainer
 from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
@@ -305,7 +305,7 @@ def peak_memory(device):
 
 
 def bench_training(args, device, data_dir, run_dir):
-    init_depth = mean_training_depth(DepthEstimationUnreal(data_dir, "train"))
+    init_depth = DepthEstimationUnreal(data_dir, "train").mean_depth
     steps = {"baseline": args.baseline_steps, "ours": args.steps}
 
     def make(name):

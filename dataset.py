@@ -11,6 +11,13 @@ hours later inside a DataLoader worker, whose errors PyTorch re-raises wrapped i
 traceback. Decoding a 144 × 256 pair costs about 0.5 ms (JPEG + .npy, one core), so the
 4,069 pairs of the real set take about 2 s, spread over a few threads.
 
+The same pass sums the clipped depth: its mean is the model's initial output bias, so no
+second pass over the files is needed for it.
+
+EpochSampler and EpochBatches fix the data order: a permutation per epoch derived from
+(seed, epoch), cut into global batches and shared out across processes, the same from the
+cache and from the folder loader.
+
 SplitCache holds a split decoded once (uint8 RGB, float16 depth, at S × S), so that an
 epoch needs no decoding; on a GPU the whole cache lives in device memory. Building it
 decodes every file in the same way, which is then the check.
@@ -30,12 +37,14 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from utils import UserError, atomic_save
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# Depth is clipped to [0, MAX_DEPTH] metres, as the paper preprocesses it (sky is stored as 100 m).
+MAX_DEPTH = 20.0
 SPLITS = ("train", "val", "test")
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -123,20 +132,37 @@ def read_pair(rgb_path, depth_path):
     return rgb, depth
 
 
-def check_files(pairs, desc="checking files", progress=True):
-    """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order."""
-    def check(pair):
-        read_pair(pair[1], pair[2])
+def map_in_threads(fn, items, desc, progress=True):
+    """fn(item) for every item on a few threads of this process, yielded in order; a bar on long lists.
 
-    # PIL and NumPy release the GIL while decoding and reading, so threads overlap well.
+    PIL, NumPy and torch release the GIL while they decode, read and resize, so threads
+    overlap well. If fn raises, or the caller stops early, the items not started are cancelled.
+    """
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(check, pairs)
+        results = pool.map(fn, items)
         try:
-            for _ in tqdm(results, total=len(pairs), desc=desc, leave=False, disable=not progress or len(pairs) < 500):
-                pass
+            yield from tqdm(results, total=len(items), desc=desc, leave=False, disable=not progress or len(items) < 500)
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def check_files(pairs, max_depth=MAX_DEPTH, desc="checking files", progress=True):
+    """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order.
+
+    Returns the mean depth clipped to [0, max_depth] over every pixel of the pairs, which
+    this pass reads anyway: the model's initial output bias needs no second pass.
+    """
+    def clipped_depth_sum(pair):
+        _, depth = read_pair(pair[1], pair[2])
+        clipped = np.clip(depth, 0.0, max_depth)
+        return float(clipped.sum(dtype=np.float64)), clipped.size
+
+    total, count = 0.0, 0
+    for part_sum, part_count in map_in_threads(clipped_depth_sum, pairs, desc, progress):
+        total += part_sum
+        count += part_count
+    return total / count
 
 
 def to_model_input(rgb, size):
@@ -208,13 +234,27 @@ class DepthEstimationUnreal(Dataset):
     hides the bar of that check (--quiet).
     """
 
-    def __init__(self, root, split="train", size=224, max_depth=20.0, native=False, check=True, progress=True):
+    def __init__(self, root, split="train", size=224, max_depth=MAX_DEPTH, native=False, check=True, progress=True):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
+        self.progress = progress
         self.pairs = list_pairs(root, split)
-        if check:
-            check_files(self.pairs, desc=f"checking {split} files", progress=progress)
+        self._mean_depth = self.check() if check else None
+
+    def check(self):
+        """check_files on this split; returns its mean clipped depth."""
+        return check_files(self.pairs, self.max_depth, desc=f"checking {self.split} files", progress=self.progress)
+
+    @property
+    def mean_depth(self):
+        """Mean clipped depth over every pixel of the split: the model's initial output bias.
+
+        Computed by the up-front check; a split opened with check=False runs that check on first use.
+        """
+        if self._mean_depth is None:
+            self._mean_depth = self.check()
+        return self._mean_depth
 
     def __len__(self):
         return len(self.pairs)
@@ -234,6 +274,60 @@ class DepthEstimationUnreal(Dataset):
         depth_t = torch.from_numpy(depth)[None]
         sample = (to_model_input(rgb, self.size), resize_to_square(depth_t, self.size))
         return sample + (depth_t,) if self.native else sample
+
+
+# ------------------------------------------------------------------ data order
+class EpochSampler(Sampler):
+    """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
+
+    Deriving the order from the epoch number, rather than from a running generator,
+    lets a resumed run see exactly the batches the interrupted one would have seen.
+    """
+
+    def __init__(self, n, seed, epoch, start=0, shuffle=True):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        self.indices = order[start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class EpochBatches(Sampler):
+    """This process's batches of one epoch, as lists of indices.
+
+    EpochSampler's order is cut into global batches of `batch_size`, and each global batch
+    into `world_size` contiguous parts, of which rank r takes part r. With one process these
+    are exactly DataLoader(sampler=EpochSampler(...), batch_size=batch_size)'s batches, so the
+    data order is the same from the cache, from the folder loader, and across resumes. A last
+    global batch with fewer images than processes is dropped: some process would get none.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_batch=0):
+        order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
+        self.epoch_length = start_batch  # batches in the whole epoch, those before start_batch included
+        self.batches = []
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            if len(chunk) < self.world_size:
+                break
+            per_rank, extra = divmod(len(chunk), self.world_size)
+            lo = self.rank * per_rank + min(self.rank, extra)
+            self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
+        self.epoch_length += len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 # ------------------------------------------------------------------ decoded cache
@@ -308,20 +402,14 @@ class SplitCache:
 
         def quantised(i):
             rgb_f, depth_f, native = source[i]
-            return rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16), float(native.double().sum()), native.numel()
+            return (rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16),
+                    float(native.double().sum()), native.numel())
 
-        # PIL, NumPy and torch release the GIL while they work, so threads overlap well.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = pool.map(quantised, range(n))
-            try:
-                for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
-                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False, disable=not progress or n < 500)):
-                    rgb[i], depth[i] = rgb_q, depth_q
-                    total += part_sum
-                    count += part_count
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
+                map_in_threads(quantised, range(n), f"caching {dataset.split} split", progress)):
+            rgb[i], depth[i] = rgb_q, depth_q
+            total += part_sum
+            count += part_count
         return cls(rgb, depth, total / count)
 
     def save(self, dataset, name):

@@ -14,13 +14,12 @@ import signal
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, SplitCache, augment_pair, read_depth
+from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair
 from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
 from evaluate import evaluate, format_metrics
 from hardware import autocast, select_amp_dtype, select_device
@@ -31,16 +30,6 @@ from utils import (CheckpointError, UserError, load_checkpoint, remove_checkpoin
                    seed_everything, set_rng_state, write_json_atomic)
 
 
-def mean_training_depth(dataset, progress=True):
-    """Mean clipped depth over the split's files: the output bias's starting value (SPEC §1)."""
-    total, count = 0.0, 0
-    for _, _, depth_path in tqdm(dataset.pairs, desc="mean depth", leave=False, disable=not progress or len(dataset) < 200):
-        d = np.clip(read_depth(depth_path), 0.0, dataset.max_depth)
-        total += float(d.sum(dtype=np.float64))
-        count += d.size
-    return total / count
-
-
 def load_resumable(path):
     """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
     ckpt = load_checkpoint(path)
@@ -49,59 +38,6 @@ def load_resumable(path):
         raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
                               "--resume needs a last.pt or best.pt written by training")
     return ckpt
-
-
-class EpochSampler(Sampler):
-    """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
-
-    Deriving the order from the epoch number, rather than from a running generator,
-    lets a resumed run see exactly the batches the interrupted one would have seen.
-    """
-
-    def __init__(self, n, seed, epoch, start=0, shuffle=True):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-        self.indices = order[start:].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-class EpochBatches(Sampler):
-    """This process's batches of one epoch, as lists of indices.
-
-    EpochSampler's order is cut into global batches of `batch_size`, and each global batch
-    into `world_size` contiguous parts, of which rank r takes part r. With one process these
-    are exactly DataLoader(sampler=EpochSampler(...), batch_size=batch_size)'s batches, so the
-    data order is the same from the cache, from the folder loader, and across resumes. A last
-    global batch with fewer images than processes is dropped: some process would get none.
-    """
-
-    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch, start_batch=0):
-        order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
-        self.epoch_length = start_batch  # batches in the whole epoch, those before start_batch included
-        self.batches = []
-        for i in range(0, len(order), self.batch_size):
-            chunk = order[i:i + self.batch_size]
-            if len(chunk) < self.world_size:
-                break
-            per_rank, extra = divmod(len(chunk), self.world_size)
-            lo = self.rank * per_rank + min(self.rank, extra)
-            self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
-        self.epoch_length += len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
 
 
 class Trainer:
@@ -135,7 +71,7 @@ class Trainer:
         if ckpt:
             init_depth = ckpt["init_depth"]
         else:
-            init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set, self.progress)
+            init_depth = (self.cache if self.cache is not None else self.train_set).mean_depth
         # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
         self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
                               encoder=opts.encoder, skips=opts.skips)

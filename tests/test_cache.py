@@ -8,8 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench import write_bench_dataset
-from dataset import DepthEstimationUnreal, SplitCache
-from train import EpochBatches, EpochSampler, mean_training_depth
+from dataset import DepthEstimationUnreal, EpochBatches, EpochSampler, SplitCache
 
 CPU = torch.device("cpu")
 
@@ -41,7 +40,7 @@ def test_cache_holds_the_folder_samples_up_to_uint8_and_float16_rounding(data):
         # float16 keeps 11 significant bits: rounding moves a value by at most 2^-11 of it.
         assert ((cache.depth[i].float() - depth).abs() <= depth.abs() * 2**-11 + 1e-7).all()
         assert float(cache.depth[i].max()) == pytest.approx(20.0, abs=0.01)  # the sky, clipped as in the folder samples
-    assert cache.mean_depth == pytest.approx(mean_training_depth(ds), rel=1e-12)
+    assert cache.mean_depth == pytest.approx(ds.mean_depth, rel=1e-12)
 
 
 def test_cache_is_reused_until_a_file_changes(data, monkeypatch):

@@ -11,7 +11,8 @@ from conftest import make_dataset
 
 from dataset import DepthEstimationUnreal
 from main import parse_options
-from train import EpochSampler, Trainer, mean_training_depth
+from dataset import EpochSampler
+from train import Trainer
 from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
@@ -198,4 +199,20 @@ def test_mean_training_depth_is_the_clipped_mean(tiny_data):
     ds = DepthEstimationUnreal(tiny_data, "train")
     files = [np.load(os.path.join(tiny_data, "depth", "train", f"{i}.npy")) for i in range(8)]
     expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
-    assert mean_training_depth(ds) == pytest.approx(expected, rel=1e-6)
+    assert ds.mean_depth == pytest.approx(expected, rel=1e-6)
+    # A split opened without the up-front check computes it on first use, to the same value.
+    assert DepthEstimationUnreal(tiny_data, "train", check=False).mean_depth == ds.mean_depth
+
+
+def test_cache_off_reads_each_depth_file_once_for_the_check_and_the_output_bias(tiny_data, tmp_path, monkeypatch):
+    import dataset
+
+    reads = []
+    real_read_depth = dataset.read_depth
+    monkeypatch.setattr(dataset, "read_depth", lambda path: reads.append(path) or real_read_depth(path))
+    trainer = make_trainer(tiny_data, tmp_path / "run", "--cache", "off")
+    assert sorted(reads) == sorted(depth for _, _, depth in trainer.train_set.pairs)
+    files = [np.load(depth) for _, _, depth in trainer.train_set.pairs]
+    expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
+    assert trainer.init_depth == pytest.approx(expected, rel=1e-6)
+    assert float(trainer.model.decoder.output_conv.bias.detach()) == pytest.approx(expected, rel=1e-6)
