@@ -5,14 +5,17 @@ order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
 standard: at the ground truth's own resolution, every metric per image, then averaged.
 """
 import csv
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import read_depth, resize_to_square
-from hardware import autocast
 from losses import rmse, ssim, ssim_map
+from plots import plot_prediction_grid, plot_training_curves
+from predict import predict_batch, predict_samples
 from utils import atomic_path
 
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
@@ -55,13 +58,6 @@ def collate_with_native(batch):
     """Stack the 224 × 224 tensors; keep native-resolution depths as a list (sizes may differ)."""
     rgb, depth, native = zip(*batch)
     return torch.stack(rgb), torch.stack(depth), list(native)
-
-
-@torch.no_grad()
-def predict_batch(model, rgb, amp_dtype=None):
-    """Raw fp32 predictions of a batch, optionally computed under autocast."""
-    with autocast(rgb.device.type, amp_dtype):
-        return model(rgb).float()
 
 
 @torch.no_grad()
@@ -146,3 +142,26 @@ def baseline_models(train_set):
     rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
     return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
             "per-row mean": FixedMapModel(rows)}
+
+
+def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):
+    """The reports of --eval, into out_dir: report_SPLIT_per_image.csv (`rows` of evaluate(..., per_image=True)),
+    report_SPLIT_grid.png (`grid_rows` images spread evenly over the split, 0: none) and curves.png, the
+    training curves of run_dir (the checkpoint's run) when it has logs."""
+    split = dataset.split
+    csv_path = os.path.join(out_dir, f"report_{split}_per_image.csv")
+    write_per_image_csv(rows, csv_path)
+    worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
+    print(f"per-image metrics: {csv_path}; highest RMSE: " + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
+    if grid_rows > 0:
+        indices = np.unique(np.linspace(0, len(rows) - 1, min(grid_rows, len(rows))).round().astype(int))
+        samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
+                   for i, (name, rgb, gt, pred) in zip(indices, predict_samples(model, dataset, indices, device, amp_dtype))]
+        grid_path = os.path.join(out_dir, f"report_{split}_grid.png")
+        plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap)
+        print(f"prediction grid: {grid_path}")
+    curves_path = os.path.join(out_dir, "curves.png")
+    if plot_training_curves(run_dir, curves_path):
+        print(f"training curves: {curves_path}")
+    else:
+        print(f"no training curves: {run_dir} has no metrics.jsonl or train_log.jsonl")

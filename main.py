@@ -281,7 +281,7 @@ def load_for_inference(opts):
 
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
-    from evaluate import evaluate, format_metrics
+    from evaluate import evaluate, format_metrics, write_eval_report
     from utils import write_json_atomic
 
     model, size, device, amp_dtype = load_for_inference(opts)
@@ -292,36 +292,10 @@ def run_eval(opts):
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
-        write_eval_report(opts, model, dataset, rows, device, amp_dtype)
+        run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
+        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir, amp_dtype=amp_dtype,
+                          grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
-
-
-def write_eval_report(opts, model, dataset, rows, device, amp_dtype):
-    """After --eval, into --out or the checkpoint's folder: the per-image CSV, a grid of predictions, the training curves."""
-    import numpy as np
-
-    from evaluate import write_per_image_csv
-    from predict import predict_samples
-    from plots import plot_prediction_grid, plot_training_curves
-
-    run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
-    out = opts.out or run_dir
-    csv_path = os.path.join(out, f"report_{opts.split}_per_image.csv")
-    write_per_image_csv(rows, csv_path)
-    worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
-    print(f"per-image metrics: {csv_path}; highest RMSE: " + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
-    if opts.report_images > 0:
-        indices = np.unique(np.linspace(0, len(rows) - 1, min(opts.report_images, len(rows))).round().astype(int))
-        samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
-                   for i, (name, rgb, gt, pred) in zip(indices, predict_samples(model, dataset, indices, device, amp_dtype))]
-        grid_path = os.path.join(out, f"report_{opts.split}_grid.png")
-        plot_prediction_grid(samples, grid_path, dataset.max_depth, opts.cmap)
-        print(f"prediction grid: {grid_path}")
-    curves_path = os.path.join(out, "curves.png")
-    if plot_training_curves(run_dir, curves_path):
-        print(f"training curves: {curves_path}")
-    else:
-        print(f"no training curves: {run_dir} has no metrics.jsonl or train_log.jsonl")
 
 
 def run_predict(opts):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
-from evaluate import predict_batch
+from hardware import autocast
 from plots import colorize_depth
 from utils import UserError, atomic_path
 
@@ -92,6 +92,13 @@ def collate_images(items):
     failed = [(it[0], it[4]) for it in items if it[4] is not None]
     inputs = torch.stack([it[1] for it in good]) if good else None
     return inputs, [it[0] for it in good], [it[2] for it in good], [it[3] for it in good], failed
+
+
+@torch.no_grad()
+def predict_batch(model, rgb, amp_dtype=None):
+    """Raw fp32 predictions of a batch, optionally computed under autocast."""
+    with autocast(rgb.device.type, amp_dtype):
+        return model(rgb).float()
 
 
 @torch.no_grad()
