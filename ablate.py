@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import DepthEstimationUnreal, list_pairs
+from demo import scaled_cycle
 from evaluate import evaluate
 from main import parse_options
 from model import count_parameters
@@ -111,10 +112,11 @@ def common_options(args, name):
     """main.py options shared by every variant: the budget, the data and the run folder."""
     # Enough whole epochs for --steps, so the progress bar counts real ones; --max-steps ends the run.
     epochs = math.ceil(args.steps / math.ceil(len(list_pairs(args.data_dir, "train")) / args.batch_size))
+    step_size_up, step_size_down = scaled_cycle(args.steps)
     argv = ["--data-dir", args.data_dir, "--run-dir", run_folder(args, name), "--weights", args.weights,
             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
             "--max-steps", str(args.steps), "--epochs", str(epochs),
-            "--step-size-up", str(max(1, args.steps // 6)), "--step-size-down", str(max(1, args.steps // 3)),
+            "--step-size-up", str(step_size_up), "--step-size-down", str(step_size_down),
             "--eval-every", "0", "--vis-every", "0", "--workers", str(args.workers), "--device", args.device,
             "--amp", args.amp]
     return argv + (["--quiet"] if args.quiet else [])
@@ -196,10 +198,11 @@ def ensure_data(args):
 
 def budget_text(args):
     n_train, n_val = (len(list_pairs(args.data_dir, s)) for s in ("train", "val"))
+    step_size_up, step_size_down = scaled_cycle(args.steps)
     return (f"{args.steps} steps × batch {args.batch_size} ({args.steps * args.batch_size} training images) at "
             f"{args.image_size} × {args.image_size}, seed {args.seed}, encoder weights `{args.weights}`, "
-            f"autocast `{args.amp}`; CyclicLR 1e-3 → 5e-3, up {max(1, args.steps // 6)} / down "
-            f"{max(1, args.steps // 3)} steps; data `{args.data_dir}` ({n_train} train / {n_val} val images); "
+            f"autocast `{args.amp}`; CyclicLR 1e-3 → 5e-3, up {step_size_up} / down {step_size_down} steps; "
+            f"data `{args.data_dir}` ({n_train} train / {n_val} val images); "
             f"device `{select_device(args.device)}`, {torch.get_num_threads()} CPU thread(s)")
 
 

@@ -184,33 +184,6 @@ def check_options(parser, opts):
             parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
 
 
-def apply_demo_preset(opts, explicit):
-    """Size the paper's recipe for a short run on whatever device there is.
-
-    The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
-    full triangular2 cycles and ends at the base learning rate. Both learning rates scale
-    linearly with the batch against the paper's 32 (Goyal et al., 2017): at the CPU's
-    batch of 8 the paper's 1e-3 … 5e-3 makes the from-scratch network's validation score
-    swing by 0.5 m between evaluations. Options given on the command line win over the
-    preset; epochs=None is settled by run_demo once the data set (and so the epoch
-    length) exists.
-    """
-    import torch
-
-    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
-    steps = opts.demo_steps or (3000 if cuda else 600)
-    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": None,
-              "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
-              "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
-    for key, value in preset.items():
-        if key not in explicit:
-            setattr(opts, key, value)
-    batch_scale = opts.batch_size / build_parser().get_default("batch_size")
-    for key in ("lr", "max_lr"):
-        if key not in explicit:
-            setattr(opts, key, getattr(opts, key) * batch_scale)
-
-
 def typed_options(argv):
     """The dests of the options on the command line, including those given their default value."""
     parser, untouched = build_parser(), object()
@@ -248,10 +221,12 @@ def parse_options(argv=None):
     check_options(parser, opts)
     if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
         opts.image_size = None  # the size the checkpoint was trained at: see load_model
-    if opts.demo:
-        apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
+    if opts.demo:
+        from demo import apply_demo_preset
+
+        apply_demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size"))
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts

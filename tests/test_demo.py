@@ -82,3 +82,27 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
     assert table.count("\n") == 2 + 2 * len(PREDICTORS)
     assert "| val | per-row mean |" in table and "| val | per-row mean |" in result.stdout
     assert not [n for n in os.listdir(run) if "tmp" in n]
+
+
+def test_scaled_cycle_keeps_the_papers_ratio_and_fits_two_cycles():
+    from demo import scaled_cycle
+
+    for steps in (6, 60, 600, 3000, 3001):
+        up, down = scaled_cycle(steps)
+        assert abs(down - 2 * up) <= 1  # 1 : 2, up to rounding
+        assert 0 <= steps - 2 * (up + down) < 6
+    assert scaled_cycle(1) == (1, 1)  # never a zero-length phase
+
+
+def test_demo_preset_settles_the_epochs_from_the_data_set(tmp_path):
+    # No data yet: the epochs needed for --max-steps over the scenes the demo will synthesise.
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", str(tmp_path / "absent"), "--demo-train", "20",
+                               "--demo-steps", "7", "--batch-size", "4"])
+    assert opts.epochs == math.ceil(7 / math.ceil(20 / 4))
+    # An existing data set: its own number of training pairs counts.
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", {"train": 3}, size=(8, 8))
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--demo-steps", "7", "--batch-size", "2"])
+    assert opts.epochs == math.ceil(7 / 2)
+    assert main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--epochs", "9"]).epochs == 9
