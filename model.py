@@ -203,6 +203,7 @@ class DepthNet(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         for p in self.stem.parameters():
             p.requires_grad_(False)
+        self.stem.eval()  # frozen from the start: a fresh model is in training mode, its stem never is
         # Without this the output starts near 0 m and Adam needs hundreds of steps
         # (about lr per step) just to reach the data's scale.
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))

@@ -256,3 +256,21 @@ def test_importing_the_model_loads_no_plotting_library():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("encoder", ["resnet34", "efficientnet_b0"])
+def test_a_freshly_built_model_keeps_its_stem_statistics_on_a_training_forward(encoder):
+    """Whoever builds the model, without calling .train() first: the stem's BatchNorm statistics stay put."""
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, encoder=encoder)
+    assert model.training
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    stem_prefixes = tuple(f"encoder.{i}." for i in range(model.stem_children))
+    others_before = {k: v.clone() for k, v in model.state_dict().items()
+                     if "running_mean" in k and not k.startswith(stem_prefixes)}
+    model(torch.rand(2, 3, 64, 64))
+    assert any("running_mean" in k for k in stem_before)
+    for k, v in model.stem.state_dict().items():
+        assert torch.equal(v, stem_before[k]), k
+    moved = [k for k, v in model.state_dict().items() if k in others_before and not torch.equal(v, others_before[k])]
+    assert moved, "the other BatchNorm layers do train"
