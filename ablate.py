@@ -167,12 +167,12 @@ def measure_speed(variants, args, rounds=3, steps=2):
                 # The trained run's folder stays as training left it.
                 opts = parse_options(common_options(args, name) + options + ["--quiet", "--run-dir", scratch])
                 trainer = AblationTrainer(opts)
-                rgb, depth = next(iter(trainer.make_loader()))
+                rgb, depth = next(trainer.epoch_batches())
                 for i in range(steps + 1):
                     if i == 1:  # after one warm-up step
                         synchronize(trainer.device)
                         start = time.perf_counter()
-                    trainer.process_batch(*(trainer.augment_batch(rgb, depth) if opts.augment else (rgb, depth)))
+                    trainer.train_step(rgb, depth)
                 synchronize(trainer.device)
                 seconds[name].append((time.perf_counter() - start) / steps)
                 del trainer

@@ -12,8 +12,8 @@ per step; for inference model.InferenceModel (weights cast once to bf16, channel
 
 Both are measured in the same process. On CPUs, where other work makes timings noisy,
 they alternate in --rounds rounds; on GPUs they run one after the other so that each one's
-peak memory is its own. Without --data-dir a small data set of random street-like scenes is
-written to a temporary folder (no file of the real data set is needed for speed).
+peak memory is its own. Without --data-dir synthetic.py writes a small data set of street
+scenes to a temporary folder (no file of the real data set is needed for speed).
 FLOPs: torch.utils.flop_counter on one forward pass; training counts 3 × forward
 (backward ≈ 2 × forward), leaving out the loss (< 0.2 %) and the optimiser.
 """
@@ -26,10 +26,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,6 +38,7 @@ from main import parse_options
 from model import DepthNet, InferenceModel
 from hardware import select_amp_dtype, select_device, synchronize
 from train import Trainer
+from synthetic import generate_dataset
 from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
@@ -78,36 +77,6 @@ def build_parser():
     p.add_argument("--ssim-variants", action="store_true", help="only compare the SSIM implementations (forward + backward)")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     return p
-
-
-# ------------------------------------------------------------------ data
-def street_scene(rng, height=144, width=256):
-    """A random street-like RGB-D pair: sky at 100 m, a ground plane, boxes in front."""
-    horizon = int(rng.integers(height // 4, height // 2))
-    rows = np.arange(height, dtype=np.float32)[:, None]
-    depth = np.where(rows > horizon, 1.5 + 80.0 / np.maximum(rows - horizon, 1.0), 100.0) * np.ones((1, width), np.float32)
-    for _ in range(int(rng.integers(2, 7))):
-        x0 = int(rng.integers(0, width - 16))
-        x1 = x0 + int(rng.integers(12, 90))
-        y0 = int(rng.integers(0, horizon + 1))
-        y1 = int(rng.integers(horizon + 1, height + 1))
-        np.minimum(depth[y0:y1, x0:x1], rng.uniform(2.0, 40.0), out=depth[y0:y1, x0:x1])
-    shade = 1.0 - np.clip(depth, 0, 50)[..., None] / 60.0
-    rgb = shade * rng.uniform(0.3, 1.0, size=3) * 255 + rng.normal(0, 8, size=(height, width, 3))
-    return np.clip(rgb, 0, 255).astype(np.uint8), depth.astype(np.float32)
-
-
-def write_bench_dataset(root, n_train, n_val, seed=0):
-    """ROOT/rgb/SPLIT/i.jpeg and ROOT/depth/SPLIT/i.npy, as DepthEstimationUnreal reads them."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        os.makedirs(os.path.join(root, "rgb", split), exist_ok=True)
-        os.makedirs(os.path.join(root, "depth", split), exist_ok=True)
-        for i in range(n):
-            rgb, depth = street_scene(rng)
-            Image.fromarray(rgb).save(os.path.join(root, "rgb", split, f"{i}.jpeg"), quality=90)
-            np.save(os.path.join(root, "depth", split, f"{i}.npy"), depth)
-    return root
 
 
 # ------------------------------------------------------------------ SSIM implementations
@@ -241,21 +210,14 @@ class OurTraining:
         self.batch_size = batch_size
 
     def step(self):
-        tr = self.trainer
         try:
             rgb, depth = next(self.batches)
         except StopIteration:
-            tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
-            self.batches = tr.epoch_batches()
+            self.trainer.finish_epoch()
+            self.batches = self.trainer.epoch_batches()
             rgb, depth = next(self.batches)
-        parts, _ = tr.process_batch(rgb, depth)  # as Trainer.run_epoch does
-        tr.batch_in_epoch += 1
-        if parts is None:
-            return torch.tensor(float("nan"))
-        tr.step += 1
-        if tr.sync_free and tr.host_work_due():  # on GPUs every --log-every steps
-            tr.check_steps()
-        return parts["loss"]
+        done = self.trainer.train_step(rgb, depth)
+        return done.parts["loss"] if done is not None else torch.tensor(float("nan"))
 
     def finish(self):
         self.trainer.check_steps()
@@ -497,7 +459,9 @@ def main(argv=None):
                        "counting": "FlopCounterMode on one forward pass; training = 3 × forward"}
     result["peak_flops"] = peaks = device_peaks(device, amp_dtype)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data_dir = args.data_dir or write_bench_dataset(os.path.join(tmp, "data"), args.images, min(32, args.images))
+        data_dir = args.data_dir or os.path.join(tmp, "data")
+        if not args.data_dir:
+            generate_dataset(data_dir, args.images, min(32, args.images), 0, workers=max(1, args.workers), progress=False)
         train, trainer = bench_training(args, device, data_dir, os.path.join(tmp, "run"))
         for name in ("baseline", "ours"):
             train[name]["achieved_flops"] = 3 * fwd * train[name]["img_s"]

@@ -12,23 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import read_depth, resize_to_square
-from losses import rmse, ssim, ssim_map
+from dataset import MAX_DEPTH, read_depth, resize_to_square
+from losses import MIN_DEPTH, rmse, ssim, ssim_map
 from plots import plot_prediction_grid, plot_training_curves
 from predict import predict_batch, predict_samples
 from utils import atomic_path
 
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
                "challenge_rmse", "challenge_ssim", "n_images")
-MIN_DEPTH = 1e-3
 CHALLENGE_BATCH = 32
 
 
-def compute_errors(gt, pred, max_depth=20.0):
+def compute_errors(gt, pred, max_depth=MAX_DEPTH):
     """Standard metrics of each image of (B, 1, H, W) gt and pred (same size) as (B,) tensors.
 
-    pred is clamped to [0, max_depth] for RMSE/SSIM and to [1e-3, max_depth] for the
-    ratio and log metrics, which use only pixels with gt > 1e-3.
+    pred is clamped to [0, max_depth] for RMSE/SSIM and to [MIN_DEPTH, max_depth] for the
+    ratio and log metrics, which use only pixels with gt > MIN_DEPTH (1 mm).
     """
     gt, pred = gt.float(), pred.float().clamp(0, max_depth)
     dims = (1, 2, 3)
@@ -61,7 +60,7 @@ def collate_with_native(batch):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=20.0):
+def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=MAX_DEPTH):
     """Both protocols on `dataset` (a DepthEstimationUnreal with native=True).
 
     Returns the metrics dict of SPEC §6, plus a list of per-image metric dicts when per_image.

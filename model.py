@@ -178,11 +178,6 @@ def build_backbone(name, weights):
     return net
 
 
-def build_resnet34(weights):
-    """torchvision ResNet-34 with ImageNet weights, a local state dict, or random weights."""
-    return build_backbone("resnet34", weights)
-
-
 class DepthNet(nn.Module):
     """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W).
 

@@ -12,8 +12,8 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 from utils import atomic_path  # noqa: E402
 
 
-def colorize_depth(depth, vmin=0.0, vmax=20.0, cmap="magma"):
-    """HW depth → HWC uint8 colour image."""
+def colorize_depth(depth, vmin, vmax, cmap="magma"):
+    """HW depth → HWC uint8 colour image, [vmin, vmax] spanning the colour map."""
     depth = np.asarray(depth, dtype=np.float32)
     norm = np.clip((depth - vmin) / max(vmax - vmin, 1e-6), 0, 1)
     return (matplotlib.colormaps[cmap](norm)[..., :3] * 255).round().astype(np.uint8)
@@ -53,7 +53,7 @@ def save_figure(fig, path):
         plt.close(fig)
 
 
-def plot_prediction_grid(samples, path, max_depth=20.0, cmap="magma", error_cmap="viridis"):
+def plot_prediction_grid(samples, path, max_depth, cmap="magma", error_cmap="viridis"):
     """One row per (title, rgb HWC, gt HW, pred HW): RGB | ground truth | prediction | |error|.
 
     Depths share one fixed scale [0, max_depth] so rows compare; errors share one scale too.

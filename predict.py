@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
+from dataset import MAX_DEPTH, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
 from hardware import autocast
 from plots import colorize_depth
 from utils import UserError, atomic_path
@@ -102,7 +102,7 @@ def predict_batch(model, rgb, amp_dtype=None):
 
 
 @torch.no_grad()
-def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=20.0):
+def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
     """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes`: a list of float32 HW arrays."""
     pred = predict_batch(model, inputs, amp_dtype)
     depths = []
@@ -168,7 +168,7 @@ def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
 
 
 def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, amp_dtype=None, size=224,
-                  max_depth=20.0, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
+                  max_depth=MAX_DEPTH, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
     """Predict every image in `paths` in batches and write its files to `out_dir`.
 
     Returns (number written, [(path, message)] of the files skipped because they could not be read).

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -38,6 +39,17 @@ def load_resumable(path):
         raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
                               "--resume needs a last.pt or best.pt written by training")
     return ckpt
+
+
+class TrainStep(NamedTuple):
+    """One applied training step: the batch as trained on (augmented with --augment), the prediction,
+    the loss parts (tensors on the device), and whether its loss has been read back on the host."""
+
+    rgb: torch.Tensor
+    depth: torch.Tensor
+    pred: torch.Tensor
+    parts: dict
+    checked: bool
 
 
 class Trainer:
@@ -151,7 +163,6 @@ class Trainer:
                 if not self.run_epoch():
                     self.save_model("last.pt")  # stopped mid-epoch: keep the exact position
                     break
-                self.epoch += 1
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
                     if self.dist.is_main:
                         metrics = self.evaluate()
@@ -173,28 +184,46 @@ class Trainer:
                    dynamic_ncols=True, disable=not self.progress)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
-            if self.opts.augment:
-                rgb, depth = self.augment_batch(rgb, depth)
-            parts, pred = self.process_batch(rgb, depth)
-            self.batch_in_epoch += 1
+            done = self.train_step(rgb, depth)
             seen += rgb.shape[0] * self.dist.world_size
-            if parts is not None:
-                self.step += 1
-            # On the GPU the losses are read back only when something needs the exact step count.
-            if parts is not None and (not self.sync_free or self.host_work_due()) and self.check_steps():
-                if self.vis_due() and self.dist.is_main:
-                    visualize_img(rgb[0], depth[0], pred[0], os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
+            if done is not None and done.checked and self.dist.is_main:
+                if self.vis_due():
+                    visualize_img(done.rgb[0], done.depth[0], done.pred[0],
+                                  os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
                                   title=f"train, step {self.step}")
-                if self.log_due() and self.dist.is_main:
-                    self.log_step(parts, bar, seen / (time.perf_counter() - t0))
+                if self.log_due():
+                    self.log_step(done.parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
                 self.agree_on_stop()
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
             if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
                 return False
+        self.finish_epoch()
+        return True
+
+    def train_step(self, rgb, depth):
+        """One step of the loop on a batch of (rgb, depth): --augment, forward, loss, backward, the
+        optimiser and schedule steps, and the step counters.
+
+        Returns a TrainStep, or None for a step skipped for its non-finite loss. On GPUs a loss
+        is read back only when host work needs the exact step count (host_work_due), so a bad
+        step may return a TrainStep with checked=False, to be un-counted at the next check.
+        """
+        if self.opts.augment:
+            rgb, depth = self.augment_batch(rgb, depth)
+        parts, pred = self.process_batch(rgb, depth)
+        self.batch_in_epoch += 1
+        if parts is None:
+            return None
+        self.step += 1
+        checked = not self.sync_free or (self.host_work_due() and self.check_steps())
+        return TrainStep(rgb, depth, pred, parts, checked)
+
+    def finish_epoch(self):
+        """Settle the steps of the epoch just run and move on to the next one."""
         self.check_steps()
         self.batch_in_epoch = 0
-        return True
+        self.epoch += 1
 
     def epoch_batches(self):
         """This process's (rgb, depth) batches of the current epoch, from where a resume left off."""
@@ -224,7 +253,7 @@ class Trainer:
         depth = depth.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.amp_dtype):
             pred = self.net(rgb)
-        loss, parts = self.loss_fn(pred.float(), depth)
+        loss, parts = self.loss_fn(pred, depth)  # in fp32 at least, whatever autocast ran the network in
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if not self.scaler.is_enabled():

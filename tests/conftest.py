@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from synthetic import generate_dataset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One intra-op thread: the tests' tensors are tiny, and on a busy 2-core machine two OpenMP
@@ -70,3 +72,9 @@ def make_dataset(root, splits=None, ext=".jpeg", size=(144, 256), seed=0):
 def tiny_data(tmp_path_factory):
     """A read-only data set shared by the session: train 8, val 4, test 4 pairs of 144 × 256."""
     return make_dataset(tmp_path_factory.mktemp("tiny_data"), {"train": 8, "val": 4, "test": 4})
+
+
+def synthetic_data(root, n_train, n_val):
+    """A data set written by synthetic.py (street scenes for train, yard scenes for val, 144 × 256); str(root)."""
+    generate_dataset(root, n_train, n_val, 0, progress=False)
+    return str(root)

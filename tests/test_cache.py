@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import synthetic_data
 import torch
 from torch.utils.data import DataLoader
 
-from bench import write_bench_dataset
 from dataset import DepthEstimationUnreal, EpochBatches, EpochSampler, SplitCache
 
 CPU = torch.device("cpu")
@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def data(tmp_path):
-    return write_bench_dataset(str(tmp_path / "data"), n_train=6, n_val=0)
+    return synthetic_data(str(tmp_path / "data"), 6, 0)
 
 
 def cache_files(directory):

@@ -5,8 +5,8 @@ In float32 the comparison cannot be tight: at initialisation this network is cha
 and Adam's first step, lr·g/|g|, turns any sign change of a near-zero gradient into a full
 step. Convolutions of 2 and of 4 images differ in their last bits, so an fp32 DDP run and an
 fp32 single run drift apart by exactly that much. The exact check therefore runs the real
-Trainer in float64 (forward and backward; the loss itself stays fp32), where the same
-arithmetic agrees to ~1e-10, and the torchrun test checks the launch and the files.
+Trainer in float64 (network and loss: the loss follows its input's precision), where the
+same arithmetic agrees to ~1e-10, and the torchrun test checks the launch and the files.
 """
 import json
 import os
@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import synthetic_data
 
 import train
-from bench import write_bench_dataset
 from distributed import close_distributed
 from main import parse_options
 from model import DepthNet
@@ -46,9 +46,7 @@ def run_trainer(rank, world_size, port, data_dir, run_dir, out):
     try:
         trainer = train.Trainer(opts)
         for _, (rgb, depth) in zip(range(STEPS), trainer.epoch_batches()):
-            assert trainer.process_batch(rgb.double(), depth.double())[0] is not None
-            trainer.step += 1
-            trainer.batch_in_epoch += 1
+            assert trainer.train_step(rgb.double(), depth.double()) is not None
         trainer.save_model("last.pt")
         if trainer.dist.is_main:
             torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out)
@@ -61,7 +59,7 @@ def run_trainer(rank, world_size, port, data_dir, run_dir, out):
 def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
     # 7 images in global batches of 4: 2 + 2 images per process, then 2 + 1. The uneven
     # split checks that the loss and BatchNorm weigh images, not processes.
-    data = write_bench_dataset(str(tmp_path / "data"), n_train=7, n_val=0)
+    data = synthetic_data(str(tmp_path / "data"), 7, 0)
     mp.start_processes(run_trainer, args=(2, 29561, data, str(tmp_path / "two"), str(tmp_path / "two.pt")),
                        nprocs=2, start_method="spawn")
     run_trainer(0, 1, 0, data, str(tmp_path / "one"), str(tmp_path / "one.pt"))
@@ -88,7 +86,7 @@ def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
 
 
 def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
-    data = write_bench_dataset(str(tmp_path / "data"), n_train=4, n_val=0)
+    data = synthetic_data(str(tmp_path / "data"), 4, 0)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
            "--data-dir", data, "--run-dir", str(run_dir), "--weights", "none", "--device", "cpu", "--amp", "off",

@@ -2,12 +2,12 @@
 import json
 
 import pytest
+from conftest import synthetic_data
 import torch
 
 import bench
 import train
-from bench import write_bench_dataset
-from losses import DepthLoss, ssim
+from losses import DepthLoss, silog_per_image, ssim, ssim_map
 from main import parse_options
 from model import DepthNet, InferenceModel
 from train import Trainer
@@ -16,7 +16,7 @@ from utils import UserError, load_checkpoint
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_bench_dataset(str(tmp_path_factory.mktemp("speed") / "data"), n_train=8, n_val=2)
+    return synthetic_data(str(tmp_path_factory.mktemp("speed") / "data"), 8, 2)
 
 
 def make_trainer(data_dir, run_dir, *extra, device="cpu"):
@@ -30,19 +30,44 @@ def adam_steps(trainer):
     return {int(s["step"]) for s in trainer.optimizer.state.values()}
 
 
-def test_summed_loss_equals_the_plain_loss():
+def test_loss_from_sums_equals_the_plain_formulas_with_their_gradients():
+    """DepthLoss computes every term from sums and counts (what processes add up); it must equal the
+    plain per-batch formulas, written here with torch's means, and give the same gradients."""
     gen = torch.Generator().manual_seed(0)
     target = torch.rand(3, 1, 40, 40, generator=gen) * 20
     pred = (target + torch.randn(3, 1, 40, 40, generator=gen)).requires_grad_()
+
+    def plain(pred, grad_weight=0.0, silog_weight=0.0):
+        terms = {"rmse": torch.sqrt(torch.nn.functional.mse_loss(pred, target)),
+                 "ssim": ssim_map(pred, target, data_range=1.0, padding="same").mean()}
+        total = terms["rmse"] + 1 - terms["ssim"]
+        if grad_weight:
+            terms["grad"] = (pred.diff(dim=-1) - target.diff(dim=-1)).abs().mean() + \
+                (pred.diff(dim=-2) - target.diff(dim=-2)).abs().mean()
+            total = total + grad_weight * terms["grad"]
+        if silog_weight:
+            terms["silog"] = silog_per_image(pred, target).mean()
+            total = total + silog_weight * terms["silog"]
+        return total, {"loss": total, **terms}
+
     for weights in ({}, {"grad_weight": 0.5, "silog_weight": 0.3}):
-        plain, plain_parts = DepthLoss(**weights)(pred, target)
-        (g_plain,) = torch.autograd.grad(plain, pred)
-        summed, summed_parts = DepthLoss(**weights, reduce=lambda t: t)(pred, target)  # one process: sum = identity
-        (g_summed,) = torch.autograd.grad(summed, pred)
-        assert summed_parts.keys() == plain_parts.keys()
-        for k in plain_parts:
-            assert float(summed_parts[k]) == pytest.approx(float(plain_parts[k]), rel=1e-6), k
-        torch.testing.assert_close(g_summed, g_plain, rtol=1e-4, atol=1e-9)
+        expected, expected_parts = plain(pred, **weights)
+        (g_expected,) = torch.autograd.grad(expected, pred)
+        got, got_parts = DepthLoss(**weights)(pred, target)
+        (g_got,) = torch.autograd.grad(got, pred)
+        assert got_parts.keys() == expected_parts.keys()
+        for k in expected_parts:
+            assert float(got_parts[k]) == pytest.approx(float(expected_parts[k].detach()), rel=1e-6), k
+        torch.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-9)
+
+
+def test_loss_runs_in_float64_for_float64_predictions():
+    """At least fp32, never below: bf16 predictions get an fp32 loss, float64 ones keep float64."""
+    target = torch.rand(2, 1, 32, 32, dtype=torch.float64) * 20
+    loss, _ = DepthLoss(grad_weight=1.0, silog_weight=1.0)(target + 0.5, target)
+    assert loss.dtype == torch.float64
+    loss, _ = DepthLoss()(target.bfloat16(), target.float())
+    assert loss.dtype == torch.float32
 
 
 class LossWithNaNs(DepthLoss):

@@ -216,3 +216,18 @@ def test_cache_off_reads_each_depth_file_once_for_the_check_and_the_output_bias(
     expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
     assert trainer.init_depth == pytest.approx(expected, rel=1e-6)
     assert float(trainer.model.decoder.output_conv.bias.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_train_step_driven_from_outside_matches_the_loop(tiny_data, tmp_path):
+    """bench.py and ablate.py drive train_step themselves: an epoch of it must be the loop's epoch."""
+    looped = make_trainer(tiny_data, tmp_path / "loop", "--epochs", "1", "--augment")
+    looped.train()
+    driven = make_trainer(tiny_data, tmp_path / "driven", "--epochs", "1", "--augment")
+    steps = [driven.train_step(rgb, depth) for rgb, depth in driven.epoch_batches()]
+    driven.finish_epoch()
+    assert (driven.step, driven.epoch, driven.batch_in_epoch) == (looped.step, looped.epoch, 0) == (4, 1, 0)
+    assert all(s.checked and set(s.parts) == {"loss", "rmse", "ssim"} for s in steps)
+    assert steps[0].rgb.shape == (2, 3, 224, 224) and steps[0].pred.shape == (2, 1, 224, 224)
+    assert driven.scheduler.last_epoch == looped.scheduler.last_epoch == 4
+    assert_same_state(driven.model.state_dict(), looped.model.state_dict())
+    assert_same_state(driven.optimizer.state_dict(), looped.optimizer.state_dict())
