@@ -53,8 +53,28 @@ class TrainStep(NamedTuple):
 
 
 class Trainer:
+    """Trains a DepthNet as main.py's options say: train() runs the loop; train_step() is one step of it."""
+
     def __init__(self, opts):
         self.opts = opts
+        self.setup_processes()
+        self.open_data()
+        ckpt = load_resumable(opts.resume) if opts.resume else None
+        self.build_model(ckpt["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
+        self.build_optimiser()
+        self.reset_state()
+        if ckpt:
+            self.load_state(ckpt)
+        self.net = self.wrap_model()
+        self.run_dir = opts.run_dir
+        if self.dist.is_main:
+            self.prepare_run_dir()
+            print(self.summary())
+
+    # ---------------------------------------------------------------- setting up
+    def setup_processes(self):
+        """Device, process group (under torchrun), autocast dtype, seeds."""
+        opts = self.opts
         self.device = select_device(opts.device)
         self.dist = init_distributed(self.device.type == "cuda")
         if self.dist.active and self.device.type == "cuda":
@@ -66,33 +86,39 @@ class Trainer:
         seed_everything(opts.seed, opts.deterministic)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not opts.deterministic
+        self.progress = not opts.quiet and self.dist.is_main
 
+    def open_data(self):
+        """The train and val splits, the decoded cache (--cache auto) or the folder loader, the batch plan."""
+        opts = self.opts
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
-        self.progress = not opts.quiet and self.dist.is_main
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
                                                progress=self.progress)
-        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True, progress=self.progress)
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
+                                              progress=self.progress)
                         if opts.eval_every > 0 else None)
         self.cache = self.open_cache() if opts.cache == "auto" else None
-        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size)
+        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
+                                       self.dist.world_size)
         self.loader_generator = torch.Generator()
         self.loader = self.make_loader() if self.cache is None else None
 
-        ckpt = load_resumable(opts.resume) if opts.resume else None
-        if ckpt:
-            init_depth = ckpt["init_depth"]
-        else:
+    def build_model(self, init_depth, weights):
+        """The DepthNet on the device; its output bias starts at init_depth, else at the mean training depth."""
+        opts = self.opts
+        if init_depth is None:
             init_depth = (self.cache if self.cache is not None else self.train_set).mean_depth
-        # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
-        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
-                              encoder=opts.encoder, skips=opts.skips)
         self.init_depth = init_depth
-        if self.dist.active:
+        self.model = DepthNet(weights=weights, init_depth=init_depth, encoder=opts.encoder, skips=opts.skips)
+        if self.dist.active:  # before the optimiser takes the parameters: the conversion makes new ones
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight,
-                                 reduce=sum_across_ranks if self.dist.active else None)
+
+    def build_optimiser(self):
+        """The loss (summed across processes under torchrun), Adam, triangular2 CyclicLR, the fp16 GradScaler."""
+        opts = self.opts
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -104,6 +130,8 @@ class Trainer:
             step_size_down=opts.step_size_down, mode="triangular2")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
+    def reset_state(self):
+        """The position in training, the bad-step count and the stop state of a fresh run."""
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
         self.bad_steps = 0
@@ -112,21 +140,18 @@ class Trainer:
         self.sync_free = self.device.type == "cuda"
         self.stop_signal, self.saving = None, False
         self.stop_agreed = False
-        if ckpt:
-            self.load_state(ckpt)
-        self.net = self.wrap_model()
 
-        self.run_dir = opts.run_dir
-        if self.dist.is_main:
-            self.prepare_run_dir()
-            total, trainable = count_parameters(self.model)
-            print(f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
-                  f"{trainable / 1e6:.2f}M trainable; "
-                  f"device {self.device}{f' x {self.dist.world_size} processes' if self.dist.active else ''}, "
-                  f"autocast {self.amp_dtype or 'off'}, {'compiled' if opts.compile else 'eager'}, "
-                  f"data {'cache on ' + str(self.cache.rgb.device) if self.cache is not None else 'folder loader'}, "
-                  f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
-                  f"output bias {init_depth:.2f} m")
+    def summary(self):
+        """One line: the model, where and how it trains, the data."""
+        opts = self.opts
+        total, trainable = count_parameters(self.model)
+        processes = f" x {self.dist.world_size} processes" if self.dist.active else ""
+        data = f"cache on {self.cache.rgb.device}" if self.cache is not None else "folder loader"
+        return (f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
+                f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast {self.amp_dtype or 'off'}, "
+                f"{'compiled' if opts.compile else 'eager'}, data {data}, "
+                f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
+                f"output bias {self.init_depth:.2f} m")
 
     def open_cache(self):
         """The decoded training split; the first process of each node builds it, the others then load it."""
