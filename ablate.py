@@ -31,11 +31,11 @@ from tqdm import tqdm
 from dataset import DepthEstimationUnreal, list_pairs
 from demo import scaled_cycle
 from evaluate import evaluate
+from hardware import select_device, synchronize
 from main import parse_options
 from model import count_parameters
-from hardware import select_device, synchronize
-from train import Trainer
 from plots import plot_ablation
+from train import Trainer
 from utils import UserError, atomic_path, write_json_atomic
 
 # Each single change, as the main.py options that turn it on ({...}: filled from ablate's options).
@@ -65,12 +65,15 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=64, help="square network input, a multiple of 32")
     p.add_argument("--data-dir", default=os.path.join("data", "ablation"),
                    help="data set to train and validate on; a synthetic one is generated there when absent")
-    p.add_argument("--synth-train", type=int, default=300, help="training scenes to synthesise when --data-dir is absent")
-    p.add_argument("--synth-val", type=int, default=60, help="validation scenes to synthesise when --data-dir is absent")
+    p.add_argument("--synth-train", type=int, default=300,
+                   help="training scenes to synthesise when --data-dir is absent")
+    p.add_argument("--synth-val", type=int, default=60,
+                   help="validation scenes to synthesise when --data-dir is absent")
     p.add_argument("--out", default=os.path.join("runs", "ablation"), help="output folder")
     p.add_argument("--grad-weight", type=float, default=1.0, help="edge-loss weight of the +grad variant")
     p.add_argument("--silog-weight", type=float, default=1.0, help="SILog weight of the +silog variant")
-    p.add_argument("--weights", default="none", help="encoder initialisation for every variant (imagenet, none or PATH)")
+    p.add_argument("--weights", default="none",
+                   help="encoder initialisation for every variant (imagenet, none or PATH)")
     p.add_argument("--seed", type=int, default=0, help="seed of every variant (and of the synthetic data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     p.add_argument("--amp", default="off", choices=["auto", "off", "bf16", "fp16"], help="autocast dtype for training")
@@ -215,7 +218,8 @@ def format_table(results, combination):
         change = f"{(r['rmse'] - paper) / paper * 100:+.1f} %" if paper else "–"
         label = f"best ({' '.join(combination)})" if name == BEST else name
         speed = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "(measured last)"
-        lines.append(f"| {label} | `{r['options']}` | {r['rmse']:.3f} | {change} | {r['ssim']:.3f} | {r['abs_rel']:.3f} | "
+        lines.append(f"| {label} | `{r['options']}` | {r['rmse']:.3f} | {change} | {r['ssim']:.3f} | "
+                     f"{r['abs_rel']:.3f} | "
                      f"{r['delta1']:.3f} | {r['params'] / 1e6:.1f} M | {speed} |")
     return "\n".join(lines)
 
@@ -247,7 +251,8 @@ def run_ablation(args):
         if name == BEST:
             combination = choose_combination(results)
             if len(combination) < 2:
-                note = (f"best: no combination to train, since {'only ' + combination[0] if combination else 'no single change'} "
+                note = ("best: no combination to train, since "
+                        f"{'only ' + combination[0] if combination else 'no single change'} "
                         f"beat the paper preset at this budget.")
                 print(note)
                 continue

@@ -33,12 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DepthEstimationUnreal
 from evaluate import evaluate
+from hardware import select_amp_dtype, select_device, synchronize
 from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
 from model import DepthNet, InferenceModel
-from hardware import select_amp_dtype, select_device, synchronize
-from train import Trainer
 from synthetic import generate_dataset
+from train import Trainer
 from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
@@ -59,22 +59,28 @@ def build_parser():
     p = argparse.ArgumentParser(description="Training and inference speed: our pipeline against a plain baseline.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps of ours (default: 6 on CPU, 100 on CUDA)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps of ours (default: 6 on CPU, 100 on CUDA)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="timed training steps of the baseline (default: as --steps on CPU, 40 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 30 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 8 on CPU, 32 on CUDA)")
     p.add_argument("--rounds", type=int, default=None,
                    help="alternate baseline and ours in this many rounds (default: 3 on CPU, 1 on CUDA)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="ours: autocast dtype, as in main.py")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="ours: autocast dtype, as in main.py")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the model (compiling is in the warm-up)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (baseline; cache build)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers (baseline; cache build)")
     p.add_argument("--data-dir", default=None, help="data set to read; default: generate one in a temporary folder")
-    p.add_argument("--images", type=int, default=None, help="training images to generate (default: 64 on CPU, 2048 on CUDA)")
+    p.add_argument("--images", type=int, default=None,
+                   help="training images to generate (default: 64 on CPU, 2048 on CUDA)")
     p.add_argument("--inference-reps", type=int, default=None,
-                   help="timed batch-1 inference calls (default: 10 CPU, 50 CUDA); a fifth of them at --inference-batch")
+                   help="timed batch-1 inference calls (default: 10 CPU, 50 CUDA); a fifth of them at "
+                        "--inference-batch")
     p.add_argument("--inference-batch", type=int, default=32, help="batch size of the inference throughput figure")
-    p.add_argument("--ssim-variants", action="store_true", help="only compare the SSIM implementations (forward + backward)")
+    p.add_argument("--ssim-variants", action="store_true",
+                   help="only compare the SSIM implementations (forward + backward)")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     return p
 
@@ -164,11 +170,13 @@ class BaselineTraining:
         torch.manual_seed(0)
         self.device = device
         self.model = DepthNet(weights=None, init_depth=init_depth).to(device).train()
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)
         self.scheduler = torch.optim.lr_scheduler.CyclicLR(self.optimizer, base_lr=1e-3, max_lr=5e-3, step_size_up=1000,
                                                            step_size_down=2000, mode="triangular2")
-        self.loader = DataLoader(DepthEstimationUnreal(data_dir, "train"), batch_size=batch_size, shuffle=True, drop_last=True,
-                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.loader = DataLoader(DepthEstimationUnreal(data_dir, "train"), batch_size=batch_size, shuffle=True,
+                                 drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0)
         self.batches = iter(self.loader)
         self.batch_size = batch_size
 
@@ -261,7 +269,8 @@ def time_training(runners, device, warmup, steps, rounds):
 def peak_memory(device):
     """Bytes: the CUDA allocator's peak on GPUs, else the process's peak resident set (Linux: KiB)."""
     if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "torch.cuda.max_memory_allocated"}
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "memory_kind": "torch.cuda.max_memory_allocated"}
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "memory_kind": "process peak RSS (ru_maxrss), cumulative over the run"}
 
@@ -371,7 +380,8 @@ def device_peaks(device, ours_dtype):
         gpu = torch.cuda.get_device_name(device)
         for key, table in GPU_PEAK_TFLOPS:
             if key in gpu:
-                return {"baseline": table["tf32"] * 1e12, "ours": table["bf16" if ours_dtype is not None else "tf32"] * 1e12,
+                ours = table["bf16" if ours_dtype is not None else "tf32"]
+                return {"baseline": table["tf32"] * 1e12, "ours": ours * 1e12,
                         "source": f"data sheet, {key} dense tensor cores (baseline TF32, ours {ours_name})",
                         "measured_matmul_flops": measured}
     return {"baseline": measured["fp32"], "ours": measured.get(ours_name, measured["fp32"]),
@@ -451,7 +461,8 @@ def main(argv=None):
         "config": {"batch_size": args.batch_size, "steps": args.steps, "baseline_steps": args.baseline_steps,
                    "warmup": args.warmup, "rounds": args.rounds, "compile": args.compile,
                    "ours_dtype": DTYPE_NAMES[amp_dtype], "workers": args.workers,
-                   "data": args.data_dir or f"generated: {args.images} train / {min(32, args.images)} val pairs of 144 × 256"},
+                   "data": args.data_dir or
+                           f"generated: {args.images} train / {min(32, args.images)} val pairs of 144 × 256"},
     }
     # FLOPs and peaks first: the training figures' fraction of peak needs them.
     fwd = forward_flops()
@@ -461,7 +472,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data_dir = args.data_dir or os.path.join(tmp, "data")
         if not args.data_dir:
-            generate_dataset(data_dir, args.images, min(32, args.images), 0, workers=max(1, args.workers), progress=False)
+            generate_dataset(data_dir, args.images, min(32, args.images), 0, workers=max(1, args.workers),
+                             progress=False)
         train, trainer = bench_training(args, device, data_dir, os.path.join(tmp, "run"))
         for name in ("baseline", "ours"):
             train[name]["achieved_flops"] = 3 * fwd * train[name]["img_s"]
@@ -473,8 +485,9 @@ def main(argv=None):
         del trainer
     inference = bench_inference(device, amp_dtype, args.compile, args.inference_reps, args.inference_batch)
     result["inference"] = inference
-    result["inference_latency_ratio"] = inference["ours"]["latency_ms_batch1"] / inference["baseline"]["latency_ms_batch1"]
-    result["inference_throughput_ratio"] = inference["ours"]["img_s_batchN"] / inference["baseline"]["img_s_batchN"]
+    ours, baseline = inference["ours"], inference["baseline"]
+    result["inference_latency_ratio"] = ours["latency_ms_batch1"] / baseline["latency_ms_batch1"]
+    result["inference_throughput_ratio"] = ours["img_s_batchN"] / baseline["img_s_batchN"]
     print_summary(result)
     write_json(result, args.out)
     return result

@@ -116,7 +116,8 @@ def read_depth(path):
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
     if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)):
-        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; expected a 2-D float array (H, W) in metres")
+        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; "
+                        "expected a 2-D float array (H, W) in metres")
     depth = depth.astype(np.float32, copy=False)
     if not np.isfinite(depth).all():
         raise DataError(f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it")
@@ -127,7 +128,8 @@ def read_pair(rgb_path, depth_path):
     """(rgb HWC uint8, depth HW float32) of one pair; DataError if a file is bad or their sizes disagree."""
     rgb, depth = read_rgb(rgb_path), read_depth(depth_path)
     if rgb.shape[:2] != depth.shape:
-        raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is {depth.shape[1]}×{depth.shape[0]}; "
+        raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is "
+                        f"{depth.shape[1]}×{depth.shape[0]}; "
                         "RGB and depth must have one size: re-export or remove the pair")
     return rgb, depth
 
@@ -341,7 +343,8 @@ def cache_key(dataset):
     files = []
     for stem, rgb_path, depth_path in dataset.pairs:
         rgb_st, depth_st = os.stat(rgb_path), os.stat(depth_path)
-        files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns, depth_st.st_size, depth_st.st_mtime_ns])
+        files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns,
+                      depth_st.st_size, depth_st.st_mtime_ns])
     spec = [CACHE_VERSION, dataset.size, dataset.max_depth, files]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -383,7 +386,8 @@ class SplitCache:
                     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                     return cls(data["rgb"], data["depth"], data["mean_depth"])
                 except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-                    warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it")
+                    warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it",
+                                  stacklevel=2)
         if not build:
             return None
         cache = cls.build(dataset, progress)
@@ -394,7 +398,8 @@ class SplitCache:
     def build(cls, dataset, progress=True):
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
-        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True, check=False)
+        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True,
+                                       check=False)
         n, s = len(source), source.size
         rgb = torch.empty(n, 3, s, s, dtype=torch.uint8)
         depth = torch.empty(n, 1, s, s, dtype=torch.float16)
@@ -426,7 +431,7 @@ class SplitCache:
                     os.remove(old)
             return
         warnings.warn(f"could not write a data cache for {dataset.root} (read-only, and so is the user cache folder); "
-                      "it will be rebuilt next time")
+                      "it will be rebuilt next time", stacklevel=2)
 
     def place(self, device):
         """Move to the GPU when it fits in GPU_CACHE_SHARE of the free memory, else keep in (pinned) host memory."""
@@ -457,5 +462,6 @@ class SplitCache:
             start += len(b)
             rgb, depth = self.rgb.index_select(0, idx), self.depth.index_select(0, idx)
             if rgb.device.type != device.type:  # a host cache ("cuda" and "cuda:0" are one device)
-                rgb, depth = rgb.pin_memory().to(device, non_blocking=True), depth.pin_memory().to(device, non_blocking=True)
+                rgb = rgb.pin_memory().to(device, non_blocking=True)
+                depth = depth.pin_memory().to(device, non_blocking=True)
             yield rgb.float().div_(255.0), depth.float()

@@ -137,7 +137,8 @@ def convert_batchnorm(module):
     """Replace every BatchNorm2d under `module` by a GlobalBatchNorm2d with the same state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats,
                                     device=child.running_mean.device, dtype=child.running_mean.dtype)
             new.load_state_dict(child.state_dict())
             if child.affine:

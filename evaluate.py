@@ -151,11 +151,13 @@ def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=
     csv_path = os.path.join(out_dir, f"report_{split}_per_image.csv")
     write_per_image_csv(rows, csv_path)
     worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
-    print(f"per-image metrics: {csv_path}; highest RMSE: " + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
+    print(f"per-image metrics: {csv_path}; highest RMSE: "
+          + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
     if grid_rows > 0:
         indices = np.unique(np.linspace(0, len(rows) - 1, min(grid_rows, len(rows))).round().astype(int))
+        predictions = predict_samples(model, dataset, indices, device, amp_dtype)
         samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
-                   for i, (name, rgb, gt, pred) in zip(indices, predict_samples(model, dataset, indices, device, amp_dtype))]
+                   for i, (name, rgb, gt, pred) in zip(indices, predictions)]
         grid_path = os.path.join(out_dir, f"report_{split}_grid.png")
         plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap)
         print(f"prediction grid: {grid_path}")

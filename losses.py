@@ -65,7 +65,8 @@ def ssim_map(x, y, data_range=1.0, padding="same"):
     if padding not in ("same", "valid"):
         raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"ssim expects two (B, 1, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"ssim expects two (B, 1, H, W) tensors of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     # Variances are differences of squares of values up to 20 m: keep them in fp32
     # even when the network runs under bf16/fp16 autocast.
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -41,12 +41,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
+        formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     one_of = mode.add_mutually_exclusive_group()
     one_of.add_argument("--eval", action="store_true",
-                        help="evaluate --ckpt on --split, print both protocols' metrics and write the reports (see --report)")
+                        help="evaluate --ckpt on --split, print both protocols' metrics and write the reports "
+                             "(see --report)")
     one_of.add_argument("--demo", action="store_true",
                         help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
     one_of.add_argument("--predict", default=None, metavar="IMAGE_OR_DIR",
@@ -63,10 +65,12 @@ def build_parser():
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--workers", type=int, default=2,
+                      help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--image-size", type=int, default=224,
-                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops. "
-                           "--eval, --predict and --export use the checkpoint's own unless this is given")
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for "
+                           "tests and laptops. --eval, --predict and --export use the checkpoint's own unless this is "
+                           "given")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
                       help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
                            "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
@@ -76,15 +80,17 @@ def build_parser():
                        help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a "
                             "state dict of the --encoder network")
 
-    beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is unchanged)")
+    beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is "
+                                  "unchanged)")
     beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,
                         help="torchvision encoder; the decoder adapts to its channels and its stem stays frozen")
     beyond.add_argument("--skips", action="store_true",
                         help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
                              "are concatenated into the decoder")
     beyond.add_argument("--augment", action="store_true",
-                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no borders) "
-                             "on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB only")
+                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no "
+                             "borders) on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB "
+                             "only")
     beyond.add_argument("--grad-weight", type=float, default=0.0,
                         help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
     beyond.add_argument("--silog-weight", type=float, default=0.0,
@@ -92,25 +98,32 @@ def build_parser():
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
-    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step, over all processes under torchrun (and per batch of --predict)")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32,
+                       help="images per optimiser step, over all processes under torchrun (and per batch of --predict)")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
     optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
     optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")
-    optim.add_argument("--step-size-down", type=int, default=2000, help="CyclicLR optimiser steps from max back to base lr")
+    optim.add_argument("--step-size-down", type=int, default=2000,
+                       help="CyclicLR optimiser steps from max back to base lr")
     optim.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
     optim.add_argument("--alpha", type=float, default=1.0, help="weight of RMSE in the loss")
     optim.add_argument("--beta", type=float, default=1.0, help="weight of (1 - SSIM) in the loss")
-    optim.add_argument("--max-steps", type=int, default=None, help="stop when the global optimiser step reaches N (after writing last.pt)")
+    optim.add_argument("--max-steps", type=int, default=None,
+                       help="stop when the global optimiser step reaches N (after writing last.pt)")
     optim.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
 
     run = p.add_argument_group("run, logging and checkpoints")
     run.add_argument("--run-dir", "--ckpt_dir", default=None, help="output folder (default: runs/YYYYmmdd-HHMMSS)")
-    run.add_argument("--eval-every", "--evaluate_every", type=int, default=2, help="evaluate on val every N epochs (0: never)")
-    run.add_argument("--vis-every", "--visualize_every", type=int, default=100, help="save a visualisation every N steps (0: never)")
+    run.add_argument("--eval-every", "--evaluate_every", type=int, default=2,
+                     help="evaluate on val every N epochs (0: never)")
+    run.add_argument("--vis-every", "--visualize_every", type=int, default=100,
+                     help="save a visualisation every N steps (0: never)")
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
-    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate, predict with or export")
-    run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH",
+                     help="checkpoint to evaluate, predict with or export")
+    run.add_argument("--metrics-out", default=None, metavar="PATH",
+                     help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
@@ -118,22 +131,27 @@ def build_parser():
                       help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit, "
                            "and the learning rates to the batch (× batch / 32)")
     demo.add_argument("--demo-train", type=int, default=1000, help="synthetic training scenes to generate if absent")
-    demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
+    demo.add_argument("--demo-val", type=int, default=50,
+                      help="synthetic validation scenes (a different kind of place)")
     demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
 
     use = p.add_argument_group("using a trained model (--predict, --export, reports of --eval)")
     use.add_argument("--out", default=None, metavar="PATH",
                      help="--predict: output folder (default: out); --export: output file (default: the checkpoint's "
-                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the checkpoint's folder)")
+                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the "
+                          "checkpoint's folder)")
     use.add_argument("--cmap", default="magma", help="matplotlib colormap of the depth PNGs and of the report grid")
-    use.add_argument("--png16", action="store_true", help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
-    use.add_argument("--ply", action="store_true", help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
+    use.add_argument("--png16", action="store_true",
+                     help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
+    use.add_argument("--ply", action="store_true",
+                     help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
     use.add_argument("--fov", type=float, default=90.0,
                      help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
     use.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="--eval: write report_SPLIT_grid.png, report_SPLIT_per_image.csv and curves.png (see --out)")
-    use.add_argument("--report-images", type=int, default=6, help="--eval: rows of the report grid, spread evenly over the split")
+    use.add_argument("--report-images", type=int, default=6,
+                     help="--eval: rows of the report grid, spread evenly over the split")
 
     hw = p.add_argument_group("hardware and reproducibility")
     hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
@@ -163,7 +181,8 @@ def check_options(parser, opts):
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
     if opts.image_size < 32 or opts.image_size % 32:
-        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
+        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got "
+                     f"{opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     if opts.max_steps is not None and opts.max_steps < 1:
@@ -268,8 +287,8 @@ def run_eval(opts):
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
         run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
-        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir, amp_dtype=amp_dtype,
-                          grid_rows=opts.report_images, cmap=opts.cmap)
+        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir,
+                          amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
 
 

@@ -67,7 +67,8 @@ ENCODERS = {
     "resnet50": EncoderSpec("ResNet-50", tvm.resnet50, "ResNet50_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
                             (6, 5, 4, 2), (1024, 512, 256, 64), 2048, "fc."),
     # features[0] is the stem (conv + BN + SiLU); features[1] still runs at 1/2.
-    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights", efficientnet_trunk, 1,
+    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights",
+                                   efficientnet_trunk, 1,
                                    (5, 3, 2, 1), (112, 40, 24, 16), 320, "classifier."),
     # features[0] is the 4 × 4 stride-4 patchify stem: ConvNeXt has no 1/2-resolution stage.
     "convnext_tiny": EncoderSpec("ConvNeXt-Tiny", tvm.convnext_tiny, "ConvNeXt_Tiny_Weights", convnext_trunk, 1,
@@ -155,7 +156,8 @@ def build_backbone(name, weights):
             return spec.build(weights=imagenet_weights(name))
         except Exception as err:  # URLError, socket errors, SSL errors: all mean "not cached, offline"
             raise UserError(
-                f"could not load ImageNet weights for {spec.title} (not in {imagenet_weights_path(name)} and download failed: "
+                f"could not load ImageNet weights for {spec.title} "
+                f"(not in {imagenet_weights_path(name)} and download failed: "
                 f"{type(err).__name__}); use --weights none for random initialisation, or "
                 f"--weights PATH with a {spec.title} state dict"
             ) from None
@@ -172,7 +174,8 @@ def build_backbone(name, weights):
     # Same names, other shapes: e.g. a ResNet-18 file given for a ResNet-50.
     reshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
     if missing or unexpected or reshaped:
-        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}"
                         + (f", other shapes {reshaped[:5]}" if reshaped else ""))
     net.load_state_dict(state, strict=False)
     return net

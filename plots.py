@@ -71,7 +71,8 @@ def plot_prediction_grid(samples, path, max_depth, cmap="magma", error_cmap="vir
     grid = fig.add_gridspec(n + 1, 4, height_ratios=[panel_h] * n + [0.12])
     for row, ((title, rgb, gt, pred), err) in enumerate(zip(samples, errors)):
         panels = [(rgb, {}), (gt, {"cmap": cmap, "vmin": 0, "vmax": max_depth}),
-                  (pred, {"cmap": cmap, "vmin": 0, "vmax": max_depth}), (err, {"cmap": error_cmap, "vmin": 0, "vmax": err_max})]
+                  (pred, {"cmap": cmap, "vmin": 0, "vmax": max_depth}),
+                  (err, {"cmap": error_cmap, "vmin": 0, "vmax": err_max})]
         for col, (image, style) in enumerate(panels):
             ax = fig.add_subplot(grid[row, col])
             shown = ax.imshow(image, **style)
@@ -109,7 +110,10 @@ def read_jsonl(path):
 
 
 def last_per_step(records):
-    """Records sorted by step, keeping the last one of each step: a resumed run repeats the steps after its checkpoint."""
+    """Records sorted by step, keeping the last one of each step.
+
+    A resumed run logs again the steps after its checkpoint: the later record is the one that counts.
+    """
     return sorted({r["step"]: r for r in records if "step" in r}.values(), key=lambda r: r["step"])
 
 
@@ -155,7 +159,8 @@ def plot_training_curves(run_dir, path):
             ax.legend(fontsize=8)
         if to_epoch:
             ax.secondary_xaxis("top", functions=(to_epoch, to_step)).set_xlabel("epoch")
-    axes[1, 1].ticklabel_format(axis="y", style="plain", useOffset=False)  # an offset label would collide with the epoch axis
+    # An offset label ("1e-3" above the axis) would collide with the epoch axis.
+    axes[1, 1].ticklabel_format(axis="y", style="plain", useOffset=False)
     fig.suptitle(f"training curves of {os.path.basename(os.path.normpath(run_dir))}")
     save_figure(fig, path)
     return True

@@ -61,7 +61,8 @@ def check_outputs(paths, out_dir, png16, ply):
             if real in inputs:
                 raise UserError(f"writing {out} would overwrite the input image {p}; choose another --out folder")
             if real in owner:
-                raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into separate --out folders")
+                raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into "
+                                "separate --out folders")
             owner[real] = p
 
 
@@ -145,7 +146,8 @@ def write_ply(path, rgb, depth, hfov_deg):
     colours = rgb.reshape(-1, 3)[keep]
     vertex["red"], vertex["green"], vertex["blue"] = colours.T
     header = ("ply\nformat binary_little_endian 1.0\n"
-              f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; x right, y up, camera looking along -z\n"
+              f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; "
+              "x right, y up, camera looking along -z\n"
               f"element vertex {len(vertex)}\n"
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
@@ -193,9 +195,11 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
                 depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)
                 for index, depth, rgb in zip(indices, depths, rgbs):
                     try:
-                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap, hfov_deg)
+                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap,
+                                      hfov_deg)
                     except OSError as err:
-                        raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: {err.strerror or err}") from None
+                        raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: "
+                                        f"{err.strerror or err}") from None
                     written += 1
             bar.update(len(indices) + len(failed))
     return written, skipped

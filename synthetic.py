@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np

@@ -27,8 +27,17 @@ from hardware import autocast, select_amp_dtype, select_device
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
 from plots import plot_training_curves, visualize_img
-from utils import (CheckpointError, UserError, load_checkpoint, remove_checkpoint_temps, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, write_json_atomic)
+from utils import (
+    CheckpointError,
+    UserError,
+    load_checkpoint,
+    remove_checkpoint_temps,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    write_json_atomic,
+)
 
 
 def load_resumable(path):
@@ -148,7 +157,8 @@ class Trainer:
         processes = f" x {self.dist.world_size} processes" if self.dist.active else ""
         data = f"cache on {self.cache.rgb.device}" if self.cache is not None else "folder loader"
         return (f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
-                f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast {self.amp_dtype or 'off'}, "
+                f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast "
+                f"{self.amp_dtype or 'off'}, "
                 f"{'compiled' if opts.compile else 'eager'}, data {data}, "
                 f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
                 f"output bias {self.init_depth:.2f} m")
@@ -168,8 +178,8 @@ class Trainer:
         if self.dist.active:
             # Buffers need no syncing per step: GlobalBatchNorm2d updates them identically on every
             # rank. Newer PyTorch calls the option forward_sync_buffers, older broadcast_buffers.
-            name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-                else "broadcast_buffers"
+            options = inspect.signature(DistributedDataParallel).parameters
+            name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                           **{name: False})
         if self.opts.compile:
@@ -198,7 +208,8 @@ class Trainer:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
-                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
+                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the "
+                  "run's own)")
         return metrics
 
     def run_epoch(self):
@@ -314,7 +325,8 @@ class Trainer:
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
         self.bad_steps += 1
         if self.dist.is_main:
-            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)")
+            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)",
+                          stacklevel=2)
         if self.bad_steps >= self.opts.max_bad_steps:
             # last.pt is left as it is: the weights that produced these losses are not saved over it.
             last = os.path.join(self.run_dir, "last.pt")
@@ -392,12 +404,14 @@ class Trainer:
                 return
             if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
                 if self.saving:
-                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is complete", flush=True)
+                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is "
+                          "complete", flush=True)
                     return
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             if self.dist.is_main:
-                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
+                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)",
+                      flush=True)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -418,8 +432,10 @@ class Trainer:
 
     def evaluate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
-        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype, num_workers=self.opts.workers)
-        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0], **metrics}
+        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype,
+                           num_workers=self.opts.workers)
+        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0],
+                  **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(format_metrics(metrics, f"val after epoch {self.epoch} (step {self.step})"))
@@ -436,7 +452,8 @@ class Trainer:
                 f.write("ok")
             os.remove(probe)
         except OSError as err:
-            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
+            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with "
+                                  "--run-dir") from None
         remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
         metrics_log = os.path.join(self.run_dir, "metrics.jsonl")

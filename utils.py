@@ -84,7 +84,8 @@ def save_checkpoint(obj, path):
     try:
         atomic_save(obj, path)
     except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact") from None
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
+                              "the previous file is intact") from None
 
 
 def current_umask():
@@ -112,7 +113,8 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     mmap=True maps the tensors instead of reading them: cheap when only the config is needed.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt or best.pt)")
+        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt "
+                              "or best.pt)")
     ckpt = torch_load_safely(path, map_location, mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
@@ -127,9 +129,11 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another file") from None
+            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another "
+                                  "file") from None
         raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
-                              f"({unpickler_reason(err)}); loading it could run code, so only load files you trust") from None
+                              f"({unpickler_reason(err)}); loading it could run code, so only load files you "
+                              "trust") from None
     except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
         if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
             return torch_load_safely(path, map_location, mmap=False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from losses import DepthLoss
 from synthetic import generate_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,3 +79,31 @@ def synthetic_data(root, n_train, n_val):
     """A data set written by synthetic.py (street scenes for train, yard scenes for val, 144 × 256); str(root)."""
     generate_dataset(root, n_train, n_val, 0, progress=False)
     return str(root)
+
+
+TRAINED_SIZE = 64  # the checkpoint's --image-size: small, so that the tests run fast on a CPU
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised DepthNet saved as a training run at --image-size 64 would: RUN/best.pt."""
+    from model import DepthNet
+    from utils import save_checkpoint
+
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, init_depth=10.0)
+    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": TRAINED_SIZE},
+                     "metrics": {}}, str(path))
+    return path
+
+
+class LossWithNaNs(DepthLoss):
+    """The real loss, except NaN on the listed calls (1-based): monkeypatch it over train.DepthLoss."""
+    calls, bad_calls = 0, set()
+
+    def forward(self, pred, target):
+        LossWithNaNs.calls += 1
+        loss, parts = super().forward(pred, target)
+        return (loss * float("nan") if LossWithNaNs.calls in LossWithNaNs.bad_calls else loss), parts
+

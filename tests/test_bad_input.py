@@ -13,14 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import main  # noqa: E402
-from dataset import DataError, DepthEstimationUnreal  # noqa: E402
-from model import DepthNet  # noqa: E402
-from utils import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+import main
+from conftest import REPO
+from dataset import DataError, DepthEstimationUnreal
+from model import DepthNet
+from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 SIZE = (48, 64)  # native H, W of the tiny files: any size works, the dataset resizes
 

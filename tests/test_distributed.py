@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import synthetic_data
 
 import train
+from conftest import synthetic_data
 from distributed import close_distributed
 from main import parse_options
 from model import DepthNet
@@ -65,7 +65,8 @@ def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
     run_trainer(0, 1, 0, data, str(tmp_path / "one"), str(tmp_path / "one.pt"))
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     # Only the first process writes files.
-    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == ["config.json", "last.pt", "vis"]
+    expected_files = ["config.json", "last.pt", "vis"]
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == expected_files
 
     torch.manual_seed(0)
     start = DepthNet(weights=None, init_depth=9.0).double().state_dict()
@@ -90,8 +91,10 @@ def test_torchrun_launches_two_processes_that_write_one_run(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
            "--data-dir", data, "--run-dir", str(run_dir), "--weights", "none", "--device", "cpu", "--amp", "off",
-           "--batch-size", "4", "--max-steps", "1", "--eval-every", "0", "--vis-every", "0", "--workers", "0", "--quiet"]
-    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+           "--batch-size", "4", "--max-steps", "1", "--eval-every", "0", "--vis-every", "0", "--workers", "0",
+           "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("DepthNet (") == 1 and "x 2 processes" in done.stdout  # one summary line, from rank 0
     assert {"config.json", "last.pt", "train_log.jsonl"} <= set(os.listdir(run_dir))

@@ -21,14 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import main  # noqa: E402
-import train  # noqa: E402
-from train import Trainer  # noqa: E402
-from utils import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+import main
+import train
+from conftest import REPO, LossWithNaNs
+from train import Trainer
+from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 N_TRAIN, BATCH = 8, 2  # 4 steps per epoch
 STEPS_PER_EPOCH = N_TRAIN // BATCH
@@ -131,7 +128,8 @@ def straight_run(data, tmp_path_factory):
 # ------------------------------------------------------------------ training subprocesses
 def start_training(args, new_group=False):
     """main.py in a subprocess; new_group puts it and its DataLoader workers in a process group of their own."""
-    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV, text=True, start_new_session=new_group,
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV, text=True,
+                            start_new_session=new_group,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -352,18 +350,6 @@ def test_full_disk_while_saving_a_figure_is_one_error_line(data, tmp_path, monke
 
 
 # ------------------------------------------------------------------ non-finite losses
-class LossWithNaNs(train.DepthLoss):
-    """The real loss, except NaN on the listed calls (1-based)."""
-    calls, bad_calls = 0, set()
-
-    def forward(self, pred, target):
-        LossWithNaNs.calls += 1
-        loss, parts = super().forward(pred, target)
-        if LossWithNaNs.calls in LossWithNaNs.bad_calls:
-            loss = loss * float("nan")
-        return loss, parts
-
-
 def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch, capsys):
     # Batch 2 is bad (skipped); epoch 1 ends and is saved after 3 good steps; batches 6, 7, 8 are bad.
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 6, 7, 8}
@@ -371,11 +357,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeyp
     with pytest.warns(UserWarning, match="non-finite loss") as warned:
         code = main.main(training_args(data, tmp_path, "--max-steps", "100", "--max-bad-steps", "3"))
     assert [str(w.message).split(": ", 1)[1] for w in warned if "non-finite" in str(w.message)] == [
-        "step skipped (1 in a row)", "step skipped (1 in a row)", "step skipped (2 in a row)", "step skipped (3 in a row)"]
+        "step skipped (1 in a row)", "step skipped (1 in a row)", "step skipped (2 in a row)",
+        "step skipped (3 in a row)"]
     err = capsys.readouterr().err.strip()
     last = tmp_path / "last.pt"
     assert code == 1
-    assert err == (f"error: 3 non-finite losses in a row at step 5: training stopped; the last good checkpoint is {last}. "
+    assert err == ("error: 3 non-finite losses in a row at step 5: training stopped; the last good checkpoint is "
+                   f"{last}. "
                    "Try a lower --lr or --max-lr, or --amp off")
     ckpt = load_checkpoint(str(last))
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (3, 1, 0)

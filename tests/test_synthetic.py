@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import synthetic  # noqa: E402
-from synthetic import (SKY_DEPTH, Box, Camera, GroundPlane, Material, Scene,  # noqa: E402
-                       generate_dataset, render, render_scene)
+import synthetic
+from conftest import REPO
+from synthetic import SKY_DEPTH, Box, Camera, GroundPlane, Material, Scene, generate_dataset, render, render_scene
 
 COUNTS = {"train": 3, "val": 2, "test": 2}
 
@@ -179,7 +176,7 @@ def test_depth_statistics_resemble_the_real_data(style):
 
 # ------------------------------------------------------------ CLI and errors
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "synthetic.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(REPO, "synthetic.py"), *args],
                           capture_output=True, text=True, timeout=120)
 
 
