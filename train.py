@@ -30,7 +30,7 @@ from plots import plot_training_curves, visualize_img
 from utils import (
     CheckpointError,
     UserError,
-    load_checkpoint,
+    load_resumable,
     remove_checkpoint_temps,
     rng_state,
     save_checkpoint,
@@ -38,16 +38,6 @@ from utils import (
     set_rng_state,
     write_json_atomic,
 )
-
-
-def load_resumable(path):
-    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
-                              "--resume needs a last.pt or best.pt written by training")
-    return ckpt
 
 
 class TrainStep(NamedTuple):

@@ -121,6 +121,16 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     return ckpt
 
 
+def load_resumable(path):
+    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
+                              "--resume needs a last.pt or best.pt written by training")
+    return ckpt
+
+
 def torch_load_safely(path, map_location="cpu", mmap=False):
     """torch.load(weights_only=True) whose failures are one-line CheckpointErrors naming `path`."""
     try:
