@@ -1,4 +1,4 @@
-"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (SPEC §2).
+"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (docs/design.md §5).
 
 Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.npy, paired by stem.
 Every sample is (rgb (3, S, S) float32 in [0, 1], depth (1, S, S) float32 metres in [0, max_depth]).

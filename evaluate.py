@@ -1,4 +1,4 @@
-"""Evaluation under both protocols of SPEC §5, in one pass over a split.
+"""Evaluation under both protocols of docs/design.md §8, in one pass over a split.
 
 challenge_*: the paper's and the course's numbers: 224 × 224, batches of 32 in file
 order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
@@ -63,7 +63,7 @@ def collate_with_native(batch):
 def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=MAX_DEPTH):
     """Both protocols on `dataset` (a DepthEstimationUnreal with native=True).
 
-    Returns the metrics dict of SPEC §6, plus a list of per-image metric dicts when per_image.
+    Returns the metrics dict (METRIC_KEYS), plus a list of per-image metric dicts when per_image.
     """
     was_training = model.training
     model.eval()

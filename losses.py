@@ -1,4 +1,4 @@
-"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3), plus optional edge and SILog terms.
+"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (docs/design.md §6), plus optional edge and SILog terms.
 
 Every term is computed from sums and counts (sum of squared errors and pixel count, sum of
 per-image SSIMs and image count, ...), in the inputs' precision but never below fp32. The

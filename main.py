@@ -1,4 +1,4 @@
-"""Entry point: every option lives here, with the paper's values as defaults (SPEC §4, §6).
+"""Entry point: every option lives here, with the paper's values as defaults (docs/design.md §7, §9).
 
     python main.py                                  train (paper preset)
     python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols) and write reports

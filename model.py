@@ -1,6 +1,6 @@
 """DepthNet: a ResNet-34 encoder with a frozen stem and a transposed-convolution decoder.
 
-The layout follows the paper (Table I) as its author's code built it (SPEC §1):
+The layout follows the paper (Table I) as its author's code built it (docs/design.md §1):
 BatchNorm + ReLU only after the first four transposed convolutions; the 1 × 1
 convolutions, the fifth transposed convolution and the output convolution are plain.
 """
@@ -101,7 +101,7 @@ def up_block(in_ch, out_ch, norm_act=True):
 
 
 class Decoder(nn.Sequential):
-    """512 × 7 × 7 → 1 × 224 × 224, exactly SPEC §1's table (with the defaults).
+    """512 × 7 × 7 → 1 × 224 × 224, exactly the table of docs/design.md §1 (with the defaults).
 
     in_ch follows the encoder's output channels. skip_channels (at 1/16, 1/8, 1/4, 1/2 of
     the input size) widen the inputs of the layers listed in SKIP_INPUTS: the first layer
@@ -186,7 +186,7 @@ class DepthNet(nn.Module):
 
     encoder: a key of ENCODERS (default the paper's resnet34); skips: concatenate the
     encoder's 1/16 … 1/2 features into the decoder (U-Net style). With the defaults the
-    module tree, parameter names and forward pass are the paper's (SPEC §1).
+    module tree, parameter names and forward pass are the paper's (docs/design.md §1-§4).
     """
 
     def __init__(self, weights=None, init_depth=0.0, encoder="resnet34", skips=False):

@@ -1,9 +1,9 @@
 """Depth from image files with a trained model, and the files written for each image.
 
 Every image, whatever its size and mode (RGB, RGBA, grayscale), is preprocessed as in
-training (SPEC §2: resized to the model's square input), and the prediction is resized
+training (docs/design.md §5: resized to the model's square input), and the prediction is resized
 back to the image's own height × width and clamped to [0, max_depth], as the standard
-evaluation protocol does (SPEC §5). Per input NAME.ext the output folder gets:
+evaluation protocol does (docs/design.md §8). Per input NAME.ext the output folder gets:
   NAME.npy     float32 depth in metres
   NAME.png     the depth colourised with a matplotlib colormap on the fixed scale [0, max_depth]
   NAME_mm.png  (png16) 16-bit depth in millimetres, for tools that read depth PNGs

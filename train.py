@@ -1,4 +1,4 @@
-"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (SPEC §4).
+"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (docs/design.md §7).
 
 Speed (docs/speed.md): batches come from a decoded cache (on the GPU when it fits), the
 network runs channels_last under autocast, and the step loop never waits for the GPU:

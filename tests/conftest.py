@@ -1,4 +1,4 @@
-"""Shared test data: tiny RGB/depth pairs in the layout of SPEC §2.
+"""Shared test data: tiny RGB/depth pairs in the layout of docs/design.md §5.
 
 `make_dataset` is importable (`from conftest import make_dataset`) for tests that need
 their own variant; `tiny_data` is a session-wide read-only set (train 8, val 4, test 4).

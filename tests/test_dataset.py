@@ -1,4 +1,4 @@
-"""dataset.py against SPEC §2: pairing, order, formats, preprocessing and every data error."""
+"""dataset.py against docs/design.md §5: pairing, order, formats, preprocessing and every data error."""
 import glob
 import os
 

@@ -1,4 +1,4 @@
-"""evaluate.py against SPEC §5: both protocols on hand-made predictions, checked independently."""
+"""evaluate.py against docs/design.md §8: both protocols on hand-made predictions, checked independently."""
 import csv
 import json
 import math

@@ -1,4 +1,4 @@
-"""losses.py against SPEC §3: SSIM in both modes, RMSE and the paper's loss."""
+"""losses.py against docs/design.md §6: SSIM in both modes, RMSE and the paper's loss."""
 import math
 
 import numpy as np

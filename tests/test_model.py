@@ -1,4 +1,4 @@
-"""DepthNet against SPEC §1: decoder layout, frozen stem, normalisation, output bias, --weights."""
+"""DepthNet against docs/design.md §1-§4: decoder layout, frozen stem, normalisation, output bias, --weights."""
 import urllib.error
 
 import pytest
@@ -10,7 +10,7 @@ from losses import DepthLoss
 from model import ENCODERS, DepthNet, InferenceModel, load_weights
 from utils import CheckpointError, UserError, save_checkpoint
 
-# SPEC §1's table, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
+# The table of docs/design.md §1, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
 DECODER_TABLE = [
     ("up", 256, 14, True),
     ("up", 128, 28, True),

@@ -1,4 +1,4 @@
-"""train.py against SPEC §4 and §6: learning, schedule, resume, the step API, the options beyond the paper, logs."""
+"""train.py against docs/design.md §7 and §9: learning, schedule, resume, the step API, the options beyond the paper, logs."""
 import json
 import math
 import os

@@ -18,7 +18,7 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path, monkeypatch)
     loaded = load_checkpoint(str(path))
     assert torch.equal(loaded["model"]["w"], obj["model"]["w"])
     assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in obj.items() if k != "model"}
-    torch.load(path, weights_only=True)  # loadable by anyone with weights_only, as SPEC §6 promises
+    torch.load(path, weights_only=True)  # loadable by anyone with weights_only, as docs/design.md §9 promises
 
     # Overwriting goes through a temporary file too; a failed write leaves the old file intact.
     def failing_save(o, f):
