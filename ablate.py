@@ -1,4 +1,4 @@
-"""Ablation of the paper's future work (issue 8): each change alone, then the best combination.
+"""Ablation of the paper's future work: each change alone, then the best combination.
 
     python ablate.py                                           the budget of docs/ablation.md
     python ablate.py --steps 20 --variants paper,+skips --out runs/ablation-tiny
@@ -270,7 +270,7 @@ def run_ablation(args):
     if BEST in results:
         gain = (results["paper"]["rmse"] - results[BEST]["rmse"]) / results["paper"]["rmse"] * 100
         note = (f"best combination ({' + '.join(combination)}): val RMSE {results[BEST]['rmse']:.3f} against the paper "
-                f"preset's {results['paper']['rmse']:.3f}, {gain:.1f} % lower (target: at least 20 %).")
+                f"preset's {results['paper']['rmse']:.3f}, {gain:.1f} % lower.")
     write_report(args, results, combination, note, (time.perf_counter() - start) / 60)
     print(f"\n{format_table(results, combination)}\n{note}\nwritten to {os.path.join(args.out, 'ablation.md')}")
     return results

@@ -246,10 +246,10 @@ class InferenceModel(nn.Module):
     """A frozen copy of a DepthNet for prediction: weights cast once to `dtype`, NHWC layout.
 
     Takes and returns float32 like DepthNet (RGB in [0, 1] → metres). Casting the weights
-    once beats autocast, which casts every weight again on every call; at batch 1 on one
-    CPU core with bf16 instructions: fp32 94 ms, autocast bf16 53 ms, bf16 weights 34 ms.
-    Batch-norm statistics are cast too, so predictions differ from fp32 by bf16 rounding
-    (about 1e-2 m); evaluation reports fp32 scores and does not use this.
+    once is faster than autocast, which casts every weight again on every call (bench.py
+    measures this path against the fp32 model). Batch-norm statistics are cast too, so bf16
+    predictions differ from fp32 by bf16 rounding (about 1e-2 m); --predict runs this,
+    evaluation scores the fp32 model (docs/design.md §8).
     """
 
     def __init__(self, model, dtype=None, channels_last=True):

@@ -1,4 +1,4 @@
-"""`python main.py --demo` (issue 4): the preset, and the whole quickstart at a tiny size."""
+"""`python main.py --demo`: the preset, and the whole quickstart at a tiny size."""
 import argparse
 import json
 import math
