@@ -35,7 +35,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where there is none to show or the help already names it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # `is`, not `in (None, False)`: 0 and 0.0 equal False, and their defaults should show.
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -185,8 +186,10 @@ def check_options(parser, opts):
                      f"{opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
-    if opts.max_steps is not None and opts.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {opts.max_steps}")
+    for name, value in {"--max-steps": opts.max_steps, "--demo-steps": opts.demo_steps, "--demo-train": opts.demo_train,
+                        "--demo-val": opts.demo_val, "--demo-test": opts.demo_test}.items():
+        if value is not None and value < 1:
+            parser.error(f"{name} must be at least 1, got {value}")
     if opts.is_train is False:
         opts.eval = True
     if opts.eval and (opts.predict or opts.export):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import CheckpointError, UserError, load_checkpoint, torch_load_safely
+from utils import CheckpointError, UserError, first_line, load_checkpoint, torch_load_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,15 +152,16 @@ def build_backbone(name, weights):
     if weights in (None, "none"):
         return spec.build(weights=None)
     if weights == "imagenet":
+        cached = imagenet_weights_path(name)
+        was_cached = os.path.isfile(cached)
         try:
             return spec.build(weights=imagenet_weights(name))
-        except Exception as err:  # URLError, socket errors, SSL errors: all mean "not cached, offline"
-            raise UserError(
-                f"could not load ImageNet weights for {spec.title} "
-                f"(not in {imagenet_weights_path(name)} and download failed: "
-                f"{type(err).__name__}); use --weights none for random initialisation, or "
-                f"--weights PATH with a {spec.title} state dict"
-            ) from None
+        except Exception as err:  # no network, a refused download, a damaged cached file...
+            cause = f"{type(err).__name__}: {first_line(err)}"
+            where = (f"the cached file {cached} could not be read ({cause}); delete it to download it again"
+                     if was_cached else f"it is not in {cached} and the download failed ({cause})")
+            raise UserError(f"could not load ImageNet weights for {spec.title}: {where}; use --weights none for "
+                            f"random initialisation, or --weights PATH with a {spec.title} state dict") from None
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = spec.build(weights=None)

@@ -57,3 +57,19 @@ def test_every_relative_link_and_image_in_the_docs_resolves_inside_the_repositor
                 broken.append(f"{doc}: {target} (no heading #{anchor})")
     assert checked > 10  # the pattern finds the links at all
     assert not broken, "\n".join(broken)
+
+
+def test_readme_option_tables_show_the_parsers_defaults():
+    """Each option row of the README shows what --help shows: the default, unless it is None or False."""
+    rows = re.findall(r"^\| (`--[^|]*?) \| ([^|]*?) \| [^|]*\|$", read("README.md"), flags=re.M)
+    shown = {names.split("`")[1]: default.strip().strip("`") for names, default in rows}
+    assert len(shown) > 40
+    wrong = []
+    for action in build_parser()._actions:
+        name = next((o for o in action.option_strings if o in shown), None)
+        if name is None:
+            continue
+        expected = "" if action.default is None or action.default is False else str(action.default)
+        if shown[name] != expected:
+            wrong.append(f"{name}: README shows {shown[name]!r}, the parser's default is {expected!r}")
+    assert not wrong, "\n".join(wrong)

@@ -172,3 +172,12 @@ def test_predict_and_export_need_a_checkpoint(argv, capsys):
     with pytest.raises(SystemExit):
         main.main(argv)
     assert "needs --ckpt PATH" in capsys.readouterr().err
+
+
+def test_help_shows_zero_defaults_but_not_missing_ones():
+    text = " ".join(main.build_parser().format_help().split())  # argparse wraps lines: compare on single spaces
+    options = text.split("options:", 1)[1]  # after the usage line, which names the options too
+    assert "--seed SEED seed for weights, data order and every RNG (default: 0)" in options
+    assert "(default: 0.0)" in options.split("--grad-weight", 1)[1].split("--silog-weight", 1)[0]
+    assert "(default: 2)" in options.split("--eval-every", 1)[1].split("--vis-every", 1)[0]
+    assert "(default: None)" not in options and "(default: False)" not in options

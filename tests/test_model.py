@@ -1,4 +1,5 @@
 """DepthNet against docs/design.md §1-§4: decoder layout, frozen stem, normalisation, output bias, --weights."""
+import os
 import urllib.error
 
 import pytest
@@ -7,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 from losses import DepthLoss
-from model import ENCODERS, DepthNet, InferenceModel, load_weights
+from model import ENCODERS, DepthNet, InferenceModel, imagenet_weights_path, load_weights
 from utils import CheckpointError, UserError, save_checkpoint
 
 # The table of docs/design.md §1, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
@@ -236,7 +237,23 @@ def test_weights_imagenet_offline_is_one_line_user_error(tmp_path, monkeypatch):
         DepthNet(weights="imagenet")
     message = str(info.value)
     assert "\n" not in message
-    assert "--weights none" in message and "URLError" in message
+    assert "--weights none" in message and "URLError" in message and "no network in this test" in message
+    assert "the download failed" in message
+
+
+def test_weights_imagenet_from_a_damaged_cached_file_names_the_file_and_the_real_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = imagenet_weights_path("resnet34")
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"PK\x03\x04 half a download")
+    with pytest.raises(UserError) as info:
+        DepthNet(weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"the cached file {cached} could not be read" in message and "delete it" in message
+    cause = message.split("could not be read (", 1)[1]
+    assert cause.split(":", 1)[0] in ("RuntimeError", "UnpicklingError", "EOFError", "BadZipFile") and len(cause) > 40
 
 
 def test_weights_file_holding_no_dict_is_user_error(tmp_path):

@@ -1,4 +1,4 @@
-"""train.py against docs/design.md §7 and §9: learning, schedule, resume, the step API, the options beyond the paper, logs."""
+"""train.py against docs/design.md §7 and §9: learning, schedule, resume, the step API, options beyond the paper."""
 import json
 import math
 import os
