@@ -264,24 +264,31 @@ def load_model(opts):
 
 
 def load_for_inference(opts):
-    """(model on its device in eval mode, input side, device, autocast dtype) for --eval and --predict."""
-    from hardware import select_amp_dtype, select_device
+    """(model on its device in eval mode and --channels-last's layout, input side, device) for --eval and --predict.
+
+    The layout is training's (channels_last by default), so that --eval computes exactly what
+    the validation during training did.
+    """
+    import torch
+
+    from hardware import select_device
 
     device = select_device(opts.device)
     model, size = load_model(opts)
-    model.to(device).eval()
-    # fp32 unless autocast is asked for by name: "auto" would make the same checkpoint
-    # score (and predict) differently on different CPUs.
-    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
-    return model, size, device, amp_dtype
+    model.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format).eval()
+    return model, size, device
 
 
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
     from evaluate import evaluate, format_metrics, write_eval_report
+    from hardware import select_amp_dtype
     from utils import write_json_atomic
 
-    model, size, device, amp_dtype = load_for_inference(opts)
+    model, size, device = load_for_inference(opts)
+    # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
+    # checkpoint score differently on different CPUs, and differ from what its training recorded.
+    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
     dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
@@ -296,15 +303,20 @@ def run_eval(opts):
 
 
 def run_predict(opts):
+    from hardware import select_amp_dtype
+    from model import InferenceModel
     from predict import list_images, predict_files
     from utils import UserError
 
     paths = list_images(opts.predict)
-    model, size, device, amp_dtype = load_for_inference(opts)
+    model, size, device = load_for_inference(opts)
+    # The fast path: weights cast once to the --amp dtype (auto: bf16 where the hardware runs it,
+    # else fp32), in --channels-last's layout. Depth then differs from fp32 by about 1 cm.
+    model = InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=opts.channels_last)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     amp_dtype=amp_dtype, size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
-                                     hfov_deg=opts.fov, quiet=opts.quiet)
+                                     size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
+                                     quiet=opts.quiet)
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
         raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")

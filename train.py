@@ -421,9 +421,12 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", rmse=f"{rmse:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
 
     def evaluate(self):
-        """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
-        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype,
-                           num_workers=self.opts.workers)
+        """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE.
+
+        In fp32, whatever autocast trains in: the recorded metrics, and so the choice of best.pt,
+        are exactly what `--eval` of the checkpoint reports (docs/design.md §8).
+        """
+        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=None, num_workers=self.opts.workers)
         record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0],
                   **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:

@@ -418,6 +418,10 @@ def test_inference_model_is_a_low_precision_frozen_copy():
     assert fast.net.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
     # bf16 keeps 8 significant bits: predictions of about 8 m agree to a few centimetres.
     assert float((got - expected).abs().max()) < 0.1 and not torch.equal(got, expected)
+    # The depth map itself is made in fp32: it is not rounded to bf16's 3 cm steps at 8 m.
+    assert fast.net.decoder.output_conv.weight.dtype == torch.float32
+    assert not torch.equal(got, got.bfloat16().float())
+    assert float((got - expected).abs().mean()) < 0.01
     fast.train()
     assert not fast.net.training  # its BatchNorm statistics never move
     with torch.no_grad():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import hardware
 from conftest import TRAINED_SIZE
 from main import main
 from model import DepthNet
@@ -52,7 +53,7 @@ def test_predict_folder_any_size_and_mode_skips_corrupt_file(checkpoint, tmp_pat
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
     rc = main(["--predict", str(src), "--ckpt", str(checkpoint), "--out", str(out), "--png16", "--ply",
-               "--batch-size", "2", "--workers", "0", "--quiet"])
+               "--batch-size", "2", "--workers", "0", "--quiet", "--amp", "off"])  # fp32: compared with eager below
     err = capsys.readouterr().err
     assert rc == 1, "a skipped file makes the exit status non-zero"
     assert "broken.png" in err and "1 of 4" in err
@@ -112,3 +113,20 @@ def test_point_cloud_follows_the_pinhole_intrinsics(tmp_path):
     np.testing.assert_array_equal(np.stack([v["red"], v["green"], v["blue"]], 1), rgb.reshape(-1, 3)[:23])
     # a narrower field of view means a longer focal length, so a point lies closer to the axis
     assert abs(depth_to_points(depth, 60.0)[0, 0]) < abs(depth_to_points(depth, 90.0)[0, 0])
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_predict_runs_bf16_weights_where_the_hardware_runs_bf16(checkpoint, tmp_path, monkeypatch, has_bf16):
+    """--amp auto: InferenceModel's bf16 weights on hardware with bf16 instructions, fp32 elsewhere."""
+    monkeypatch.setattr(hardware, "cpu_runs_bf16", lambda: has_bf16)
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(image)
+    common = ["--predict", str(image), "--ckpt", str(checkpoint), "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "auto")]) == 0
+    assert main(common + ["--out", str(tmp_path / "fp32"), "--amp", "off"]) == 0
+    auto, fp32 = np.load(tmp_path / "auto" / "a.npy"), np.load(tmp_path / "fp32" / "a.npy")
+    if has_bf16:
+        assert not np.array_equal(auto, fp32) and np.abs(auto - fp32).max() < 0.1
+    else:
+        np.testing.assert_array_equal(auto, fp32)

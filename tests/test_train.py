@@ -277,3 +277,19 @@ def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     trainer.step = 8
     assert trainer.check_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
+
+
+def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
+    """Validation during training scores as --eval does (fp32, training's layout), even when training runs in bf16."""
+    data = make_dataset(tmp_path / "data", {"train": 2, "val": 3}, size=(36, 64))
+    trainer = make_trainer(data, tmp_path / "run", "--amp", "bf16", "--image-size", "64", "--max-steps", "2",
+                           "--eval-every", "1")
+    trainer.train()
+    best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and best["metrics"] in [{k: r[k] for k in best["metrics"]} for r in logged]
+    out = tmp_path / "eval.json"
+    assert main.main(["--eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--data-dir", data, "--metrics-out",
+                      str(out), "--workers", "0", "--device", "cpu", "--no-report", "--quiet"]) == 0
+    assert json.loads(out.read_text()) == best["metrics"]
+
