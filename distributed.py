@@ -54,13 +54,13 @@ def barrier():
         dist.barrier()
 
 
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any: keeps decisions such as stopping in step."""
+def max_across_ranks(value, device):
+    """The largest of an integer over all ranks, on every rank: keeps decisions such as stopping in step."""
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return int(value)
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 class _SumAcrossRanks(torch.autograd.Function):

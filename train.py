@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair
-from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
+from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
 from hardware import autocast, select_amp_dtype, select_device
 from losses import DepthLoss
@@ -200,6 +200,9 @@ class Trainer:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the "
                   "run's own)")
+        # Under torchrun no process may exit before rank 0 has written its files: torchrun stops
+        # the others as soon as one exits with a non-zero status (as a stopped run does).
+        barrier()
         return metrics
 
     def run_epoch(self):
@@ -374,10 +377,16 @@ class Trainer:
                           generator=self.loader_generator)
 
     def agree_on_stop(self):
-        """Under torchrun a signal may reach the processes at different steps: they stop together
-        at the next --log-every step (or epoch end) where any of them has seen one."""
-        if self.dist.active:
-            self.stop_agreed = any_rank(self.stop_signal is not None, self.device)
+        """Under torchrun a signal may reach the processes at different steps, or only one of them
+        (`kill PID`): they stop together at the next --log-every step (or epoch end) where any of
+        them has seen one, and each then reports that signal, so that all exit alike."""
+        if not self.dist.active:
+            return
+        seen = signal.Signals[self.stop_signal].value if self.stop_signal else 0
+        agreed = max_across_ranks(seen, self.device)
+        if agreed:
+            self.stop_agreed = True
+            self.stop_signal = self.stop_signal or signal.Signals(agreed).name
 
     def should_stop(self):
         if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
