@@ -1,7 +1,8 @@
 """Evaluation under both protocols of docs/design.md §8, in one pass over a split.
 
 challenge_*: the paper's and the course's numbers: 224 × 224, batches of 32 in file
-order, raw predictions, per-batch RMSE and template SSIM averaged over batches.
+order, raw predictions, per-batch RMSE and template SSIM averaged over batches. A model
+trained at another --image-size is scored at 224 × 224 too (its prediction resized).
 standard: at the ground truth's own resolution, every metric per image, then averaged.
 """
 import csv
@@ -21,6 +22,9 @@ from utils import atomic_path
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
                "challenge_rmse", "challenge_ssim", "n_images")
 CHALLENGE_BATCH = 32
+# The challenge protocol's resolution. A model trained at another --image-size is scored there
+# too, its prediction resized bilinearly, so that challenge_* figures always compare.
+CHALLENGE_SIZE = 224
 
 
 def compute_errors(gt, pred, max_depth=MAX_DEPTH):
@@ -73,8 +77,9 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
     for rgb, depth, natives in loader:
         rgb, depth = rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
         pred = predict_batch(model, rgb, amp_dtype)
-        challenge_rmse.append(rmse(pred, depth))
-        challenge_ssim.append(ssim(pred, depth, data_range=1.0, padding="same"))
+        challenge_pred, challenge_gt = challenge_pair(pred, depth, natives)
+        challenge_rmse.append(rmse(challenge_pred, challenge_gt))
+        challenge_ssim.append(ssim(challenge_pred, challenge_gt, data_range=1.0, padding="same"))
         for gt, p in group_by_size(natives, pred, device):
             resized = F.interpolate(p, size=gt.shape[-2:], mode="bilinear", align_corners=False)
             for k, v in compute_errors(gt, resized, max_depth).items():
@@ -89,6 +94,15 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
         return metrics
     rows = [{"name": name, **{k: float(v[i]) for k, v in per_metric.items()}} for i, name in enumerate(dataset.names)]
     return metrics, rows
+
+
+def challenge_pair(pred, depth, natives):
+    """(prediction, ground truth) at CHALLENGE_SIZE: as they are when the model runs at that size; else
+    the ground truth preprocessed at that size from the native depth, and the prediction resized."""
+    if depth.shape[-1] == CHALLENGE_SIZE:
+        return pred, depth
+    gt = torch.stack([resize_to_square(n, CHALLENGE_SIZE) for n in natives]).to(pred.device)
+    return F.interpolate(pred, size=gt.shape[-2:], mode="bilinear", align_corners=False), gt
 
 
 def group_by_size(natives, pred, device):
@@ -131,7 +145,11 @@ class FixedMapModel(torch.nn.Module):
 
 
 def baseline_models(train_set):
-    """{"constant mean": ..., "per-row mean": ...} fitted on a training split's preprocessed depth."""
+    """The predictors that see no image, fitted on a training split's preprocessed depth.
+
+    constant mean: one value everywhere; per-row mean: each row's mean (depth mostly
+    grows with height in the image); mean map: each pixel's mean over the split.
+    """
     total = None
     for _, _, depth_path in train_set.pairs:
         d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]
@@ -140,7 +158,8 @@ def baseline_models(train_set):
     mean_map = total / len(train_set)
     rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
     return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
-            "per-row mean": FixedMapModel(rows)}
+            "per-row mean": FixedMapModel(rows),
+            "mean map": FixedMapModel(mean_map)}
 
 
 def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):

@@ -14,7 +14,7 @@ import time
 
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
-                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "report", "report_images",
+                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "npy", "report", "report_images",
                  "compile"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
@@ -52,9 +52,11 @@ def build_parser():
                              "(see --report)")
     one_of.add_argument("--demo", action="store_true",
                         help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
-    one_of.add_argument("--predict", default=None, metavar="IMAGE_OR_DIR",
+    one_of.add_argument("--predict", default=None, metavar="IMAGE_DIR_OR_VIDEO",
                         help="predict with --ckpt the depth of an image, or of every .jpeg/.jpg/.png in a folder, "
-                             "writing NAME.npy (metres) and NAME.png (colourised) per image to --out")
+                             "writing NAME.npy (metres) and NAME.png (colourised) per image to --out; of a video file "
+                             "(.mp4, .mov, ...), writing NAME_depth.mp4, RGB and depth side by side "
+                             "(needs: pip install -r requirements-video.txt)")
     one_of.add_argument("--export", default=None, choices=["torchscript", "onnx"],
                         help="export --ckpt to --out for deployment, checked against the eager model "
                              "(onnx needs: pip install onnx onnxscript onnxruntime)")
@@ -78,8 +80,9 @@ def build_parser():
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
-                       help="encoder initialisation: imagenet (torchvision IMAGENET1K_V1), none (random) or PATH to a "
-                            "state dict of the --encoder network")
+                       help="initialisation: imagenet (the encoder's torchvision IMAGENET1K_V1), none (random), PATH "
+                            "to a state dict of the --encoder network, or PATH to a checkpoint written by training "
+                            "(best.pt, last.pt), which starts encoder and decoder alike (fine-tuning)")
 
     beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is "
                                   "unchanged)")
@@ -126,6 +129,9 @@ def build_parser():
     run.add_argument("--metrics-out", default=None, metavar="PATH",
                      help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
+                          "(needs: pip install -r requirements-tensorboard.txt)")
 
     demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
     demo.add_argument("--demo-steps", type=int, default=None,
@@ -146,6 +152,9 @@ def build_parser():
                      help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
     use.add_argument("--ply", action="store_true",
                      help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
+    use.add_argument("--npy", action="store_true",
+                     help="--predict of a video: also write NAME_depth.npy, every frame's depth in metres as one "
+                          "float16 (frames, H, W) array")
     use.add_argument("--fov", type=float, default=90.0,
                      help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
@@ -167,6 +176,59 @@ def build_parser():
     return p
 
 
+# --predict's options that app.py takes too, defined once in build_parser.
+APP_SHARED = ("ckpt", "image_size", "device", "amp", "cmap", "fov")
+
+
+def build_app_parser():
+    """Options of app.py, the web page to try a model: how to serve it, then --predict's own."""
+    p = argparse.ArgumentParser(prog="app.py", formatter_class=HelpFormatter,
+                                description="A web page to try a trained model: upload a photo, see its depth and "
+                                            "a 3-D point cloud, download the depth (needs: pip install -r "
+                                            "requirements-app.txt).")
+    serve = p.add_argument_group("serving")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
+    serve.add_argument("--port", type=int, default=7860, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0,
+                       help="uploads larger than this many megabytes are refused")
+    shared = p.add_argument_group("the model, as for --predict")
+    for action in build_parser()._actions:
+        if action.dest in APP_SHARED:
+            # No default size: like --predict, the page feeds the model the size it was trained at unless told.
+            shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
+                                default=None if action.dest == "image_size" else action.default,
+                                metavar=action.metavar, help=action.help)
+    return p
+
+
+def parse_app_options(argv=None):
+    parser = build_app_parser()
+    opts = parser.parse_args(argv)
+    if not opts.ckpt:
+        parser.error("--ckpt PATH is required (a checkpoint written by training, e.g. runs/demo/best.pt)")
+    if not 0 < opts.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {opts.port}")
+    if not opts.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
+    check_model_options(parser, opts, cmap=True)
+    return opts
+
+
+def check_model_options(parser, opts, cmap):
+    """--image-size, --fov and (when `cmap`, which costs a matplotlib import) --cmap, for main.py and app.py."""
+    if opts.image_size is not None and (opts.image_size < 32 or opts.image_size % 32):
+        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got "
+                     f"{opts.image_size}")
+    if not 0 < opts.fov < 180:
+        parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
+    if cmap:
+        import matplotlib
+
+        if opts.cmap not in matplotlib.colormaps:
+            parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
+
+
 def check_options(parser, opts):
     """Reject out-of-range values with one line naming the option."""
     positive = {"--epochs": opts.epochs, "--batch-size": opts.batch_size, "--lr": opts.lr, "--max-lr": opts.max_lr,
@@ -181,9 +243,6 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
-    if opts.image_size < 32 or opts.image_size % 32:
-        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got "
-                     f"{opts.image_size}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     for name, value in {"--max-steps": opts.max_steps, "--demo-steps": opts.demo_steps, "--demo-train": opts.demo_train,
@@ -197,13 +256,11 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
-    if not 0 < opts.fov < 180:
-        parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
-    if opts.eval or opts.predict:
-        import matplotlib
+    check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
+    if opts.tensorboard:
+        from tblog import require_tensorboard
 
-        if opts.cmap not in matplotlib.colormaps:
-            parser.error(f"--cmap {opts.cmap}: not a matplotlib colormap (e.g. magma, viridis, plasma, turbo, gray)")
+        require_tensorboard()  # now, not after the data set is checked and cached
 
 
 def typed_options(argv):
@@ -263,11 +320,11 @@ def load_model(opts):
     return model, size
 
 
-def load_for_inference(opts):
-    """(model on its device in eval mode and --channels-last's layout, input side, device) for --eval and --predict.
+def load_for_inference(opts, channels_last):
+    """(model of --ckpt on its device in eval mode, input side, device), channels_last or contiguous.
 
-    The layout is training's (channels_last by default), so that --eval computes exactly what
-    the validation during training did.
+    --eval takes --channels-last's layout, training's (channels_last by default), so that it
+    computes exactly what the validation during training did.
     """
     import torch
 
@@ -275,8 +332,19 @@ def load_for_inference(opts):
 
     device = select_device(opts.device)
     model, size = load_model(opts)
-    model.to(device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format).eval()
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return model, size, device
+
+
+def load_for_prediction(opts, channels_last):
+    """(model.InferenceModel of --ckpt, input side, device) for --predict and app.py: the fast path, weights
+    cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs
+    from fp32 by about a centimetre."""
+    from hardware import select_amp_dtype
+    from model import InferenceModel
+
+    model, size, device = load_for_inference(opts, channels_last)
+    return InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last), size, device
 
 
 def run_eval(opts):
@@ -285,7 +353,7 @@ def run_eval(opts):
     from hardware import select_amp_dtype
     from utils import write_json_atomic
 
-    model, size, device = load_for_inference(opts)
+    model, size, device = load_for_inference(opts, opts.channels_last)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
@@ -303,16 +371,16 @@ def run_eval(opts):
 
 
 def run_predict(opts):
-    from hardware import select_amp_dtype
-    from model import InferenceModel
     from predict import list_images, predict_files
     from utils import UserError
+    from video import is_video
 
+    if is_video(opts.predict):
+        return run_predict_video(opts)
+    if opts.npy:
+        raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    model, size, device = load_for_inference(opts)
-    # The fast path: weights cast once to the --amp dtype (auto: bf16 where the hardware runs it,
-    # else fp32), in --channels-last's layout. Depth then differs from fp32 by about 1 cm.
-    model = InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=opts.channels_last)
+    model, size, device = load_for_prediction(opts, opts.channels_last)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
                                      size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
@@ -320,6 +388,21 @@ def run_predict(opts):
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
         raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")
+
+
+def run_predict_video(opts):
+    from utils import UserError
+    from video import output_paths, predict_video
+
+    if opts.png16 or opts.ply:
+        raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
+    model, size, device = load_for_prediction(opts, opts.channels_last)
+    out = opts.out or "out"
+    frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
+                                          cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
+    written = output_paths(opts.predict, out)
+    print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
+          + (f" and {written['npy']}" if opts.npy else ""))
 
 
 def run_export(opts):
@@ -360,6 +443,15 @@ def user_error_message(err):
     return None
 
 
+def print_user_error(err):
+    """For an error the user can fix: print its one `error:` line and return the exit status 1; a bug is raised."""
+    message = user_error_message(err)
+    if message is None:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -382,11 +474,7 @@ def main(argv=None):
         else:
             return run_train(opts)
     except Exception as err:
-        message = user_error_message(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
     except KeyboardInterrupt:
         print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130

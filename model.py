@@ -182,6 +182,21 @@ def build_backbone(name, weights):
     return net
 
 
+def trained_network_state(weights):
+    """The DepthNet weights of a checkpoint written by training, when `weights` is the path of one; else None.
+
+    Such a checkpoint (a run's best.pt or last.pt) starts the whole network, decoder
+    included: pretraining on synthetic scenes, then fine-tuning on real ones, for example.
+    Any other file is left to build_backbone, as a state dict of the encoder's network.
+    """
+    if weights in (None, "none", "imagenet") or not os.path.isfile(weights):
+        return None
+    ckpt = torch_load_safely(weights, mmap=True)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "config" in ckpt:
+        return ckpt["model"]
+    return None
+
+
 class DepthNet(nn.Module):
     """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W).
 
@@ -194,7 +209,8 @@ class DepthNet(nn.Module):
         super().__init__()
         spec = encoder_spec(encoder)
         self.encoder_name, self.skips = encoder, bool(skips)
-        self.encoder = spec.trunk(build_backbone(encoder, weights))
+        pretrained = trained_network_state(weights)
+        self.encoder = spec.trunk(build_backbone(encoder, None if pretrained is not None else weights))
         self.decoder = Decoder(spec.out_channels, spec.skip_channels if self.skips else (0, 0, 0, 0))
         # Plain attributes, not modules or buffers: the state dict of the default model stays the paper's.
         self.stem_children, self.skip_taps = spec.stem, spec.taps
@@ -206,6 +222,8 @@ class DepthNet(nn.Module):
         # Without this the output starts near 0 m and Adam needs hundreds of steps
         # (about lr per step) just to reach the data's scale.
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))
+        if pretrained is not None:  # fine-tuning: encoder and decoder both start from a trained run
+            load_weights(self, pretrained, weights)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):

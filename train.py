@@ -27,6 +27,7 @@ from hardware import autocast, select_amp_dtype, select_device
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
 from plots import plot_training_curves, visualize_img
+from tblog import TensorBoardLog
 from utils import (
     CheckpointError,
     UserError,
@@ -66,8 +67,10 @@ class Trainer:
             self.load_state(ckpt)
         self.net = self.wrap_model()
         self.run_dir = opts.run_dir
+        self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
         if self.dist.is_main:
             self.prepare_run_dir()
+            self.tb = TensorBoardLog(self.run_dir) if opts.tensorboard else None
             print(self.summary())
 
     # ---------------------------------------------------------------- setting up
@@ -133,6 +136,7 @@ class Trainer:
         """The position in training, the bad-step count and the stop state of a fresh run."""
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
+        self.last_eval_step = None
         self.bad_steps = 0
         # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
         self.unchecked_losses = []
@@ -179,7 +183,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
-        metrics = None
+        metrics, start_step = None, self.step
         if self.epoch >= self.opts.epochs or self.should_stop():
             print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
                   f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
@@ -191,11 +195,20 @@ class Trainer:
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
                     if self.dist.is_main:
                         metrics = self.evaluate()
+                    self.last_eval_step = self.step
                     barrier()
                 self.save_model("last.pt")
                 self.agree_on_stop()
+            if self.final_evaluation_due(start_step):
+                if self.dist.is_main:
+                    metrics = self.evaluate()
+                self.last_eval_step = self.step
+                self.save_model("last.pt")  # its best_rmse now counts this evaluation too
+                barrier()
         if self.dist.is_main:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
+        if self.tb:
+            self.tb.close(vars(self.opts), metrics)
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
                   f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the "
@@ -204,6 +217,15 @@ class Trainer:
         # the others as soon as one exits with a non-zero status (as a stopped run does).
         barrier()
         return metrics
+
+    def final_evaluation_due(self, start_step):
+        """Whether --max-steps ended this call of train() between two evaluations: the final weights
+        are then scored too, so that a run that evaluates at all ends with its last state scored
+        and a best.pt, however short it is."""
+        signalled = self.stop_agreed if self.dist.active else self.stop_signal is not None
+        reached_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
+        return (self.opts.eval_every > 0 and reached_max and not signalled and self.step > start_step
+                and self.last_eval_step != self.step)
 
     def run_epoch(self):
         """One pass over the training set (from where a resume left off); False if stopped early."""
@@ -217,9 +239,10 @@ class Trainer:
             seen += rgb.shape[0] * self.dist.world_size
             if done is not None and done.checked and self.dist.is_main:
                 if self.vis_due():
-                    visualize_img(done.rgb[0], done.depth[0], done.pred[0],
-                                  os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png"),
-                                  title=f"train, step {self.step}")
+                    vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
+                    visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}")
+                    if self.tb:
+                        self.tb.picture("vis/train", vis_path, self.step)
                 if self.log_due():
                     self.log_step(done.parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
@@ -422,12 +445,16 @@ class Trainer:
     # ---------------------------------------------------------- evaluation, logs
     def log_step(self, parts, bar, rate):
         """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
-        loss, rmse, ssim = torch.stack([parts["loss"], parts["rmse"], parts["ssim"]]).tolist()
+        values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
         record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch(),
-                  "lr": self.scheduler.get_last_lr()[0], "loss": loss, "rmse": rmse, "ssim": ssim}
+                  "lr": self.scheduler.get_last_lr()[0], "beta1": self.optimizer.param_groups[0]["betas"][0],
+                  **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", rmse=f"{rmse:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
+        if self.tb:
+            self.tb.train_step(record)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}",
+                        img_s=f"{rate:.1f}")
 
     def evaluate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE.
@@ -440,6 +467,8 @@ class Trainer:
                   **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb:
+            self.tb.evaluation(self.step, metrics)
         tqdm.write(format_metrics(metrics, f"val after epoch {self.epoch} (step {self.step})"))
         if metrics["rmse"] < self.best_rmse:
             self.best_rmse = metrics["rmse"]

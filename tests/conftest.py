@@ -107,3 +107,19 @@ class LossWithNaNs(DepthLoss):
         loss, parts = super().forward(pred, target)
         return (loss * float("nan") if LossWithNaNs.calls in LossWithNaNs.bad_calls else loss), parts
 
+
+def train_tiny_run(data_dir, run_dir, *extra):
+    """Train a 64 × 64 model for 4 steps (2 epochs of 8 images), evaluating each epoch; returns run_dir."""
+    from main import main
+
+    argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--weights", "none", "--image-size", "64",
+            "--batch-size", "4", "--max-steps", "4", "--eval-every", "1", "--workers", "0", "--amp", "off", "--quiet",
+            *extra]
+    assert main(argv) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """best.pt of a tiny trained run, for tests of what uses a trained model (read-only)."""
+    return train_tiny_run(tiny_data, tmp_path_factory.mktemp("tiny_run"), "--vis-every", "0") / "best.pt"

@@ -9,11 +9,11 @@ import sys
 from PIL import Image
 
 import main
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, make_dataset
 from demo import ensure_synthetic_data
 from utils import load_checkpoint
 
-PREDICTORS = {"model", "constant mean", "per-row mean"}
+PREDICTORS = {"model", "constant mean", "per-row mean", "mean map"}
 
 
 def test_demo_preset_scales_the_paper_recipe_to_a_cpu():
@@ -100,10 +100,29 @@ def test_demo_preset_settles_the_epochs_from_the_data_set(tmp_path):
                                "--demo-train", "20", "--demo-steps", "7", "--batch-size", "4"])
     assert opts.epochs == math.ceil(7 / math.ceil(20 / 4))
     # An existing data set: its own number of training pairs counts.
-    from conftest import make_dataset
-
     data = make_dataset(tmp_path / "data", {"train": 3}, size=(8, 8))
     opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--demo-steps", "7",
                                "--batch-size", "2"])
     assert opts.epochs == math.ceil(7 / 2)
     assert main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--epochs", "9"]).epochs == 9
+
+
+def test_demo_on_a_set_without_test_split_scores_val_and_keeps_a_best_checkpoint(tmp_path):
+    """Like the published DepthEstimationUnreal (train and val only), with a run shorter than the
+    evaluation interval: the final weights are still scored and best.pt written."""
+    data = make_dataset(tmp_path / "data", {"train": 20, "val": 3})
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--demo-steps", "2",
+                             "--image-size", "64", "--data-dir", data, "--run-dir", str(run), "--workers", "0",
+                             "--device", "cpu", "--weights", "none", "--quiet"],
+                            cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "data" / "rgb")) == ["train", "val"], "nothing is synthesised"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2], "one evaluation, of the final weights (3 batches an epoch)"
+    best = load_checkpoint(str(run / "best.pt"))
+    assert best["step"] == 2 and best["metrics"]["rmse"] == records[0]["rmse"]
+    summary = json.loads((run / "demo_results.json").read_text())
+    assert set(summary["results"]) == {"val"} and set(summary["results"]["val"]) == PREDICTORS
+    # The demo's table scores the same final weights as the run's own evaluation.
+    assert math.isclose(summary["results"]["val"]["model"]["rmse"], records[0]["rmse"], rel_tol=5e-3)

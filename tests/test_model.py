@@ -187,6 +187,21 @@ def test_load_weights_names_keys_of_another_architecture(net):
         load_weights(net, state, "other.pt")
 
 
+def test_weights_training_checkpoint_starts_encoder_and_decoder(tmp_path, net):
+    from utils import save_checkpoint
+
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": net.state_dict(), "config": {"encoder": "resnet34"}, "init_depth": 3.5}, str(path))
+    torch.manual_seed(5)  # another random draw than net's: equality below can only come from the file
+    model = DepthNet(weights=str(path), init_depth=9.0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(not p.requires_grad for p in model.stem.parameters()), "the stem stays frozen when fine-tuning"
+    # A checkpoint of another architecture is refused with its differing keys named.
+    with pytest.raises(CheckpointError, match=r"best\.pt holds another architecture"):
+        DepthNet(weights=str(path), skips=True)
+
+
 def test_weights_missing_file_is_user_error(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(UserError, match=r"nope\.pth.*no such file"):

@@ -5,10 +5,10 @@
 # runs; OUT_DIR the logs and results, refreshed after each phase (results.tgz), so that a run
 # cut short still leaves what it finished.
 #
-#   bash scripts/gpu_session.sh WORK_DIR OUT_DIR
+#   bash scripts/gpu_figures.sh WORK_DIR OUT_DIR
 set -u
 if [ $# -ne 2 ]; then
-    echo "usage: bash scripts/gpu_session.sh WORK_DIR OUT_DIR" >&2
+    echo "usage: bash scripts/gpu_figures.sh WORK_DIR OUT_DIR" >&2
     exit 2
 fi
 WORK=$1

@@ -1,0 +1,247 @@
+"""A web page to try a trained model: python app.py --ckpt runs/demo/best.pt, then open http://127.0.0.1:7860.
+
+Optional: needs Gradio (pip install -r requirements-app.txt). Upload or drop a photo (any
+size; JPEG, PNG or whatever Pillow reads; RGB, RGBA or grayscale) or pick an example scene
+made by synthetic.py, and the page shows:
+  - the depth, colourised at the photo's own size on the fixed [0, 20] m scale of
+    --predict's PNGs, with its colour bar in metres, a min / median / max readout, and
+    the depth of any point you click;
+  - a 3-D point cloud back-projected as --predict --ply does, with the field of view as a slider;
+  - downloads: NAME.npy (metres), NAME_mm.png (16-bit millimetres) and NAME.ply, the very
+    files --predict writes for the same photo.
+The model is loaded once, at start-up, with the weights_only loading of every checkpoint
+here; requests go through one queue that runs one at a time, as the model has one device.
+A file that is not a readable image gets a message in the page, and the server goes on.
+"""
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Gradio reports usage to its authors unless told not to; the page works offline and reports nothing.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+INSTALL_HINT = "pip install -r requirements-app.txt"
+VIEWER_POINTS = 250_000  # a larger photo's 3-D view is drawn from every k-th pixel; its .ply download has them all
+VIEW_BACKGROUND = (0.1, 0.1, 0.12, 1.0)  # RGBA of the 3-D view: dark, so that points of any colour show
+EXAMPLES = (("street", 3), ("street", 11), ("yard", 5))  # (style, seed) of the example scenes
+EXAMPLE_SIZE = (288, 512)  # twice the data set's 144 × 256: the page is not tied to the training size
+CSS = """
+#colourbar .bar {height: 14px; border-radius: 3px}
+#colourbar .ticks {display: flex; justify-content: space-between; font-size: 12px}
+"""
+
+
+class DepthPage:
+    """The model behind the page, and what each request computes with it."""
+
+    def __init__(self, opts):
+        from dataset import MAX_DEPTH
+        from main import load_for_prediction
+
+        self.opts = opts
+        self.model, self.size, self.device = load_for_prediction(opts, channels_last=True)
+        self.max_depth = MAX_DEPTH  # the scale of the training targets and of every depth picture here
+        # The examples, and one folder per request, live here until the server stops.
+        self.workdir = tempfile.mkdtemp(prefix="depth-app-")
+        self.requests = os.path.join(self.workdir, "requests")
+        os.makedirs(self.requests)
+
+    def close(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def predict(self, rgb):
+        """Depth in metres of one HWC uint8 image, at its own size: --predict's computation for a batch of one."""
+        from dataset import to_model_input
+        from predict import predict_depth
+
+        inputs = to_model_input(rgb, self.size)[None].to(self.device)
+        return predict_depth(self.model, inputs, [rgb.shape[:2]], max_depth=self.max_depth)[0]
+
+    def request_folder(self):
+        """A fresh folder for one request's files. Gradio copies what a request returns into its own
+        cache as the request ends, so the folders of earlier requests are no longer needed."""
+        for old in os.listdir(self.requests):
+            shutil.rmtree(os.path.join(self.requests, old), ignore_errors=True)
+        return tempfile.mkdtemp(dir=self.requests)
+
+    def make_examples(self):
+        """Paths of JPEG scenes from the synthetic generator, written once into the work folder."""
+        from PIL import Image
+
+        from synthetic import JPEG_QUALITY, render_scene
+
+        paths = []
+        for style, seed in EXAMPLES:
+            rgb, _ = render_scene(np.random.default_rng(seed), style, *EXAMPLE_SIZE)
+            paths.append(os.path.join(self.workdir, f"{style}_{seed}.jpeg"))
+            Image.fromarray(rgb).save(paths[-1], quality=JPEG_QUALITY)
+        return paths
+
+
+    def on_photo(self, path, fov):
+        """A new photo, or none: (depth picture, readout, 3-D view, downloads, state for the later events).
+
+        A file that is not a readable image clears the outputs and says why in the readout.
+        """
+        from dataset import DataError, read_rgb
+
+        if path is None:
+            return None, "", None, None, None
+        name = os.path.basename(path)  # Gradio keeps the uploaded file's own name
+        try:
+            rgb = read_rgb(path)
+        except DataError as err:
+            reason = str(err).split(": ", 1)[-1].removesuffix(" Re-export or remove the file.").replace(path, name)
+            return None, f"**Could not read {name}**: {reason} Upload a JPEG or PNG photo.", None, None, None
+        start = time.perf_counter()
+        depth = self.predict(rgb)
+        state = {"name": name, "rgb": rgb, "depth": depth, "seconds": time.perf_counter() - start}
+        files, view = self.write_files(state, fov)
+        return files["png"], readout(depth, state["seconds"]), view, downloads(files), state
+
+    def on_fov(self, state, fov):
+        """The field of view changed: the point cloud again, for the view and the download."""
+        if state is None:
+            return None, None
+        files, view = self.write_files(state, fov)
+        return view, downloads(files)
+
+    def on_click(self, state, xy):
+        """The readout with the depth at pixel `xy` of the depth picture."""
+        return "" if state is None else readout(state["depth"], state["seconds"], point=xy)
+
+    def write_files(self, state, fov):
+        """--predict's files for the state's photo (.npy, colour and 16-bit PNGs, .ply) in a fresh request
+        folder; ({kind: path}, the .ply for the 3-D view: the download itself, or for a large photo
+        every k-th pixel's point)."""
+        from predict import output_paths, write_outputs, write_ply
+
+        rgb, depth = state["rgb"], state["depth"]
+        files = output_paths(state["name"], self.request_folder(), png16=True, ply=True)
+        write_outputs(files, depth, rgb, self.max_depth, self.opts.cmap, fov)
+        step = int(np.ceil(np.sqrt(depth.size / VIEWER_POINTS)))
+        if step == 1:
+            return files, files["ply"]
+        view = files["ply"].removesuffix(".ply") + "_view.ply"
+        write_ply(view, np.ascontiguousarray(rgb[::step, ::step]), np.ascontiguousarray(depth[::step, ::step]), fov)
+        return files, view
+
+
+def downloads(files):
+    return [files["npy"], files["png16"], files["ply"]]
+
+
+def readout(depth, seconds, point=None):
+    """Markdown: the depth's size, min / median / max, and the depth at a clicked point."""
+    text = (f"**{depth.shape[1]} × {depth.shape[0]}** pixels, predicted in {seconds * 1000:.0f} ms. "
+            f"Depth min **{depth.min():.2f} m**, median **{np.median(depth):.2f} m**, max **{depth.max():.2f} m**.")
+    if point is None:
+        return text + "  \nClick the depth picture to read the depth at a point."
+    x, y = point
+    return text + f"  \nAt the clicked point (x {x}, y {y}): **{depth[y, x]:.2f} m**."
+
+
+def colour_bar_html(cmap, max_depth, ticks=5):
+    """The colour bar of the depth picture as HTML: a CSS gradient through the colormap, ticks in metres."""
+    from plots import colorize_depth
+
+    stops = colorize_depth(np.linspace(0.0, max_depth, 33)[None], 0.0, max_depth, cmap)[0]
+    gradient = ", ".join(f"rgb({r},{g},{b})" for r, g, b in stops)
+    labels = "".join(f"<span>{v:g}</span>" for v in np.linspace(0.0, max_depth, ticks))
+    return (f'<div class="bar" style="background: linear-gradient(to right, {gradient})"></div>'
+            f'<div class="ticks">{labels}</div><div style="text-align:center;font-size:12px">depth (m)</div>')
+
+
+def build_page(page, gr):
+    """The Gradio Blocks of the page, wired to `page` (a DepthPage); (blocks, theme)."""
+
+    def on_click(state, evt: gr.SelectData):  # Gradio passes the clicked pixel by this annotation
+        return page.on_click(state, tuple(int(v) for v in evt.index))
+
+    opts = page.opts
+    # System fonts, no web fonts: the page works offline.
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
+        gr.Markdown(f"## Monocular depth estimation\n"
+                    f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {page.size} × {page.size}, on {page.device}. "
+                    f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), "
+                    "or pick an example.")
+        state = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                photo = gr.Image(label="photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="photo")
+                # The upload goes on untouched, image or not: read_rgb says what is wrong with it, where gr.Image
+                # would fail first with a generic message. (Set on the instance: Gradio writes a .pyi stub beside
+                # any module that subclasses a component.)
+                photo.preprocess = lambda payload: None if payload is None else payload.path
+                gr.Examples([[p] for p in page.make_examples()], inputs=photo, label="examples: synthetic scenes")
+            with gr.Column():
+                depth = gr.Image(label="depth, at the photo's size", type="filepath", format="png", interactive=False,
+                                 buttons=["download", "fullscreen"], elem_id="depth")
+                gr.HTML(colour_bar_html(opts.cmap, page.max_depth), elem_id="colourbar")
+                info = gr.Markdown("", elem_id="readout")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                cloud = gr.Model3D(label="3-D point cloud (drag to turn, scroll to zoom)", display_mode="point_cloud",
+                                   clear_color=VIEW_BACKGROUND, height=420, elem_id="cloud")
+                fov = gr.Slider(10, 170, value=opts.fov, step=1, elem_id="fov",
+                                label="horizontal field of view of the camera (degrees)")
+            with gr.Column(scale=1):
+                files = gr.File(label="downloads: depth in metres (.npy), in millimetres (16-bit PNG), "
+                                      "point cloud (.ply)",
+                                file_count="multiple", interactive=False, elem_id="downloads")
+        # One concurrency group for every event that runs the model: one request at a time on its device.
+        photo.change(page.on_photo, [photo, fov], [depth, info, cloud, files, state], concurrency_id="model")
+        fov.release(page.on_fov, [state, fov], [cloud, files], concurrency_id="model")
+        depth.select(on_click, [state], [info])
+    return blocks, theme
+
+
+def import_gradio():
+    from utils import UserError
+
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(f"app.py needs Gradio: {INSTALL_HINT}") from None
+    return gradio
+
+
+def main(argv=None):
+    from main import parse_app_options, print_user_error, raise_interrupt
+
+    opts = parse_app_options(argv)
+    try:
+        gr = import_gradio()
+        page = DepthPage(opts)  # a missing, corrupt or unsafe checkpoint stops here, with one line
+    except Exception as err:
+        return print_user_error(err)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)  # stop as on Ctrl-C: the work folder goes too
+    try:
+        blocks, theme = build_page(page, gr)
+        blocks.queue(default_concurrency_limit=1, max_size=32)
+        blocks.launch(server_name=opts.host, server_port=opts.port, max_file_size=f"{opts.max_upload_mb:g}mb",
+                      allowed_paths=[page.workdir], theme=theme, css=CSS, footer_links=[], quiet=True,
+                      prevent_thread_lock=True)
+        print(f"serving {opts.ckpt} on http://{opts.host}:{opts.port} (Ctrl-C stops)", flush=True)
+        blocks.block_thread()  # until Ctrl-C or SIGTERM, which close the server
+    except OSError as err:  # Gradio's words for a port in use name its own API: say it with our options
+        print(f"error: cannot serve on {opts.host}:{opts.port} ({str(err).split('. ')[0]}); choose another --port "
+              "or --host", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        page.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
