@@ -26,7 +26,6 @@ import numpy as np
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 INSTALL_HINT = "pip install -r requirements-app.txt"
-MAX_DEPTH = 20.0  # the scale of the model's training targets and of every depth picture here
 VIEWER_POINTS = 250_000  # a larger photo's 3-D view is drawn from every k-th pixel; its .ply download has them all
 VIEW_BACKGROUND = (0.1, 0.1, 0.12, 1.0)  # RGBA of the 3-D view: dark, so that points of any colour show
 EXAMPLES = (("street", 3), ("street", 11), ("yard", 5))  # (style, seed) of the example scenes
@@ -41,10 +40,12 @@ class DepthPage:
     """The model behind the page, and what each request computes with it."""
 
     def __init__(self, opts):
-        from main import load_for_inference
+        from dataset import MAX_DEPTH
+        from main import load_for_prediction
 
         self.opts = opts
-        self.model, self.size, self.device, self.amp_dtype = load_for_inference(opts)
+        self.model, self.size, self.device = load_for_prediction(opts, channels_last=True)
+        self.max_depth = MAX_DEPTH  # the scale of the training targets and of every depth picture here
         # The examples, and one folder per request, live here until the server stops.
         self.workdir = tempfile.mkdtemp(prefix="depth-app-")
         self.requests = os.path.join(self.workdir, "requests")
@@ -59,7 +60,7 @@ class DepthPage:
         from predict import predict_depth
 
         inputs = to_model_input(rgb, self.size)[None].to(self.device)
-        return predict_depth(self.model, inputs, [rgb.shape[:2]], self.amp_dtype, MAX_DEPTH)[0]
+        return predict_depth(self.model, inputs, [rgb.shape[:2]], max_depth=self.max_depth)[0]
 
     def request_folder(self):
         """A fresh folder for one request's files. Gradio copies what a request returns into its own
@@ -122,7 +123,7 @@ class DepthPage:
 
         rgb, depth = state["rgb"], state["depth"]
         files = output_paths(state["name"], self.request_folder(), png16=True, ply=True)
-        write_outputs(files, depth, rgb, MAX_DEPTH, self.opts.cmap, fov)
+        write_outputs(files, depth, rgb, self.max_depth, self.opts.cmap, fov)
         step = int(np.ceil(np.sqrt(depth.size / VIEWER_POINTS)))
         if step == 1:
             return files, files["ply"]
@@ -145,9 +146,9 @@ def readout(depth, seconds, point=None):
     return text + f"  \nAt the clicked point (x {x}, y {y}): **{depth[y, x]:.2f} m**."
 
 
-def colour_bar_html(cmap, max_depth=MAX_DEPTH, ticks=5):
+def colour_bar_html(cmap, max_depth, ticks=5):
     """The colour bar of the depth picture as HTML: a CSS gradient through the colormap, ticks in metres."""
-    from utils import colorize_depth
+    from plots import colorize_depth
 
     stops = colorize_depth(np.linspace(0.0, max_depth, 33)[None], 0.0, max_depth, cmap)[0]
     gradient = ", ".join(f"rgb({r},{g},{b})" for r, g, b in stops)
@@ -163,11 +164,13 @@ def build_page(page, gr):
         return page.on_click(state, tuple(int(v) for v in evt.index))
 
     opts = page.opts
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    # System fonts, no web fonts: the page works offline.
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"## Monocular depth estimation\n"
                     f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {page.size} × {page.size}, on {page.device}. "
-                    f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), or pick an example.")
+                    f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), "
+                    "or pick an example.")
         state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column():
@@ -181,16 +184,17 @@ def build_page(page, gr):
             with gr.Column():
                 depth = gr.Image(label="depth, at the photo's size", type="filepath", format="png", interactive=False,
                                  buttons=["download", "fullscreen"], elem_id="depth")
-                gr.HTML(colour_bar_html(opts.cmap), elem_id="colourbar")
+                gr.HTML(colour_bar_html(opts.cmap, page.max_depth), elem_id="colourbar")
                 info = gr.Markdown("", elem_id="readout")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 cloud = gr.Model3D(label="3-D point cloud (drag to turn, scroll to zoom)", display_mode="point_cloud",
                                    clear_color=VIEW_BACKGROUND, height=420, elem_id="cloud")
-                fov = gr.Slider(10, 170, value=opts.fov, step=1, label="horizontal field of view of the camera (degrees)",
-                                elem_id="fov")
+                fov = gr.Slider(10, 170, value=opts.fov, step=1, elem_id="fov",
+                                label="horizontal field of view of the camera (degrees)")
             with gr.Column(scale=1):
-                files = gr.File(label="downloads: depth in metres (.npy), in millimetres (16-bit PNG), point cloud (.ply)",
+                files = gr.File(label="downloads: depth in metres (.npy), in millimetres (16-bit PNG), "
+                                      "point cloud (.ply)",
                                 file_count="multiple", interactive=False, elem_id="downloads")
         # One concurrency group for every event that runs the model: one request at a time on its device.
         photo.change(page.on_photo, [photo, fov], [depth, info, cloud, files, state], concurrency_id="model")

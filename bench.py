@@ -12,8 +12,8 @@ per step; for inference model.InferenceModel (weights cast once to bf16, channel
 
 Both are measured in the same process. On CPUs, where other work makes timings noisy,
 they alternate in --rounds rounds; on GPUs they run one after the other so that each one's
-peak memory is its own. Without --data-dir a small data set of random street-like scenes is
-written to a temporary folder (no file of the real data set is needed for speed).
+peak memory is its own. Without --data-dir synthetic.py writes a small data set of street
+scenes to a temporary folder (no file of the real data set is needed for speed).
 FLOPs: torch.utils.flop_counter on one forward pass; training counts 3 × forward
 (backward ≈ 2 × forward), leaving out the loss (< 0.2 %) and the optimiser.
 """
@@ -26,19 +26,19 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import DepthEstimationUnreal
 from evaluate import evaluate
+from hardware import select_amp_dtype, select_device, synchronize
 from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
 from model import DepthNet, InferenceModel
-from train import Trainer, mean_training_depth, select_amp_dtype, select_device
+from synthetic import generate_dataset
+from train import Trainer
 from utils import write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
@@ -59,54 +59,30 @@ def build_parser():
     p = argparse.ArgumentParser(description="Training and inference speed: our pipeline against a plain baseline.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps of ours (default: 6 on CPU, 100 on CUDA)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps of ours (default: 6 on CPU, 100 on CUDA)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="timed training steps of the baseline (default: as --steps on CPU, 40 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 30 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 8 on CPU, 32 on CUDA)")
     p.add_argument("--rounds", type=int, default=None,
                    help="alternate baseline and ours in this many rounds (default: 3 on CPU, 1 on CUDA)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="ours: autocast dtype, as in main.py")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="ours: autocast dtype, as in main.py")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the model (compiling is in the warm-up)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (baseline; cache build)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers (baseline; cache build)")
     p.add_argument("--data-dir", default=None, help="data set to read; default: generate one in a temporary folder")
-    p.add_argument("--images", type=int, default=None, help="training images to generate (default: 64 on CPU, 2048 on CUDA)")
+    p.add_argument("--images", type=int, default=None,
+                   help="training images to generate (default: 64 on CPU, 2048 on CUDA)")
     p.add_argument("--inference-reps", type=int, default=None,
-                   help="timed batch-1 inference calls (default: 10 CPU, 50 CUDA); a fifth of them at --inference-batch")
+                   help="timed batch-1 inference calls (default: 10 CPU, 50 CUDA); a fifth of them at "
+                        "--inference-batch")
     p.add_argument("--inference-batch", type=int, default=32, help="batch size of the inference throughput figure")
-    p.add_argument("--ssim-variants", action="store_true", help="only compare the SSIM implementations (forward + backward)")
+    p.add_argument("--ssim-variants", action="store_true",
+                   help="only compare the SSIM implementations (forward + backward)")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     return p
-
-
-# ------------------------------------------------------------------ data
-def street_scene(rng, height=144, width=256):
-    """A random street-like RGB-D pair: sky at 100 m, a ground plane, boxes in front."""
-    horizon = int(rng.integers(height // 4, height // 2))
-    rows = np.arange(height, dtype=np.float32)[:, None]
-    depth = np.where(rows > horizon, 1.5 + 80.0 / np.maximum(rows - horizon, 1.0), 100.0) * np.ones((1, width), np.float32)
-    for _ in range(int(rng.integers(2, 7))):
-        x0 = int(rng.integers(0, width - 16))
-        x1 = x0 + int(rng.integers(12, 90))
-        y0 = int(rng.integers(0, horizon + 1))
-        y1 = int(rng.integers(horizon + 1, height + 1))
-        np.minimum(depth[y0:y1, x0:x1], rng.uniform(2.0, 40.0), out=depth[y0:y1, x0:x1])
-    shade = 1.0 - np.clip(depth, 0, 50)[..., None] / 60.0
-    rgb = shade * rng.uniform(0.3, 1.0, size=3) * 255 + rng.normal(0, 8, size=(height, width, 3))
-    return np.clip(rgb, 0, 255).astype(np.uint8), depth.astype(np.float32)
-
-
-def write_bench_dataset(root, n_train, n_val, seed=0):
-    """ROOT/rgb/SPLIT/i.jpeg and ROOT/depth/SPLIT/i.npy, as DepthEstimationUnreal reads them."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        os.makedirs(os.path.join(root, "rgb", split), exist_ok=True)
-        os.makedirs(os.path.join(root, "depth", split), exist_ok=True)
-        for i in range(n):
-            rgb, depth = street_scene(rng)
-            Image.fromarray(rgb).save(os.path.join(root, "rgb", split, f"{i}.jpeg"), quality=90)
-            np.save(os.path.join(root, "depth", split, f"{i}.npy"), depth)
-    return root
 
 
 # ------------------------------------------------------------------ SSIM implementations
@@ -172,11 +148,11 @@ def bench_ssim_variants(device, batch_size, rounds):
         results[name] = {"abs_diff_to_2d": abs(float(value.detach()) - reference)}
     for _ in range(rounds):
         for name, fn in SSIM_VARIANTS.items():
-            sync(device)
+            synchronize(device)
             t = time.perf_counter()
             fn(x, y).backward()
             x.grad = None
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - t)
     for name in SSIM_VARIANTS:
         results[name]["ms"] = 1e3 * statistics.median(times[name])
@@ -194,11 +170,13 @@ class BaselineTraining:
         torch.manual_seed(0)
         self.device = device
         self.model = DepthNet(weights=None, init_depth=init_depth).to(device).train()
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)
         self.scheduler = torch.optim.lr_scheduler.CyclicLR(self.optimizer, base_lr=1e-3, max_lr=5e-3, step_size_up=1000,
                                                            step_size_down=2000, mode="triangular2")
-        self.loader = DataLoader(DepthEstimationUnreal(data_dir, "train"), batch_size=batch_size, shuffle=True, drop_last=True,
-                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.loader = DataLoader(DepthEstimationUnreal(data_dir, "train"), batch_size=batch_size, shuffle=True,
+                                 drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0)
         self.batches = iter(self.loader)
         self.batch_size = batch_size
 
@@ -240,32 +218,20 @@ class OurTraining:
         self.batch_size = batch_size
 
     def step(self):
-        tr = self.trainer
         try:
             rgb, depth = next(self.batches)
         except StopIteration:
-            tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
-            self.batches = tr.epoch_batches()
+            self.trainer.finish_epoch()
+            self.batches = self.trainer.epoch_batches()
             rgb, depth = next(self.batches)
-        parts, _ = tr.process_batch(rgb, depth)  # as Trainer.run_epoch does
-        tr.batch_in_epoch += 1
-        if parts is None:
-            return torch.tensor(float("nan"))
-        tr.step += 1
-        if tr.sync_free and tr.host_work_due():  # on GPUs every --log-every steps
-            tr.check_steps()
-        return parts["loss"]
+        done = self.trainer.train_step(rgb, depth)
+        return done.parts["loss"] if done is not None else torch.tensor(float("nan"))
 
     def finish(self):
         self.trainer.check_steps()
 
     def close(self):
         del self.batches
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_training(runners, device, warmup, steps, rounds):
@@ -276,19 +242,19 @@ def time_training(runners, device, warmup, steps, rounds):
         for _ in range(warmup):
             r.step()
         r.finish()
-        sync(device)
+        synchronize(device)
         out[r.name] = {"warmup_s": time.perf_counter() - start, "seconds": 0.0, "steps": 0}
     for k in range(rounds):
         for r in runners:
             n = steps[r.name] // rounds + (k < steps[r.name] % rounds)
             if n == 0:
                 continue
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(n):
                 loss = r.step()
             r.finish()
-            sync(device)
+            synchronize(device)
             out[r.name]["seconds"] += time.perf_counter() - start
             out[r.name]["steps"] += n
             out[r.name]["last_loss"] = float(loss)
@@ -303,13 +269,14 @@ def time_training(runners, device, warmup, steps, rounds):
 def peak_memory(device):
     """Bytes: the CUDA allocator's peak on GPUs, else the process's peak resident set (Linux: KiB)."""
     if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "memory_kind": "torch.cuda.max_memory_allocated"}
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "memory_kind": "torch.cuda.max_memory_allocated"}
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "memory_kind": "process peak RSS (ru_maxrss), cumulative over the run"}
 
 
 def bench_training(args, device, data_dir, run_dir):
-    init_depth = mean_training_depth(DepthEstimationUnreal(data_dir, "train"))
+    init_depth = DepthEstimationUnreal(data_dir, "train").mean_depth
     steps = {"baseline": args.baseline_steps, "ours": args.steps}
 
     def make(name):
@@ -360,14 +327,14 @@ def bench_inference(device, amp_dtype, compile_model, reps, batch_size=32):
         for name in out:
             for _ in range(3 if device.type == "cuda" or compile_model else 1):  # warm-up (and compiling this shape)
                 run(name, x)
-        sync(device)
+        synchronize(device)
         times = {name: [] for name in out}
         for _ in range(reps if b == 1 else max(2, reps // 5)):
             for name in out:
-                sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 run(name, x)
-                sync(device)
+                synchronize(device)
                 times[name].append(time.perf_counter() - t)
         for name in out:
             if b == 1:
@@ -395,11 +362,11 @@ def matmul_flops(device, dtype, n=None, reps=5):
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
@@ -413,7 +380,8 @@ def device_peaks(device, ours_dtype):
         gpu = torch.cuda.get_device_name(device)
         for key, table in GPU_PEAK_TFLOPS:
             if key in gpu:
-                return {"baseline": table["tf32"] * 1e12, "ours": table["bf16" if ours_dtype is not None else "tf32"] * 1e12,
+                ours = table["bf16" if ours_dtype is not None else "tf32"]
+                return {"baseline": table["tf32"] * 1e12, "ours": ours * 1e12,
                         "source": f"data sheet, {key} dense tensor cores (baseline TF32, ours {ours_name})",
                         "measured_matmul_flops": measured}
     return {"baseline": measured["fp32"], "ours": measured.get(ours_name, measured["fp32"]),
@@ -493,7 +461,8 @@ def main(argv=None):
         "config": {"batch_size": args.batch_size, "steps": args.steps, "baseline_steps": args.baseline_steps,
                    "warmup": args.warmup, "rounds": args.rounds, "compile": args.compile,
                    "ours_dtype": DTYPE_NAMES[amp_dtype], "workers": args.workers,
-                   "data": args.data_dir or f"generated: {args.images} train / {min(32, args.images)} val pairs of 144 × 256"},
+                   "data": args.data_dir or
+                           f"generated: {args.images} train / {min(32, args.images)} val pairs of 144 × 256"},
     }
     # FLOPs and peaks first: the training figures' fraction of peak needs them.
     fwd = forward_flops()
@@ -501,7 +470,10 @@ def main(argv=None):
                        "counting": "FlopCounterMode on one forward pass; training = 3 × forward"}
     result["peak_flops"] = peaks = device_peaks(device, amp_dtype)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data_dir = args.data_dir or write_bench_dataset(os.path.join(tmp, "data"), args.images, min(32, args.images))
+        data_dir = args.data_dir or os.path.join(tmp, "data")
+        if not args.data_dir:
+            generate_dataset(data_dir, args.images, min(32, args.images), 0, workers=max(1, args.workers),
+                             progress=False)
         train, trainer = bench_training(args, device, data_dir, os.path.join(tmp, "run"))
         for name in ("baseline", "ours"):
             train[name]["achieved_flops"] = 3 * fwd * train[name]["img_s"]
@@ -513,8 +485,9 @@ def main(argv=None):
         del trainer
     inference = bench_inference(device, amp_dtype, args.compile, args.inference_reps, args.inference_batch)
     result["inference"] = inference
-    result["inference_latency_ratio"] = inference["ours"]["latency_ms_batch1"] / inference["baseline"]["latency_ms_batch1"]
-    result["inference_throughput_ratio"] = inference["ours"]["img_s_batchN"] / inference["baseline"]["img_s_batchN"]
+    ours, baseline = inference["ours"], inference["baseline"]
+    result["inference_latency_ratio"] = ours["latency_ms_batch1"] / baseline["latency_ms_batch1"]
+    result["inference_throughput_ratio"] = ours["img_s_batchN"] / baseline["img_s_batchN"]
     print_summary(result)
     write_json(result, args.out)
     return result

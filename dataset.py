@@ -1,4 +1,4 @@
-"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (SPEC §2).
+"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (docs/design.md §5).
 
 Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.npy, paired by stem.
 Every sample is (rgb (3, S, S) float32 in [0, 1], depth (1, S, S) float32 metres in [0, max_depth]).
@@ -10,6 +10,13 @@ bad file then stops the run before training starts, with one line naming it, ins
 hours later inside a DataLoader worker, whose errors PyTorch re-raises wrapped in a
 traceback. Decoding a 144 × 256 pair costs about 0.5 ms (JPEG + .npy, one core), so the
 4,069 pairs of the real set take about 2 s, spread over a few threads.
+
+The same pass sums the clipped depth: its mean is the model's initial output bias, so no
+second pass over the files is needed for it.
+
+EpochSampler and EpochBatches fix the data order: a permutation per epoch derived from
+(seed, epoch), cut into global batches and shared out across processes, the same from the
+cache and from the folder loader.
 
 SplitCache holds a split decoded once (uint8 RGB, float16 depth, at S × S), so that an
 epoch needs no decoding; on a GPU the whole cache lives in device memory. Building it
@@ -30,12 +37,14 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from utils import UserError, atomic_save
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# Depth is clipped to [0, MAX_DEPTH] metres, as the paper preprocesses it (sky is stored as 100 m).
+MAX_DEPTH = 20.0
 SPLITS = ("train", "val", "test")
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -107,7 +116,8 @@ def read_depth(path):
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
     if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)):
-        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; expected a 2-D float array (H, W) in metres")
+        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; "
+                        "expected a 2-D float array (H, W) in metres")
     depth = depth.astype(np.float32, copy=False)
     if not np.isfinite(depth).all():
         raise DataError(f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it")
@@ -118,25 +128,43 @@ def read_pair(rgb_path, depth_path):
     """(rgb HWC uint8, depth HW float32) of one pair; DataError if a file is bad or their sizes disagree."""
     rgb, depth = read_rgb(rgb_path), read_depth(depth_path)
     if rgb.shape[:2] != depth.shape:
-        raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is {depth.shape[1]}×{depth.shape[0]}; "
+        raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is "
+                        f"{depth.shape[1]}×{depth.shape[0]}; "
                         "RGB and depth must have one size: re-export or remove the pair")
     return rgb, depth
 
 
-def check_files(pairs, desc="checking files", progress=True):
-    """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order."""
-    def check(pair):
-        read_pair(pair[1], pair[2])
+def map_in_threads(fn, items, desc, progress=True):
+    """fn(item) for every item on a few threads of this process, yielded in order; a bar on long lists.
 
-    # PIL and NumPy release the GIL while decoding and reading, so threads overlap well.
+    PIL, NumPy and torch release the GIL while they decode, read and resize, so threads
+    overlap well. If fn raises, or the caller stops early, the items not started are cancelled.
+    """
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(check, pairs)
+        results = pool.map(fn, items)
         try:
-            for _ in tqdm(results, total=len(pairs), desc=desc, leave=False, disable=not progress or len(pairs) < 500):
-                pass
+            yield from tqdm(results, total=len(items), desc=desc, leave=False, disable=not progress or len(items) < 500)
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def check_files(pairs, max_depth=MAX_DEPTH, desc="checking files", progress=True):
+    """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order.
+
+    Returns the mean depth clipped to [0, max_depth] over every pixel of the pairs, which
+    this pass reads anyway: the model's initial output bias needs no second pass.
+    """
+    def clipped_depth_sum(pair):
+        _, depth = read_pair(pair[1], pair[2])
+        clipped = np.clip(depth, 0.0, max_depth)
+        return float(clipped.sum(dtype=np.float64)), clipped.size
+
+    total, count = 0.0, 0
+    for part_sum, part_count in map_in_threads(clipped_depth_sum, pairs, desc, progress):
+        total += part_sum
+        count += part_count
+    return total / count
 
 
 def to_model_input(rgb, size):
@@ -208,13 +236,27 @@ class DepthEstimationUnreal(Dataset):
     hides the bar of that check (--quiet).
     """
 
-    def __init__(self, root, split="train", size=224, max_depth=20.0, native=False, check=True, progress=True):
+    def __init__(self, root, split="train", size=224, max_depth=MAX_DEPTH, native=False, check=True, progress=True):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
+        self.progress = progress
         self.pairs = list_pairs(root, split)
-        if check:
-            check_files(self.pairs, desc=f"checking {split} files", progress=progress)
+        self._mean_depth = self.check() if check else None
+
+    def check(self):
+        """check_files on this split; returns its mean clipped depth."""
+        return check_files(self.pairs, self.max_depth, desc=f"checking {self.split} files", progress=self.progress)
+
+    @property
+    def mean_depth(self):
+        """Mean clipped depth over every pixel of the split: the model's initial output bias.
+
+        Computed by the up-front check; a split opened with check=False runs that check on first use.
+        """
+        if self._mean_depth is None:
+            self._mean_depth = self.check()
+        return self._mean_depth
 
     def __len__(self):
         return len(self.pairs)
@@ -236,6 +278,60 @@ class DepthEstimationUnreal(Dataset):
         return sample + (depth_t,) if self.native else sample
 
 
+# ------------------------------------------------------------------ data order
+class EpochSampler(Sampler):
+    """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
+
+    Deriving the order from the epoch number, rather than from a running generator,
+    lets a resumed run see exactly the batches the interrupted one would have seen.
+    """
+
+    def __init__(self, n, seed, epoch, start=0, shuffle=True):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        self.indices = order[start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class EpochBatches(Sampler):
+    """This process's batches of one epoch, as lists of indices.
+
+    EpochSampler's order is cut into global batches of `batch_size`, and each global batch
+    into `world_size` contiguous parts, of which rank r takes part r. With one process these
+    are exactly DataLoader(sampler=EpochSampler(...), batch_size=batch_size)'s batches, so the
+    data order is the same from the cache, from the folder loader, and across resumes. A last
+    global batch with fewer images than processes is dropped: some process would get none.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch, start_batch=0):
+        order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
+        self.epoch_length = start_batch  # batches in the whole epoch, those before start_batch included
+        self.batches = []
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            if len(chunk) < self.world_size:
+                break
+            per_rank, extra = divmod(len(chunk), self.world_size)
+            lo = self.rank * per_rank + min(self.rank, extra)
+            self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
+        self.epoch_length += len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 # ------------------------------------------------------------------ decoded cache
 CACHE_VERSION = 1
 # A cache resident on the GPU may take this share of the free memory; training needs the rest.
@@ -247,7 +343,8 @@ def cache_key(dataset):
     files = []
     for stem, rgb_path, depth_path in dataset.pairs:
         rgb_st, depth_st = os.stat(rgb_path), os.stat(depth_path)
-        files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns, depth_st.st_size, depth_st.st_mtime_ns])
+        files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns,
+                      depth_st.st_size, depth_st.st_mtime_ns])
     spec = [CACHE_VERSION, dataset.size, dataset.max_depth, files]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -289,7 +386,8 @@ class SplitCache:
                     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                     return cls(data["rgb"], data["depth"], data["mean_depth"])
                 except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-                    warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it")
+                    warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it",
+                                  stacklevel=2)
         if not build:
             return None
         cache = cls.build(dataset, progress)
@@ -300,7 +398,8 @@ class SplitCache:
     def build(cls, dataset, progress=True):
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
-        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True, check=False)
+        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True,
+                                       check=False)
         n, s = len(source), source.size
         rgb = torch.empty(n, 3, s, s, dtype=torch.uint8)
         depth = torch.empty(n, 1, s, s, dtype=torch.float16)
@@ -308,20 +407,14 @@ class SplitCache:
 
         def quantised(i):
             rgb_f, depth_f, native = source[i]
-            return rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16), float(native.double().sum()), native.numel()
+            return (rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16),
+                    float(native.double().sum()), native.numel())
 
-        # PIL, NumPy and torch release the GIL while they work, so threads overlap well.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = pool.map(quantised, range(n))
-            try:
-                for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
-                        tqdm(results, total=n, desc=f"caching {dataset.split} split", leave=False, disable=not progress or n < 500)):
-                    rgb[i], depth[i] = rgb_q, depth_q
-                    total += part_sum
-                    count += part_count
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
+                map_in_threads(quantised, range(n), f"caching {dataset.split} split", progress)):
+            rgb[i], depth[i] = rgb_q, depth_q
+            total += part_sum
+            count += part_count
         return cls(rgb, depth, total / count)
 
     def save(self, dataset, name):
@@ -338,7 +431,7 @@ class SplitCache:
                     os.remove(old)
             return
         warnings.warn(f"could not write a data cache for {dataset.root} (read-only, and so is the user cache folder); "
-                      "it will be rebuilt next time")
+                      "it will be rebuilt next time", stacklevel=2)
 
     def place(self, device):
         """Move to the GPU when it fits in GPU_CACHE_SHARE of the free memory, else keep in (pinned) host memory."""
@@ -369,5 +462,6 @@ class SplitCache:
             start += len(b)
             rgb, depth = self.rgb.index_select(0, idx), self.depth.index_select(0, idx)
             if rgb.device.type != device.type:  # a host cache ("cuda" and "cuda:0" are one device)
-                rgb, depth = rgb.pin_memory().to(device, non_blocking=True), depth.pin_memory().to(device, non_blocking=True)
+                rgb = rgb.pin_memory().to(device, non_blocking=True)
+                depth = depth.pin_memory().to(device, non_blocking=True)
             yield rgb.float().div_(255.0), depth.float()

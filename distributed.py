@@ -54,13 +54,13 @@ def barrier():
         dist.barrier()
 
 
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any: keeps decisions such as stopping in step."""
+def max_across_ranks(value, device):
+    """The largest of an integer over all ranks, on every rank: keeps decisions such as stopping in step."""
     if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return int(value)
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 class _SumAcrossRanks(torch.autograd.Function):
@@ -137,7 +137,8 @@ def convert_batchnorm(module):
     """Replace every BatchNorm2d under `module` by a GlobalBatchNorm2d with the same state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats,
                                     device=child.running_mean.device, dtype=child.running_mean.dtype)
             new.load_state_dict(child.state_dict())
             if child.affine:

@@ -1,35 +1,37 @@
-"""Evaluation under both protocols of SPEC §5, in one pass over a split.
+"""Evaluation under both protocols of docs/design.md §8, in one pass over a split.
 
 challenge_*: the paper's and the course's numbers: 224 × 224, batches of 32 in file
 order, raw predictions, per-batch RMSE and template SSIM averaged over batches. A model
 trained at another --image-size is scored at 224 × 224 too (its prediction resized).
 standard: at the ground truth's own resolution, every metric per image, then averaged.
 """
-import contextlib
 import csv
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import read_depth, resize_to_square
-from losses import rmse, ssim, ssim_map
+from dataset import MAX_DEPTH, read_depth, resize_to_square
+from losses import MIN_DEPTH, rmse, ssim, ssim_map
+from plots import plot_prediction_grid, plot_training_curves
+from predict import predict_batch, predict_samples
 from utils import atomic_path
 
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
                "challenge_rmse", "challenge_ssim", "n_images")
-MIN_DEPTH = 1e-3
 CHALLENGE_BATCH = 32
 # The challenge protocol's resolution. A model trained at another --image-size is scored there
 # too, its prediction resized bilinearly, so that challenge_* figures always compare.
 CHALLENGE_SIZE = 224
 
 
-def compute_errors(gt, pred, max_depth=20.0):
+def compute_errors(gt, pred, max_depth=MAX_DEPTH):
     """Standard metrics of each image of (B, 1, H, W) gt and pred (same size) as (B,) tensors.
 
-    pred is clamped to [0, max_depth] for RMSE/SSIM and to [1e-3, max_depth] for the
-    ratio and log metrics, which use only pixels with gt > 1e-3.
+    pred is clamped to [0, max_depth] for RMSE/SSIM and to [MIN_DEPTH, max_depth] for the
+    ratio and log metrics, which use only pixels with gt > MIN_DEPTH (1 mm).
     """
     gt, pred = gt.float(), pred.float().clamp(0, max_depth)
     dims = (1, 2, 3)
@@ -62,18 +64,10 @@ def collate_with_native(batch):
 
 
 @torch.no_grad()
-def predict_batch(model, rgb, amp_dtype=None):
-    """Raw fp32 predictions of a batch, optionally computed under autocast."""
-    ctx = torch.autocast(rgb.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with ctx:
-        return model(rgb).float()
-
-
-@torch.no_grad()
-def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=20.0):
+def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=MAX_DEPTH):
     """Both protocols on `dataset` (a DepthEstimationUnreal with native=True).
 
-    Returns the metrics dict of SPEC §6, plus a list of per-image metric dicts when per_image.
+    Returns the metrics dict (METRIC_KEYS), plus a list of per-image metric dicts when per_image.
     """
     was_training = model.training
     model.eval()
@@ -166,3 +160,28 @@ def baseline_models(train_set):
     return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
             "per-row mean": FixedMapModel(rows),
             "mean map": FixedMapModel(mean_map)}
+
+
+def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):
+    """The reports of --eval, into out_dir: report_SPLIT_per_image.csv (`rows` of evaluate(..., per_image=True)),
+    report_SPLIT_grid.png (`grid_rows` images spread evenly over the split, 0: none) and curves.png, the
+    training curves of run_dir (the checkpoint's run) when it has logs."""
+    split = dataset.split
+    csv_path = os.path.join(out_dir, f"report_{split}_per_image.csv")
+    write_per_image_csv(rows, csv_path)
+    worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
+    print(f"per-image metrics: {csv_path}; highest RMSE: "
+          + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
+    if grid_rows > 0:
+        indices = np.unique(np.linspace(0, len(rows) - 1, min(grid_rows, len(rows))).round().astype(int))
+        predictions = predict_samples(model, dataset, indices, device, amp_dtype)
+        samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
+                   for i, (name, rgb, gt, pred) in zip(indices, predictions)]
+        grid_path = os.path.join(out_dir, f"report_{split}_grid.png")
+        plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap)
+        print(f"prediction grid: {grid_path}")
+    curves_path = os.path.join(out_dir, "curves.png")
+    if plot_training_curves(run_dir, curves_path):
+        print(f"training curves: {curves_path}")
+    else:
+        print(f"no training curves: {run_dir} has no metrics.jsonl or train_log.jsonl")

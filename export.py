@@ -13,6 +13,7 @@ import torch
 
 from utils import UserError, atomic_path
 
+
 def require_onnx():
     """Import the ONNX exporter and runtime, or say in one line how to install them."""
     try:
@@ -83,7 +84,8 @@ def export_model(model, fmt, path, size=224, tolerance=1e-4, seed=0):
             expected = model(check).numpy()
         got = RUN[fmt](tmp, check)
         if got.shape != expected.shape:
-            raise UserError(f"the {fmt} export gives shape {got.shape} for input {tuple(check.shape)}, the eager model {expected.shape}")
+            raise UserError(f"the {fmt} export gives shape {got.shape} for input {tuple(check.shape)}, the eager model "
+                            f"{expected.shape}")
         diff = float(np.abs(got - expected).max())
         if not diff <= tolerance:
             raise UserError(f"the {fmt} export differs from the eager model by up to {diff:.3g} on random input "

@@ -36,7 +36,8 @@ def run_git(args, cwd):
         sys.stderr.flush()
         tail = (tail + chunk)[-4096:]
     if proc.wait():
-        lines = [line.strip() for line in tail.decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+        text = tail.decode(errors="replace").replace("\r", "\n")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
         raise FetchError(f"git {args[0]} failed: {reason}")
 

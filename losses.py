@@ -1,40 +1,51 @@
-"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (SPEC §3), plus optional edge and SILog terms."""
+"""RMSE, SSIM and the paper's loss L = α·RMSE + β·(1 − SSIM) (docs/design.md §6), plus optional edge and SILog terms.
+
+Every term is computed from sums and counts (sum of squared errors and pixel count, sum of
+per-image SSIMs and image count, ...), in the inputs' precision but never below fp32. The
+loss adds those sums up across processes before dividing (distributed.sum_across_ranks),
+so that N processes compute the loss of the whole global batch; on one process the same
+code runs with nothing to add up.
+"""
 import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
-# Depths at or below this count as missing, as in evaluate.MIN_DEPTH.
+# Depths at or below this count as missing (SILog here, the ratio and log metrics in evaluate.py).
 MIN_DEPTH = 1e-3
 
 
-def gaussian_taps(size=WINDOW_SIZE, sigma=WINDOW_SIGMA, device=None):
+def at_least_fp32(t):
+    """`t` in fp32, or in its own dtype when that is wider (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def gaussian_taps(size=WINDOW_SIZE, sigma=WINDOW_SIGMA, device=None, dtype=torch.float32):
     """Normalised 1-D Gaussian; its outer product is the 2-D SSIM window."""
-    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
 @functools.lru_cache(maxsize=16)
-def gaussian_band(n, padding, device):
+def gaussian_band(n, padding, device, dtype=torch.float32):
     """(m, n) matrix M with M @ v the 11-tap Gaussian blur of a length-n signal v.
 
     "same": m = n, the window's part outside the signal falls away (zero padding);
     "valid": m = n − 10, only the positions where the whole window fits.
     """
-    g = gaussian_taps(device=device)
+    g = gaussian_taps(device=device, dtype=dtype)
     pad = WINDOW_SIZE // 2 if padding == "same" else 0
     m = n if padding == "same" else n - (WINDOW_SIZE - 1)
     offset = torch.arange(n, device=device)[None, :] - torch.arange(m, device=device)[:, None] + pad
     inside = (offset >= 0) & (offset < WINDOW_SIZE)
-    return torch.where(inside, g[offset.clamp(0, WINDOW_SIZE - 1)], torch.zeros((), device=device))
+    return torch.where(inside, g[offset.clamp(0, WINDOW_SIZE - 1)], torch.zeros((), device=device, dtype=dtype))
 
 
 def gaussian_blur_maps(maps, padding):
-    """Blur each channel of (B, C, H, W) fp32 maps with the 11 × 11 Gaussian: rows @ maps @ colsᵀ.
+    """Blur each channel of (B, C, H, W) fp32 (or fp64) maps with the 11 × 11 Gaussian: rows @ maps @ colsᵀ.
 
     The 2-D window is the outer product of two 1-D ones, so the blur is a product with a
     banded matrix on each side. On 2 CPU cores, forward + backward of the five SSIM
@@ -44,8 +55,8 @@ def gaussian_blur_maps(maps, padding):
     matmuls are switched on (torch.backends.cuda.matmul.allow_tf32; off by default).
     """
     h, w = maps.shape[-2:]
-    rows = gaussian_band(h, padding, maps.device)
-    cols = gaussian_band(w, padding, maps.device)
+    rows = gaussian_band(h, padding, maps.device, maps.dtype)
+    cols = gaussian_band(w, padding, maps.device, maps.dtype)
     return rows @ maps @ cols.T
 
 
@@ -54,11 +65,12 @@ def ssim_map(x, y, data_range=1.0, padding="same"):
     if padding not in ("same", "valid"):
         raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"ssim expects two (B, 1, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"ssim expects two (B, 1, H, W) tensors of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     # Variances are differences of squares of values up to 20 m: keep them in fp32
     # even when the network runs under bf16/fp16 autocast.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x, y = x.float(), y.float()
+        x, y = at_least_fp32(x), at_least_fp32(y)
         c1 = (0.01 * data_range) ** 2
         c2 = (0.03 * data_range) ** 2
         stats = gaussian_blur_maps(torch.cat([x, y, x * x, y * y, x * y], dim=1), padding)
@@ -71,6 +83,17 @@ def ssim_map(x, y, data_range=1.0, padding="same"):
         return num / den
 
 
+def count_like(t, n):
+    """The count n as a 0-d tensor of t's dtype and device (torch.full: no host-to-device copy)."""
+    return torch.full((), float(n), dtype=t.dtype, device=t.device)
+
+
+def ssim_sums(x, y, data_range=1.0, padding="same"):
+    """(Σ over images of each image's mean SSIM, number of images)."""
+    per_image = ssim_map(x, y, data_range, padding).mean(dim=(1, 2, 3))
+    return per_image.sum(), count_like(per_image, per_image.numel())
+
+
 def ssim(x, y, data_range=1.0, padding="same"):
     """Mean over images of each image's mean SSIM.
 
@@ -79,20 +102,28 @@ def ssim(x, y, data_range=1.0, padding="same"):
     padding="valid", data_range=20: the standard metric, equal to scikit-image's
     structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False).
     """
-    return ssim_map(x, y, data_range, padding).mean(dim=(1, 2, 3)).mean()
+    total, count = ssim_sums(x, y, data_range, padding)
+    return total / count
+
+
+def squared_error_sums(pred, target):
+    """(Σ (pred − target)² over every pixel, number of pixels)."""
+    err = at_least_fp32(pred) - at_least_fp32(target)
+    return (err * err).sum(), count_like(err, err.numel())
 
 
 def rmse(pred, target):
     """sqrt(mean((pred − target)²)) over every pixel of the batch."""
-    return torch.sqrt(F.mse_loss(pred.float(), target.float()))
+    total, count = squared_error_sums(pred, target)
+    return torch.sqrt(total / count)
 
 
 def gradient_error_sums(pred, target):
-    """(Σ|Δx error|, count, Σ|Δy error|, count): the edge loss's sums, for adding up across processes."""
-    pred, target = pred.float(), target.float()
+    """(Σ|Δx error|, count, Σ|Δy error|, count): the edge loss's sums."""
+    pred, target = at_least_fp32(pred), at_least_fp32(target)
     dx = (pred.diff(dim=-1) - target.diff(dim=-1)).abs()
     dy = (pred.diff(dim=-2) - target.diff(dim=-2)).abs()
-    return dx.sum(), dx.numel(), dy.sum(), dy.numel()
+    return dx.sum(), count_like(dx, dx.numel()), dy.sum(), count_like(dy, dy.numel())
 
 
 def gradient_loss(pred, target):
@@ -113,8 +144,8 @@ def silog_per_image(pred, target, lam=0.85, min_depth=MIN_DEPTH):
     lam = 1 is fully invariant to a global scale of pred; lam < 1 keeps some weight on the
     absolute scale. Unscaled (BTS multiplies by 10): set its weight with silog_weight.
     """
-    pred, target = pred.float(), target.float()
-    valid = (target > min_depth).float()
+    pred, target = at_least_fp32(pred), at_least_fp32(target)
+    valid = (target > min_depth).to(pred.dtype)
     n = valid.sum(dim=(1, 2, 3)).clamp_min(1)
     d = (pred.clamp_min(min_depth).log() - target.clamp_min(min_depth).log()) * valid
     mean_d = d.sum(dim=(1, 2, 3)) / n
@@ -123,19 +154,31 @@ def silog_per_image(pred, target, lam=0.85, min_depth=MIN_DEPTH):
     return (mean_d2 - lam * mean_d * mean_d).clamp_min(1e-12).sqrt()
 
 
+def silog_sums(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+    """(Σ over images of silog_per_image, number of images)."""
+    per_image = silog_per_image(pred, target, lam, min_depth)
+    return per_image.sum(), count_like(per_image, per_image.numel())
+
+
 def silog_loss(pred, target, lam=0.85, min_depth=MIN_DEPTH):
     """silog_per_image averaged over the batch."""
-    return silog_per_image(pred, target, lam, min_depth).mean()
+    total, count = silog_sums(pred, target, lam, min_depth)
+    return total / count
+
+
+def no_reduction(t):
+    return t
 
 
 class DepthLoss(nn.Module):
     """L = α·RMSE + β·(1 − SSIM) [+ grad_weight·edge loss + silog_weight·SILog]; returns (total, parts for logging).
 
     The extra terms are computed, and appear in the parts, only when their weight is not 0:
-    with the defaults this is exactly the paper's loss. `reduce` sums a tensor over the
-    processes of a distributed run (distributed.sum_across_ranks): every term is then that
-    of the global batch, as one process would compute it. RMSE is a square root of a mean,
-    so averaging per-process losses would not give that.
+    with the defaults this is exactly the paper's loss. Each term comes from sums and counts,
+    which `reduce` adds up over the processes of a distributed run (distributed.sum_across_ranks;
+    by default nothing is added: one process): every term is then that of the global batch, as
+    one process would compute it. RMSE is a square root of a mean, so averaging per-process
+    losses would not give that.
     """
 
     def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0, reduce=None):
@@ -144,41 +187,24 @@ class DepthLoss(nn.Module):
         self.beta = beta
         self.grad_weight = grad_weight
         self.silog_weight = silog_weight
-        self.reduce = reduce
+        self.reduce = reduce or no_reduction
 
     def forward(self, pred, target):
-        if self.reduce is None:
-            err, sim = rmse(pred, target), ssim(pred, target, data_range=1.0, padding="same")
-            grad = gradient_loss(pred, target) if self.grad_weight else None
-            silog = silog_loss(pred, target) if self.silog_weight else None
-        else:
-            err, sim, grad, silog = self.global_batch_terms(pred, target)
+        sums = [*squared_error_sums(pred, target), *ssim_sums(pred, target, data_range=1.0, padding="same")]
+        if self.grad_weight:
+            sums += gradient_error_sums(pred, target)
+        if self.silog_weight:
+            sums += silog_sums(pred, target)
+        s = self.reduce(torch.stack(sums))
+        err, sim = torch.sqrt(s[0] / s[1]), s[2] / s[3]
         total = self.alpha * err + self.beta * (1 - sim)
         parts = {"rmse": err.detach(), "ssim": sim.detach()}
         if self.grad_weight:
+            grad = s[4] / s[5] + s[6] / s[7]
             total = total + self.grad_weight * grad
             parts["grad"] = grad.detach()
         if self.silog_weight:
+            silog = s[-2] / s[-1]
             total = total + self.silog_weight * silog
             parts["silog"] = silog.detach()
         return total, {"loss": total.detach(), **parts}
-
-    def global_batch_terms(self, pred, target):
-        """RMSE, SSIM, edge and SILog terms (None when unweighted) from sums and counts added up by `reduce`."""
-        pred, target = pred.float(), target.float()
-
-        def count(n):  # torch.full, not torch.tensor(..., device=...): no host-to-device copy
-            return torch.full((), float(n), device=pred.device)
-
-        sums = [((pred - target) ** 2).sum(), count(pred.numel()),
-                ssim_map(pred, target, data_range=1.0, padding="same").mean(dim=(1, 2, 3)).sum(), count(pred.shape[0])]
-        if self.grad_weight:
-            sum_x, n_x, sum_y, n_y = gradient_error_sums(pred, target)
-            sums += [sum_x, count(n_x), sum_y, count(n_y)]
-        if self.silog_weight:
-            sums.append(silog_per_image(pred, target).sum())
-        s = self.reduce(torch.stack(sums))
-        err, sim = torch.sqrt(s[0] / s[1]), s[2] / s[3]
-        grad = s[4] / s[5] + s[6] / s[7] if self.grad_weight else None
-        silog = s[-1] / s[3] if self.silog_weight else None
-        return err, sim, grad, silog

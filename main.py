@@ -1,4 +1,4 @@
-"""Entry point: every option lives here, with the paper's values as defaults (SPEC §4, §6).
+"""Entry point: every option lives here, with the paper's values as defaults (docs/design.md §7, §9).
 
     python main.py                                  train (paper preset)
     python main.py --eval --ckpt runs/X/best.pt     evaluate a checkpoint (both protocols) and write reports
@@ -35,18 +35,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where there is none to show or the help already names it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # `is`, not `in (None, False)`: 0 and 0.0 equal False, and their defaults should show.
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Monocular depth estimation: ResNet-34 encoder + transposed-convolution decoder.",
+        formatter_class=HelpFormatter)
     mode = p.add_argument_group("what to do (default: train)")
     one_of = mode.add_mutually_exclusive_group()
     one_of.add_argument("--eval", action="store_true",
-                        help="evaluate --ckpt on --split, print both protocols' metrics and write the reports (see --report)")
+                        help="evaluate --ckpt on --split, print both protocols' metrics and write the reports "
+                             "(see --report)")
     one_of.add_argument("--demo", action="store_true",
                         help="offline quickstart: synthesise data if absent, train briefly, evaluate against baselines")
     one_of.add_argument("--predict", default=None, metavar="IMAGE_DIR_OR_VIDEO",
@@ -65,10 +68,12 @@ def build_parser():
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
+    data.add_argument("--workers", type=int, default=2,
+                      help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--image-size", type=int, default=224,
-                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for tests and laptops. "
-                           "--eval, --predict and --export use the checkpoint's own unless this is given")
+                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for "
+                           "tests and laptops. --eval, --predict and --export use the checkpoint's own unless this is "
+                           "given")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
                       help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
                            "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
@@ -79,15 +84,17 @@ def build_parser():
                             "to a state dict of the --encoder network, or PATH to a checkpoint written by training "
                             "(best.pt, last.pt), which starts encoder and decoder alike (fine-tuning)")
 
-    beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is unchanged)")
+    beyond = p.add_argument_group("beyond the paper (its future work; all off by default, so the paper preset is "
+                                  "unchanged)")
     beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,
                         help="torchvision encoder; the decoder adapts to its channels and its stem stays frozen")
     beyond.add_argument("--skips", action="store_true",
                         help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
                              "are concatenated into the decoder")
     beyond.add_argument("--augment", action="store_true",
-                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no borders) "
-                             "on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB only")
+                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no "
+                             "borders) on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB "
+                             "only")
     beyond.add_argument("--grad-weight", type=float, default=0.0,
                         help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
     beyond.add_argument("--silog-weight", type=float, default=0.0,
@@ -95,25 +102,32 @@ def build_parser():
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
-    optim.add_argument("--batch-size", "--batch_size", type=int, default=32, help="images per optimiser step, over all processes under torchrun (and per batch of --predict)")
+    optim.add_argument("--batch-size", "--batch_size", type=int, default=32,
+                       help="images per optimiser step, over all processes under torchrun (and per batch of --predict)")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate = CyclicLR base_lr")
     optim.add_argument("--max-lr", type=float, default=5e-3, help="CyclicLR max_lr")
     optim.add_argument("--step-size-up", type=int, default=1000, help="CyclicLR optimiser steps from base to max lr")
-    optim.add_argument("--step-size-down", type=int, default=2000, help="CyclicLR optimiser steps from max back to base lr")
+    optim.add_argument("--step-size-down", type=int, default=2000,
+                       help="CyclicLR optimiser steps from max back to base lr")
     optim.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
     optim.add_argument("--alpha", type=float, default=1.0, help="weight of RMSE in the loss")
     optim.add_argument("--beta", type=float, default=1.0, help="weight of (1 - SSIM) in the loss")
-    optim.add_argument("--max-steps", type=int, default=None, help="stop when the global optimiser step reaches N (after writing last.pt)")
+    optim.add_argument("--max-steps", type=int, default=None,
+                       help="stop when the global optimiser step reaches N (after writing last.pt)")
     optim.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
 
     run = p.add_argument_group("run, logging and checkpoints")
     run.add_argument("--run-dir", "--ckpt_dir", default=None, help="output folder (default: runs/YYYYmmdd-HHMMSS)")
-    run.add_argument("--eval-every", "--evaluate_every", type=int, default=2, help="evaluate on val every N epochs (0: never)")
-    run.add_argument("--vis-every", "--visualize_every", type=int, default=100, help="save a visualisation every N steps (0: never)")
+    run.add_argument("--eval-every", "--evaluate_every", type=int, default=2,
+                     help="evaluate on val every N epochs (0: never)")
+    run.add_argument("--vis-every", "--visualize_every", type=int, default=100,
+                     help="save a visualisation every N steps (0: never)")
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
-    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", help="checkpoint to evaluate, predict with or export")
-    run.add_argument("--metrics-out", default=None, metavar="PATH", help="with --eval: also write the metrics as one JSON object")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH",
+                     help="checkpoint to evaluate, predict with or export")
+    run.add_argument("--metrics-out", default=None, metavar="PATH",
+                     help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--tensorboard", action="store_true",
                      help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
@@ -124,16 +138,20 @@ def build_parser():
                       help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit, "
                            "and the learning rates to the batch (× batch / 32)")
     demo.add_argument("--demo-train", type=int, default=1000, help="synthetic training scenes to generate if absent")
-    demo.add_argument("--demo-val", type=int, default=50, help="synthetic validation scenes (a different kind of place)")
+    demo.add_argument("--demo-val", type=int, default=50,
+                      help="synthetic validation scenes (a different kind of place)")
     demo.add_argument("--demo-test", type=int, default=50, help="synthetic test scenes")
 
     use = p.add_argument_group("using a trained model (--predict, --export, reports of --eval)")
     use.add_argument("--out", default=None, metavar="PATH",
                      help="--predict: output folder (default: out); --export: output file (default: the checkpoint's "
-                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the checkpoint's folder)")
+                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the "
+                          "checkpoint's folder)")
     use.add_argument("--cmap", default="magma", help="matplotlib colormap of the depth PNGs and of the report grid")
-    use.add_argument("--png16", action="store_true", help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
-    use.add_argument("--ply", action="store_true", help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
+    use.add_argument("--png16", action="store_true",
+                     help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
+    use.add_argument("--ply", action="store_true",
+                     help="--predict: also write NAME.ply, a coloured point cloud (opens in MeshLab, Open3D)")
     use.add_argument("--npy", action="store_true",
                      help="--predict of a video: also write NAME_depth.npy, every frame's depth in metres as one "
                           "float16 (frames, H, W) array")
@@ -142,7 +160,8 @@ def build_parser():
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
     use.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="--eval: write report_SPLIT_grid.png, report_SPLIT_per_image.csv and curves.png (see --out)")
-    use.add_argument("--report-images", type=int, default=6, help="--eval: rows of the report grid, spread evenly over the split")
+    use.add_argument("--report-images", type=int, default=6,
+                     help="--eval: rows of the report grid, spread evenly over the split")
 
     hw = p.add_argument_group("hardware and reproducibility")
     hw.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when there is one")
@@ -165,12 +184,14 @@ def build_app_parser():
     """Options of app.py, the web page to try a model: how to serve it, then --predict's own."""
     p = argparse.ArgumentParser(prog="app.py", formatter_class=HelpFormatter,
                                 description="A web page to try a trained model: upload a photo, see its depth and "
-                                            "a 3-D point cloud, download the depth (needs: pip install -r requirements-app.txt).")
+                                            "a 3-D point cloud, download the depth (needs: pip install -r "
+                                            "requirements-app.txt).")
     serve = p.add_argument_group("serving")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
     serve.add_argument("--port", type=int, default=7860, help="port to listen on")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this many megabytes are refused")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0,
+                       help="uploads larger than this many megabytes are refused")
     shared = p.add_argument_group("the model, as for --predict")
     for action in build_parser()._actions:
         if action.dest in APP_SHARED:
@@ -197,7 +218,8 @@ def parse_app_options(argv=None):
 def check_model_options(parser, opts, cmap):
     """--image-size, --fov and (when `cmap`, which costs a matplotlib import) --cmap, for main.py and app.py."""
     if opts.image_size is not None and (opts.image_size < 32 or opts.image_size % 32):
-        parser.error(f"--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got {opts.image_size}")
+        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got "
+                     f"{opts.image_size}")
     if not 0 < opts.fov < 180:
         parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
     if cmap:
@@ -223,8 +245,10 @@ def check_options(parser, opts):
             parser.error(f"{name} must be zero or positive, got {value}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
-    if opts.max_steps is not None and opts.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, got {opts.max_steps}")
+    for name, value in {"--max-steps": opts.max_steps, "--demo-steps": opts.demo_steps, "--demo-train": opts.demo_train,
+                        "--demo-val": opts.demo_val, "--demo-test": opts.demo_test}.items():
+        if value is not None and value < 1:
+            parser.error(f"{name} must be at least 1, got {value}")
     if opts.is_train is False:
         opts.eval = True
     if opts.eval and (opts.predict or opts.export):
@@ -237,33 +261,6 @@ def check_options(parser, opts):
         from tblog import require_tensorboard
 
         require_tensorboard()  # now, not after the data set is checked and cached
-
-
-def apply_demo_preset(opts, explicit):
-    """Size the paper's recipe for a short run on whatever device there is.
-
-    The cycle keeps the paper's 1 : 2 rise/fall ratio but is scaled so the run sees two
-    full triangular2 cycles and ends at the base learning rate. Both learning rates scale
-    linearly with the batch against the paper's 32 (Goyal et al., 2017): at the CPU's
-    batch of 8 the paper's 1e-3 … 5e-3 makes the from-scratch network's validation score
-    swing by 0.5 m between evaluations. Options given on the command line win over the
-    preset; epochs=None is settled by run_demo once the data set (and so the epoch
-    length) exists.
-    """
-    import torch
-
-    cuda = opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
-    steps = opts.demo_steps or (3000 if cuda else 600)
-    preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "epochs": None,
-              "step_size_up": max(1, steps // 6), "step_size_down": max(1, steps // 3),
-              "eval_every": 2, "vis_every": max(1, steps // 6), "run_dir": os.path.join("runs", "demo")}
-    for key, value in preset.items():
-        if key not in explicit:
-            setattr(opts, key, value)
-    batch_scale = opts.batch_size / build_parser().get_default("batch_size")
-    for key in ("lr", "max_lr"):
-        if key not in explicit:
-            setattr(opts, key, getattr(opts, key) * batch_scale)
 
 
 def typed_options(argv):
@@ -303,10 +300,12 @@ def parse_options(argv=None):
     check_options(parser, opts)
     if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
         opts.image_size = None  # the size the checkpoint was trained at: see load_model
-    if opts.demo:
-        apply_demo_preset(opts, explicit)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
+    if opts.demo:
+        from demo import apply_demo_preset
+
+        apply_demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size"))
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
@@ -321,25 +320,43 @@ def load_model(opts):
     return model, size
 
 
-def load_for_inference(opts):
-    """(model on its device in eval mode, input side, device, autocast dtype) for --eval and --predict."""
-    from train import select_amp_dtype, select_device
+def load_for_inference(opts, channels_last):
+    """(model of --ckpt on its device in eval mode, input side, device), channels_last or contiguous.
+
+    --eval takes --channels-last's layout, training's (channels_last by default), so that it
+    computes exactly what the validation during training did.
+    """
+    import torch
+
+    from hardware import select_device
 
     device = select_device(opts.device)
     model, size = load_model(opts)
-    model.to(device).eval()
-    # fp32 unless autocast is asked for by name: "auto" would make the same checkpoint
-    # score (and predict) differently on different CPUs.
-    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
-    return model, size, device, amp_dtype
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return model, size, device
+
+
+def load_for_prediction(opts, channels_last):
+    """(model.InferenceModel of --ckpt, input side, device) for --predict and app.py: the fast path, weights
+    cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs
+    from fp32 by about a centimetre."""
+    from hardware import select_amp_dtype
+    from model import InferenceModel
+
+    model, size, device = load_for_inference(opts, channels_last)
+    return InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last), size, device
 
 
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
-    from evaluate import evaluate, format_metrics
+    from evaluate import evaluate, format_metrics, write_eval_report
+    from hardware import select_amp_dtype
     from utils import write_json_atomic
 
-    model, size, device, amp_dtype = load_for_inference(opts)
+    model, size, device = load_for_inference(opts, opts.channels_last)
+    # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
+    # checkpoint score differently on different CPUs, and differ from what its training recorded.
+    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
     dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
@@ -347,36 +364,10 @@ def run_eval(opts):
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
-        write_eval_report(opts, model, dataset, rows, device, amp_dtype)
+        run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
+        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir,
+                          amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
-
-
-def write_eval_report(opts, model, dataset, rows, device, amp_dtype):
-    """After --eval, into --out or the checkpoint's folder: the per-image CSV, a grid of predictions, the training curves."""
-    import numpy as np
-
-    from evaluate import write_per_image_csv
-    from predict import predict_samples
-    from utils import plot_prediction_grid, plot_training_curves
-
-    run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
-    out = opts.out or run_dir
-    csv_path = os.path.join(out, f"report_{opts.split}_per_image.csv")
-    write_per_image_csv(rows, csv_path)
-    worst = sorted(rows, key=lambda r: r["rmse"], reverse=True)[:5]
-    print(f"per-image metrics: {csv_path}; highest RMSE: " + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
-    if opts.report_images > 0:
-        indices = np.unique(np.linspace(0, len(rows) - 1, min(opts.report_images, len(rows))).round().astype(int))
-        samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
-                   for i, (name, rgb, gt, pred) in zip(indices, predict_samples(model, dataset, indices, device, amp_dtype))]
-        grid_path = os.path.join(out, f"report_{opts.split}_grid.png")
-        plot_prediction_grid(samples, grid_path, dataset.max_depth, opts.cmap)
-        print(f"prediction grid: {grid_path}")
-    curves_path = os.path.join(out, "curves.png")
-    if plot_training_curves(run_dir, curves_path):
-        print(f"training curves: {curves_path}")
-    else:
-        print(f"no training curves: {run_dir} has no metrics.jsonl or train_log.jsonl")
 
 
 def run_predict(opts):
@@ -389,11 +380,11 @@ def run_predict(opts):
     if opts.npy:
         raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    model, size, device, amp_dtype = load_for_inference(opts)
+    model, size, device = load_for_prediction(opts, opts.channels_last)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     amp_dtype=amp_dtype, size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
-                                     hfov_deg=opts.fov, quiet=opts.quiet)
+                                     size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
+                                     quiet=opts.quiet)
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
         raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")
@@ -405,10 +396,10 @@ def run_predict_video(opts):
 
     if opts.png16 or opts.ply:
         raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
-    model, size, device, amp_dtype = load_for_inference(opts)
+    model, size, device = load_for_prediction(opts, opts.channels_last)
     out = opts.out or "out"
     frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
-                                          amp_dtype=amp_dtype, cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
+                                          cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
     written = output_paths(opts.predict, out)
     print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
           + (f" and {written['npy']}" if opts.npy else ""))
@@ -453,7 +444,7 @@ def user_error_message(err):
 
 
 def print_user_error(err):
-    """For an error the user can fix: print its one `error:` line and return the exit status 1. A bug is raised again."""
+    """For an error the user can fix: print its one `error:` line and return the exit status 1; a bug is raised."""
     message = user_error_message(err)
     if message is None:
         raise err

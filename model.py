@@ -1,6 +1,6 @@
 """DepthNet: a ResNet-34 encoder with a frozen stem and a transposed-convolution decoder.
 
-The layout follows the paper (Table I) as its author's code built it (SPEC §1):
+The layout follows the paper (Table I) as its author's code built it (docs/design.md §1):
 BatchNorm + ReLU only after the first four transposed convolutions; the 1 × 1
 convolutions, the fifth transposed convolution and the output convolution are plain.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import CheckpointError, UserError, load_checkpoint, torch_load_safely
+from utils import CheckpointError, UserError, first_line, load_checkpoint, torch_load_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,7 +67,8 @@ ENCODERS = {
     "resnet50": EncoderSpec("ResNet-50", tvm.resnet50, "ResNet50_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
                             (6, 5, 4, 2), (1024, 512, 256, 64), 2048, "fc."),
     # features[0] is the stem (conv + BN + SiLU); features[1] still runs at 1/2.
-    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights", efficientnet_trunk, 1,
+    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights",
+                                   efficientnet_trunk, 1,
                                    (5, 3, 2, 1), (112, 40, 24, 16), 320, "classifier."),
     # features[0] is the 4 × 4 stride-4 patchify stem: ConvNeXt has no 1/2-resolution stage.
     "convnext_tiny": EncoderSpec("ConvNeXt-Tiny", tvm.convnext_tiny, "ConvNeXt_Tiny_Weights", convnext_trunk, 1,
@@ -100,7 +101,7 @@ def up_block(in_ch, out_ch, norm_act=True):
 
 
 class Decoder(nn.Sequential):
-    """512 × 7 × 7 → 1 × 224 × 224, exactly SPEC §1's table (with the defaults).
+    """512 × 7 × 7 → 1 × 224 × 224, exactly the table of docs/design.md §1 (with the defaults).
 
     in_ch follows the encoder's output channels. skip_channels (at 1/16, 1/8, 1/4, 1/2 of
     the input size) widen the inputs of the layers listed in SKIP_INPUTS: the first layer
@@ -151,14 +152,16 @@ def build_backbone(name, weights):
     if weights in (None, "none"):
         return spec.build(weights=None)
     if weights == "imagenet":
+        cached = imagenet_weights_path(name)
+        was_cached = os.path.isfile(cached)
         try:
             return spec.build(weights=imagenet_weights(name))
-        except Exception as err:  # URLError, socket errors, SSL errors: all mean "not cached, offline"
-            raise UserError(
-                f"could not load ImageNet weights for {spec.title} (not in {imagenet_weights_path(name)} and download failed: "
-                f"{type(err).__name__}); use --weights none for random initialisation, or "
-                f"--weights PATH with a {spec.title} state dict"
-            ) from None
+        except Exception as err:  # no network, a refused download, a damaged cached file...
+            cause = f"{type(err).__name__}: {first_line(err)}"
+            where = (f"the cached file {cached} could not be read ({cause}); delete it to download it again"
+                     if was_cached else f"it is not in {cached} and the download failed ({cause})")
+            raise UserError(f"could not load ImageNet weights for {spec.title}: {where}; use --weights none for "
+                            f"random initialisation, or --weights PATH with a {spec.title} state dict") from None
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
     net = spec.build(weights=None)
@@ -172,7 +175,8 @@ def build_backbone(name, weights):
     # Same names, other shapes: e.g. a ResNet-18 file given for a ResNet-50.
     reshaped = [k for k, v in state.items() if k in expected and getattr(v, "shape", None) != expected[k].shape]
     if missing or unexpected or reshaped:
-        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise UserError(f"{weights} is not a {spec.title} state dict: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}"
                         + (f", other shapes {reshaped[:5]}" if reshaped else ""))
     net.load_state_dict(state, strict=False)
     return net
@@ -193,17 +197,12 @@ def trained_network_state(weights):
     return None
 
 
-def build_resnet34(weights):
-    """torchvision ResNet-34 with ImageNet weights, a local state dict, or random weights."""
-    return build_backbone("resnet34", weights)
-
-
 class DepthNet(nn.Module):
     """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W).
 
     encoder: a key of ENCODERS (default the paper's resnet34); skips: concatenate the
     encoder's 1/16 … 1/2 features into the decoder (U-Net style). With the defaults the
-    module tree, parameter names and forward pass are the paper's (SPEC §1).
+    module tree, parameter names and forward pass are the paper's (docs/design.md §1-§4).
     """
 
     def __init__(self, weights=None, init_depth=0.0, encoder="resnet34", skips=False):
@@ -219,6 +218,7 @@ class DepthNet(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         for p in self.stem.parameters():
             p.requires_grad_(False)
+        self.stem.eval()  # frozen from the start: a fresh model is in training mode, its stem never is
         # Without this the output starts near 0 m and Adam needs hundreds of steps
         # (about lr per step) just to reach the data's scale.
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))
@@ -261,14 +261,27 @@ class DepthNet(nn.Module):
         return self.decoder(x, [features.get(t) for t in self.skip_taps])
 
 
+class FullPrecision(nn.Module):
+    """Runs `layer` in fp32, whatever the dtype of its input."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer.float()
+
+    def forward(self, x):
+        return self.layer(x.float())
+
+
 class InferenceModel(nn.Module):
     """A frozen copy of a DepthNet for prediction: weights cast once to `dtype`, NHWC layout.
 
     Takes and returns float32 like DepthNet (RGB in [0, 1] → metres). Casting the weights
-    once beats autocast, which casts every weight again on every call; at batch 1 on one
-    CPU core with bf16 instructions: fp32 94 ms, autocast bf16 53 ms, bf16 weights 34 ms.
-    Batch-norm statistics are cast too, so predictions differ from fp32 by bf16 rounding
-    (about 1e-2 m); evaluation reports fp32 scores and does not use this.
+    once is faster than autocast, which casts every weight again on every call (bench.py
+    measures this path against the fp32 model). The decoder's last two layers, which make
+    the single-channel depth map and cost a few MFLOP, stay in fp32: in bf16 the depth itself
+    would be rounded to 8 significant bits (6 cm steps at 10 m). Predictions then differ from
+    fp32 by the bf16 rounding of the features, about a centimetre. --predict runs this;
+    evaluation scores the fp32 model (docs/design.md §8).
     """
 
     def __init__(self, model, dtype=None, channels_last=True):
@@ -276,6 +289,9 @@ class InferenceModel(nn.Module):
         self.dtype = dtype or torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = copy.deepcopy(model).eval().requires_grad_(False).to(self.dtype).to(memory_format=self.memory_format)
+        if self.dtype != torch.float32:
+            decoder = self.net.decoder
+            decoder[-2], decoder[-1] = FullPrecision(decoder[-2]), decoder[-1].float()
 
     def train(self, mode=True):
         return super().train(False)  # BatchNorm keeps its statistics: this copy never trains

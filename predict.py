@@ -1,9 +1,9 @@
 """Depth from image files with a trained model, and the files written for each image.
 
 Every image, whatever its size and mode (RGB, RGBA, grayscale), is preprocessed as in
-training (SPEC §2: resized to the model's square input), and the prediction is resized
+training (docs/design.md §5: resized to the model's square input), and the prediction is resized
 back to the image's own height × width and clamped to [0, max_depth], as the standard
-evaluation protocol does (SPEC §5). Per input NAME.ext the output folder gets:
+evaluation protocol does (docs/design.md §8). Per input NAME.ext the output folder gets:
   NAME.npy     float32 depth in metres
   NAME.png     the depth colourised with a matplotlib colormap on the fixed scale [0, max_depth]
   NAME_mm.png  (png16) 16-bit depth in millimetres, for tools that read depth PNGs
@@ -20,9 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
-from evaluate import predict_batch
-from utils import UserError, atomic_path, colorize_depth
+from dataset import MAX_DEPTH, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
+from hardware import autocast
+from plots import colorize_depth
+from utils import UserError, atomic_path
 
 
 def list_images(path):
@@ -60,7 +61,8 @@ def check_outputs(paths, out_dir, png16, ply):
             if real in inputs:
                 raise UserError(f"writing {out} would overwrite the input image {p}; choose another --out folder")
             if real in owner:
-                raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into separate --out folders")
+                raise UserError(f"{owner[real]} and {p} would both write {out}; rename one or predict them into "
+                                "separate --out folders")
             owner[real] = p
 
 
@@ -94,7 +96,14 @@ def collate_images(items):
 
 
 @torch.no_grad()
-def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=20.0):
+def predict_batch(model, rgb, amp_dtype=None):
+    """Raw fp32 predictions of a batch, optionally computed under autocast."""
+    with autocast(rgb.device.type, amp_dtype):
+        return model(rgb).float()
+
+
+@torch.no_grad()
+def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
     """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes`: a list of float32 HW arrays."""
     pred = predict_batch(model, inputs, amp_dtype)
     depths = []
@@ -137,7 +146,8 @@ def write_ply(path, rgb, depth, hfov_deg):
     colours = rgb.reshape(-1, 3)[keep]
     vertex["red"], vertex["green"], vertex["blue"] = colours.T
     header = ("ply\nformat binary_little_endian 1.0\n"
-              f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; x right, y up, camera looking along -z\n"
+              f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; "
+              "x right, y up, camera looking along -z\n"
               f"element vertex {len(vertex)}\n"
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
@@ -160,7 +170,7 @@ def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
 
 
 def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, amp_dtype=None, size=224,
-                  max_depth=20.0, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
+                  max_depth=MAX_DEPTH, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
     """Predict every image in `paths` in batches and write its files to `out_dir`.
 
     Returns (number written, [(path, message)] of the files skipped because they could not be read).
@@ -185,9 +195,11 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
                 depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)
                 for index, depth, rgb in zip(indices, depths, rgbs):
                     try:
-                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap, hfov_deg)
+                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap,
+                                      hfov_deg)
                     except OSError as err:
-                        raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: {err.strerror or err}") from None
+                        raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: "
+                                        f"{err.strerror or err}") from None
                     written += 1
             bar.update(len(indices) + len(failed))
     return written, skipped

@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -608,7 +607,11 @@ def render_scene(rng, style, height=144, width=256):
 
 # ------------------------------------------------------------------ writing
 def _write_atomic(path, write):
-    """Write via a temporary name and rename, so no half-written final file exists."""
+    """Write via a temporary name and rename, so no half-written final file exists.
+
+    utils.atomic_path does the same for the rest of the project, but importing utils would
+    import torch: this generator runs with NumPy and Pillow alone.
+    """
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
         write(fh)

@@ -1,4 +1,4 @@
-"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (SPEC §4).
+"""The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (docs/design.md §7).
 
 Speed (docs/speed.md): batches come from a decoded cache (on the GPU when it fits), the
 network runs channels_last under autocast, and the step loop never waits for the GPU:
@@ -13,120 +13,70 @@ import os
 import signal
 import time
 import warnings
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, SplitCache, augment_pair, read_depth
-from distributed import any_rank, barrier, convert_batchnorm, init_distributed, sum_across_ranks
+from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair
+from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
+from hardware import autocast, select_amp_dtype, select_device
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
+from plots import plot_training_curves, visualize_img
 from tblog import TensorBoardLog
-from utils import CheckpointError, UserError, load_checkpoint, plot_training_curves, remove_checkpoint_temps, rng_state, save_checkpoint, seed_everything, set_rng_state, visualize_img, write_json_atomic
+from utils import (
+    CheckpointError,
+    UserError,
+    load_resumable,
+    remove_checkpoint_temps,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    write_json_atomic,
+)
 
 
-def select_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu or auto")
-    return torch.device(name)
+class TrainStep(NamedTuple):
+    """One applied training step: the batch as trained on (augmented with --augment), the prediction,
+    the loss parts (tensors on the device), and whether its loss has been read back on the host."""
 
-
-def select_amp_dtype(amp, device):
-    """The autocast dtype for --amp: bf16 where the hardware runs it natively, else fp16 on CUDA, else none."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPUs without bf16 instructions autocast emulates it and runs slower than fp32.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-
-
-def mean_training_depth(dataset, progress=True):
-    """Mean clipped depth over the split's files: the output bias's starting value (SPEC §1)."""
-    total, count = 0.0, 0
-    for _, _, depth_path in tqdm(dataset.pairs, desc="mean depth", leave=False, disable=not progress or len(dataset) < 200):
-        d = np.clip(read_depth(depth_path), 0.0, dataset.max_depth)
-        total += float(d.sum(dtype=np.float64))
-        count += d.size
-    return total / count
-
-
-def load_resumable(path):
-    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
-                              "--resume needs a last.pt or best.pt written by training")
-    return ckpt
-
-
-class EpochSampler(Sampler):
-    """A fresh permutation per epoch from (seed, epoch), starting at batch `start`.
-
-    Deriving the order from the epoch number, rather than from a running generator,
-    lets a resumed run see exactly the batches the interrupted one would have seen.
-    """
-
-    def __init__(self, n, seed, epoch, start=0, shuffle=True):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-        self.indices = order[start:].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-class EpochBatches(Sampler):
-    """This process's batches of one epoch, as lists of indices.
-
-    EpochSampler's order is cut into global batches of `batch_size`, and each global batch
-    into `world_size` contiguous parts, of which rank r takes part r. With one process these
-    are exactly DataLoader(sampler=EpochSampler(...), batch_size=batch_size)'s batches, so the
-    data order is the same from the cache, from the folder loader, and across resumes. A last
-    global batch with fewer images than processes is dropped: some process would get none.
-    """
-
-    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch, start_batch=0):
-        order = EpochSampler(self.n, self.seed, epoch, start_batch * self.batch_size).indices
-        self.epoch_length = start_batch  # batches in the whole epoch, those before start_batch included
-        self.batches = []
-        for i in range(0, len(order), self.batch_size):
-            chunk = order[i:i + self.batch_size]
-            if len(chunk) < self.world_size:
-                break
-            per_rank, extra = divmod(len(chunk), self.world_size)
-            lo = self.rank * per_rank + min(self.rank, extra)
-            self.batches.append(chunk[lo:lo + per_rank + (self.rank < extra)])
-        self.epoch_length += len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
+    rgb: torch.Tensor
+    depth: torch.Tensor
+    pred: torch.Tensor
+    parts: dict
+    checked: bool
 
 
 class Trainer:
+    """Trains a DepthNet as main.py's options say: train() runs the loop; train_step() is one step of it."""
+
     def __init__(self, opts):
         self.opts = opts
+        self.setup_processes()
+        self.open_data()
+        ckpt = load_resumable(opts.resume) if opts.resume else None
+        self.build_model(ckpt["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
+        self.build_optimiser()
+        self.reset_state()
+        if ckpt:
+            self.load_state(ckpt)
+        self.net = self.wrap_model()
+        self.run_dir = opts.run_dir
+        self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
+        if self.dist.is_main:
+            self.prepare_run_dir()
+            self.tb = TensorBoardLog(self.run_dir) if opts.tensorboard else None
+            print(self.summary())
+
+    # ---------------------------------------------------------------- setting up
+    def setup_processes(self):
+        """Device, process group (under torchrun), autocast dtype, seeds."""
+        opts = self.opts
         self.device = select_device(opts.device)
         self.dist = init_distributed(self.device.type == "cuda")
         if self.dist.active and self.device.type == "cuda":
@@ -138,33 +88,39 @@ class Trainer:
         seed_everything(opts.seed, opts.deterministic)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not opts.deterministic
+        self.progress = not opts.quiet and self.dist.is_main
 
+    def open_data(self):
+        """The train and val splits, the decoded cache (--cache auto) or the folder loader, the batch plan."""
+        opts = self.opts
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
-        self.progress = not opts.quiet and self.dist.is_main
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
                                                progress=self.progress)
-        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True, progress=self.progress)
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
+                                              progress=self.progress)
                         if opts.eval_every > 0 else None)
         self.cache = self.open_cache() if opts.cache == "auto" else None
-        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size)
+        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
+                                       self.dist.world_size)
         self.loader_generator = torch.Generator()
         self.loader = self.make_loader() if self.cache is None else None
 
-        ckpt = load_resumable(opts.resume) if opts.resume else None
-        if ckpt:
-            init_depth = ckpt["init_depth"]
-        else:
-            init_depth = self.cache.mean_depth if self.cache is not None else mean_training_depth(self.train_set, self.progress)
-        # A resumed model takes every weight from the checkpoint: no need for ImageNet weights.
-        self.model = DepthNet(weights=None if ckpt else opts.weights, init_depth=init_depth,
-                              encoder=opts.encoder, skips=opts.skips)
+    def build_model(self, init_depth, weights):
+        """The DepthNet on the device; its output bias starts at init_depth, else at the mean training depth."""
+        opts = self.opts
+        if init_depth is None:
+            init_depth = (self.cache if self.cache is not None else self.train_set).mean_depth
         self.init_depth = init_depth
-        if self.dist.active:
+        self.model = DepthNet(weights=weights, init_depth=init_depth, encoder=opts.encoder, skips=opts.skips)
+        if self.dist.active:  # before the optimiser takes the parameters: the conversion makes new ones
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight,
-                                 reduce=sum_across_ranks if self.dist.active else None)
+
+    def build_optimiser(self):
+        """The loss (summed across processes under torchrun), Adam, triangular2 CyclicLR, the fp16 GradScaler."""
+        opts = self.opts
+        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -176,6 +132,8 @@ class Trainer:
             step_size_down=opts.step_size_down, mode="triangular2")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
+    def reset_state(self):
+        """The position in training, the bad-step count and the stop state of a fresh run."""
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
         self.last_eval_step = None
@@ -185,23 +143,19 @@ class Trainer:
         self.sync_free = self.device.type == "cuda"
         self.stop_signal, self.saving = None, False
         self.stop_agreed = False
-        if ckpt:
-            self.load_state(ckpt)
-        self.net = self.wrap_model()
 
-        self.run_dir = opts.run_dir
-        self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
-        if self.dist.is_main:
-            self.prepare_run_dir()
-            self.tb = TensorBoardLog(self.run_dir) if opts.tensorboard else None
-            total, trainable = count_parameters(self.model)
-            print(f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
-                  f"{trainable / 1e6:.2f}M trainable; "
-                  f"device {self.device}{f' x {self.dist.world_size} processes' if self.dist.active else ''}, "
-                  f"autocast {self.amp_dtype or 'off'}, {'compiled' if opts.compile else 'eager'}, "
-                  f"data {'cache on ' + str(self.cache.rgb.device) if self.cache is not None else 'folder loader'}, "
-                  f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
-                  f"output bias {init_depth:.2f} m")
+    def summary(self):
+        """One line: the model, where and how it trains, the data."""
+        opts = self.opts
+        total, trainable = count_parameters(self.model)
+        processes = f" x {self.dist.world_size} processes" if self.dist.active else ""
+        data = f"cache on {self.cache.rgb.device}" if self.cache is not None else "folder loader"
+        return (f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
+                f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast "
+                f"{self.amp_dtype or 'off'}, "
+                f"{'compiled' if opts.compile else 'eager'}, data {data}, "
+                f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
+                f"output bias {self.init_depth:.2f} m")
 
     def open_cache(self):
         """The decoded training split; the first process of each node builds it, the others then load it."""
@@ -218,8 +172,8 @@ class Trainer:
         if self.dist.active:
             # Buffers need no syncing per step: GlobalBatchNorm2d updates them identically on every
             # rank. Newer PyTorch calls the option forward_sync_buffers, older broadcast_buffers.
-            name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-                else "broadcast_buffers"
+            options = inspect.signature(DistributedDataParallel).parameters
+            name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                           **{name: False})
         if self.opts.compile:
@@ -238,7 +192,6 @@ class Trainer:
                 if not self.run_epoch():
                     self.save_model("last.pt")  # stopped mid-epoch: keep the exact position
                     break
-                self.epoch += 1
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
                     if self.dist.is_main:
                         metrics = self.evaluate()
@@ -258,7 +211,11 @@ class Trainer:
             self.tb.close(vars(self.opts), metrics)
         if self.stop_signal and self.dist.is_main:
             print(f"stopped by {self.stop_signal} at step {self.step}; resume with: "
-                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the run's own)")
+                  f"python main.py --resume {os.path.join(self.run_dir, 'last.pt')} (options not given again are the "
+                  "run's own)")
+        # Under torchrun no process may exit before rank 0 has written its files: torchrun stops
+        # the others as soon as one exits with a non-zero status (as a stopped run does).
+        barrier()
         return metrics
 
     def final_evaluation_due(self, start_step):
@@ -278,30 +235,47 @@ class Trainer:
                    dynamic_ncols=True, disable=not self.progress)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
-            if self.opts.augment:
-                rgb, depth = self.augment_batch(rgb, depth)
-            parts, pred = self.process_batch(rgb, depth)
-            self.batch_in_epoch += 1
+            done = self.train_step(rgb, depth)
             seen += rgb.shape[0] * self.dist.world_size
-            if parts is not None:
-                self.step += 1
-            # On the GPU the losses are read back only when something needs the exact step count.
-            if parts is not None and (not self.sync_free or self.host_work_due()) and self.check_steps():
-                if self.vis_due() and self.dist.is_main:
+            if done is not None and done.checked and self.dist.is_main:
+                if self.vis_due():
                     vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
-                    visualize_img(rgb[0], depth[0], pred[0], vis_path, title=f"train, step {self.step}")
+                    visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}")
                     if self.tb:
                         self.tb.picture("vis/train", vis_path, self.step)
-                if self.log_due() and self.dist.is_main:
-                    self.log_step(parts, bar, seen / (time.perf_counter() - t0))
+                if self.log_due():
+                    self.log_step(done.parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
                 self.agree_on_stop()
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
             if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
                 return False
+        self.finish_epoch()
+        return True
+
+    def train_step(self, rgb, depth):
+        """One step of the loop on a batch of (rgb, depth): --augment, forward, loss, backward, the
+        optimiser and schedule steps, and the step counters.
+
+        Returns a TrainStep, or None for a step skipped for its non-finite loss. On GPUs a loss
+        is read back only when host work needs the exact step count (host_work_due), so a bad
+        step may return a TrainStep with checked=False, to be un-counted at the next check.
+        """
+        if self.opts.augment:
+            rgb, depth = self.augment_batch(rgb, depth)
+        parts, pred = self.process_batch(rgb, depth)
+        self.batch_in_epoch += 1
+        if parts is None:
+            return None
+        self.step += 1
+        checked = not self.sync_free or (self.host_work_due() and self.check_steps())
+        return TrainStep(rgb, depth, pred, parts, checked)
+
+    def finish_epoch(self):
+        """Settle the steps of the epoch just run and move on to the next one."""
         self.check_steps()
         self.batch_in_epoch = 0
-        return True
+        self.epoch += 1
 
     def epoch_batches(self):
         """This process's (rgb, depth) batches of the current epoch, from where a resume left off."""
@@ -329,9 +303,9 @@ class Trainer:
         fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
         rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         depth = depth.to(self.device, non_blocking=True)
-        with self.autocast():
+        with autocast(self.device.type, self.amp_dtype):
             pred = self.net(rgb)
-        loss, parts = self.loss_fn(pred.float(), depth)
+        loss, parts = self.loss_fn(pred, depth)  # in fp32 at least, whatever autocast ran the network in
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if not self.scaler.is_enabled():
@@ -367,7 +341,8 @@ class Trainer:
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
         self.bad_steps += 1
         if self.dist.is_main:
-            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)")
+            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)",
+                          stacklevel=2)
         if self.bad_steps >= self.opts.max_bad_steps:
             # last.pt is left as it is: the weights that produced these losses are not saved over it.
             last = os.path.join(self.run_dir, "last.pt")
@@ -418,11 +393,6 @@ class Trainer:
     def log_due(self):
         return self.step % self.opts.log_every == 0 or self.step == 1
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def make_loader(self):
         """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""
         return DataLoader(self.train_set, batch_sampler=self.batch_plan, num_workers=self.opts.workers,
@@ -430,10 +400,16 @@ class Trainer:
                           generator=self.loader_generator)
 
     def agree_on_stop(self):
-        """Under torchrun a signal may reach the processes at different steps: they stop together
-        at the next --log-every step (or epoch end) where any of them has seen one."""
-        if self.dist.active:
-            self.stop_agreed = any_rank(self.stop_signal is not None, self.device)
+        """Under torchrun a signal may reach the processes at different steps, or only one of them
+        (`kill PID`): they stop together at the next --log-every step (or epoch end) where any of
+        them has seen one, and each then reports that signal, so that all exit alike."""
+        if not self.dist.active:
+            return
+        seen = signal.Signals[self.stop_signal].value if self.stop_signal else 0
+        agreed = max_across_ranks(seen, self.device)
+        if agreed:
+            self.stop_agreed = True
+            self.stop_signal = self.stop_signal or signal.Signals(agreed).name
 
     def should_stop(self):
         if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
@@ -450,12 +426,14 @@ class Trainer:
                 return
             if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
                 if self.saving:
-                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is complete", flush=True)
+                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is "
+                          "complete", flush=True)
                     return
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             if self.dist.is_main:
-                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)", flush=True)
+                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)",
+                      flush=True)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -475,12 +453,18 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if self.tb:
             self.tb.train_step(record)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}",
+                        img_s=f"{rate:.1f}")
 
     def evaluate(self):
-        """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE."""
-        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=self.amp_dtype, num_workers=self.opts.workers)
-        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0], **metrics}
+        """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE.
+
+        In fp32, whatever autocast trains in: the recorded metrics, and so the choice of best.pt,
+        are exactly what `--eval` of the checkpoint reports (docs/design.md §8).
+        """
+        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=None, num_workers=self.opts.workers)
+        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0],
+                  **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb:
@@ -499,7 +483,8 @@ class Trainer:
                 f.write("ok")
             os.remove(probe)
         except OSError as err:
-            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with --run-dir") from None
+            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with "
+                                  "--run-dir") from None
         remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
         metrics_log = os.path.join(self.run_dir, "metrics.jsonl")

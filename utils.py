@@ -1,4 +1,4 @@
-"""Small helpers: seeding and RNG state, atomic files and checkpoints, depth colourisation and figures."""
+"""Small helpers: errors for the user, seeding and RNG state, atomic files and checkpoints."""
 import contextlib
 import json
 import os
@@ -7,13 +7,8 @@ import random
 import tempfile
 import warnings
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window: works on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 class UserError(Exception):
@@ -89,7 +84,8 @@ def save_checkpoint(obj, path):
     try:
         atomic_save(obj, path)
     except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; the previous file is intact") from None
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
+                              "the previous file is intact") from None
 
 
 def current_umask():
@@ -117,10 +113,21 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     mmap=True maps the tensors instead of reading them: cheap when only the config is needed.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt or best.pt)")
+        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt "
+                              "or best.pt)")
     ckpt = torch_load_safely(path, map_location, mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
+    return ckpt
+
+
+def load_resumable(path):
+    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
+                              "--resume needs a last.pt or best.pt written by training")
     return ckpt
 
 
@@ -132,9 +139,11 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another file") from None
+            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another "
+                                  "file") from None
         raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
-                              f"({unpickler_reason(err)}); loading it could run code, so only load files you trust") from None
+                              f"({unpickler_reason(err)}); loading it could run code, so only load files you "
+                              "trust") from None
     except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
         if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
             return torch_load_safely(path, map_location, mmap=False)
@@ -156,47 +165,6 @@ def unpickler_reason(err):
     return "see torch.load's weights_only documentation"
 
 
-def colorize_depth(depth, vmin=0.0, vmax=20.0, cmap="magma"):
-    """HW depth → HWC uint8 colour image."""
-    depth = np.asarray(depth, dtype=np.float32)
-    norm = np.clip((depth - vmin) / max(vmax - vmin, 1e-6), 0, 1)
-    return (matplotlib.colormaps[cmap](norm)[..., :3] * 255).round().astype(np.uint8)
-
-
-def to_numpy_image(t):
-    """(3, H, W) or (1, H, W) tensor → HWC or HW numpy array."""
-    t = t.detach().float().cpu()
-    return t.permute(1, 2, 0).numpy() if t.shape[0] == 3 else t[0].numpy()
-
-
-def visualize_img(rgb, gt, pred, path, title=None, cmap="magma"):
-    """Save RGB | ground truth | prediction, both depths on one colour scale with a colour bar."""
-    rgb, gt, pred = to_numpy_image(rgb), to_numpy_image(gt), to_numpy_image(pred)
-    vmax = float(max(gt.max(), pred.max(), 1e-3))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), constrained_layout=True)
-    axes[0].imshow(np.clip(rgb, 0, 1))
-    axes[0].set_title("RGB")
-    axes[1].imshow(gt, cmap=cmap, vmin=0, vmax=vmax)
-    axes[1].set_title("ground truth")
-    im = axes[2].imshow(pred, cmap=cmap, vmin=0, vmax=vmax)
-    axes[2].set_title("prediction")
-    for ax in axes:
-        ax.axis("off")
-    fig.colorbar(im, ax=axes[1:], shrink=0.8, label="depth (m)")
-    if title:
-        fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    """Write a figure atomically (temporary file, then rename) and close it."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-
-
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path beside `path` to write to: renamed over `path` on success, removed on failure.
@@ -214,122 +182,3 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def plot_prediction_grid(samples, path, max_depth=20.0, cmap="magma", error_cmap="viridis"):
-    """One row per (title, rgb HWC, gt HW, pred HW): RGB | ground truth | prediction | |error|.
-
-    Depths share one fixed scale [0, max_depth] so rows compare; errors share one scale too.
-    """
-    if not samples:
-        raise ValueError("plot_prediction_grid needs at least one sample")
-    height, width = samples[0][2].shape
-    panel_w = float(np.clip(width / 110, 2.0, 3.0))  # at 100 dpi a 256-pixel-wide image shows at about its own size
-    panel_h = panel_w * height / width
-    errors = [np.abs(pred - gt) for _, _, gt, pred in samples]
-    err_max = float(max(max(e.max() for e in errors), 1e-3))
-    n = len(samples)
-    fig = plt.figure(figsize=(4 * panel_w + 0.5, n * (panel_h + 0.25) + 1.0), constrained_layout=True)
-    # The colour bars get a row of their own, so every image row keeps the same layout.
-    grid = fig.add_gridspec(n + 1, 4, height_ratios=[panel_h] * n + [0.12])
-    for row, ((title, rgb, gt, pred), err) in enumerate(zip(samples, errors)):
-        panels = [(rgb, {}), (gt, {"cmap": cmap, "vmin": 0, "vmax": max_depth}),
-                  (pred, {"cmap": cmap, "vmin": 0, "vmax": max_depth}), (err, {"cmap": error_cmap, "vmin": 0, "vmax": err_max})]
-        for col, (image, style) in enumerate(panels):
-            ax = fig.add_subplot(grid[row, col])
-            shown = ax.imshow(image, **style)
-            ax.set_xticks([])  # frameless, but unlike axis("off") this keeps the row label
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if row == 0:
-                ax.set_title(("RGB", "ground truth", "prediction", "absolute error")[col], fontsize=10)
-            if col == 0:
-                ax.set_ylabel(title, fontsize=8)
-            if col == 2:
-                depth_im = shown
-        err_im = shown
-    fig.colorbar(depth_im, cax=fig.add_subplot(grid[n, 1:3]), orientation="horizontal", label="depth (m)")
-    fig.colorbar(err_im, cax=fig.add_subplot(grid[n, 3]), orientation="horizontal", label="error (m)")
-    save_figure(fig, path)
-
-
-def read_jsonl(path):
-    """The JSON objects of a .jsonl file, one per line; [] if it does not exist.
-
-    A line that does not parse is skipped: a run killed mid-write leaves a partial last line.
-    """
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def last_per_step(records):
-    """Records sorted by step, keeping the last one of each step: a resumed run repeats the steps after its checkpoint."""
-    return sorted({r["step"]: r for r in records if "step" in r}.values(), key=lambda r: r["step"])
-
-
-def plot_training_curves(run_dir, path):
-    """loss, RMSE, SSIM and lr against step (bottom axis) and epoch (top axis) from a run's logs.
-
-    Reads RUN/train_log.jsonl (training batches at log steps) and RUN/metrics.jsonl (one
-    record per evaluation). Returns False, writing nothing, when the run has neither.
-    """
-    train = last_per_step(read_jsonl(os.path.join(run_dir, "train_log.jsonl")))
-    val = last_per_step(read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
-    if not train and not val:
-        return False
-
-    def series(records, key):
-        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    panels = [
-        ("loss (α·RMSE + β·(1 − SSIM))", [(train, "loss", "train batch")]),
-        ("RMSE (m)", [(train, "rmse", "train batch"), (val, "challenge_rmse", "val, challenge protocol"),
-                      (val, "rmse", "val, standard protocol")]),
-        ("SSIM", [(train, "ssim", "train batch"), (val, "challenge_ssim", "val, challenge protocol"),
-                  (val, "ssim", "val, standard protocol")]),
-        # The lr between evaluations is not a straight line: take it from the training log when there is one.
-        ("learning rate", [(train, "lr", "train")] if train else [(val, "lr", "at evaluation")]),
-    ]
-    to_epoch, to_step = step_epoch_maps(train + val)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for ax, (label, lines) in zip(axes.flat, panels):
-        for records, key, name in lines:
-            steps, values = series(records, key)
-            if steps:
-                ax.plot(steps, values, marker="o" if records is val else None, markersize=3, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        if label.startswith(("loss", "RMSE")):
-            ax.set_yscale("log")  # early, unclamped predictions can be off by orders of magnitude
-            ax.yaxis.set_major_formatter(LogFormatter())  # plain 5, 6, 7 and 10, 100 rather than 5×10⁰
-            ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        if to_epoch:
-            ax.secondary_xaxis("top", functions=(to_epoch, to_step)).set_xlabel("epoch")
-    axes[1, 1].ticklabel_format(axis="y", style="plain", useOffset=False)  # an offset label would collide with the epoch axis
-    fig.suptitle(f"training curves of {os.path.basename(os.path.normpath(run_dir))}")
-    save_figure(fig, path)
-    return True
-
-
-def step_epoch_maps(records):
-    """(step → epoch, epoch → step) interpolating the records' (step, epoch) pairs; (None, None) with fewer than two."""
-    pairs = sorted({r["step"]: float(r["epoch"]) for r in records if "epoch" in r}.items())
-    pairs = [(0, 0.0)] + [p for p in pairs if p[0] > 0]
-    if len(pairs) < 2:
-        return None, None
-    steps = np.array([p[0] for p in pairs], dtype=np.float64)
-    epochs = np.maximum.accumulate(np.array([p[1] for p in pairs], dtype=np.float64))
-    return (lambda s: np.interp(s, steps, epochs)), (lambda e: np.interp(e, epochs, steps))

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import to_model_input
+from dataset import MAX_DEPTH, to_model_input
+from plots import colorize_depth
 from predict import predict_depth
-from utils import UserError, atomic_path, colorize_depth
+from utils import UserError, atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 INSTALL_HINT = "pip install -r requirements-video.txt"
@@ -95,8 +96,8 @@ def write_npy_from_frames(frames_path, npy_path, count, height, width):
         shutil.copyfileobj(raw, out, length=1 << 24)
 
 
-def predict_video(model, path, out_dir, device, size, batch_size=32, amp_dtype=None, max_depth=20.0, cmap="magma",
-                  npy=False, quiet=False):
+def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=MAX_DEPTH, cmap="magma", npy=False,
+                  quiet=False):
     """Write NAME_depth.mp4 (and NAME_depth.npy with `npy`) for video `path`; returns (frames, height, width).
 
     Nothing is left at the output paths unless the whole clip was written.
@@ -118,13 +119,14 @@ def predict_video(model, path, out_dir, device, size, batch_size=32, amp_dtype=N
         with contextlib.ExitStack() as stack:  # closed in reverse: writer, files, then mp4 renamed into place
             mp4_tmp = stack.enter_context(atomic_path(paths["mp4"]))
             raw = stack.enter_context(open(frames_path, "wb")) if npy else None
-            bar = stack.enter_context(tqdm(total=estimate, unit="frame", desc="video", dynamic_ncols=True, disable=quiet))
+            bar = stack.enter_context(tqdm(total=estimate, unit="frame", desc="video", dynamic_ncols=True,
+                                           disable=quiet))
             writer = imageio.get_writer(mp4_tmp, format="FFMPEG", fps=fps, codec="libx264", quality=QUALITY,
                                         macro_block_size=1, ffmpeg_log_level="error")
             stack.callback(writer.close)
             for frames in frame_batches(reader, batch_size, path):
                 inputs = torch.stack([to_model_input(f, size) for f in frames]).to(device, non_blocking=True)
-                depths = predict_depth(model, inputs, [f.shape[:2] for f in frames], amp_dtype, max_depth)
+                depths = predict_depth(model, inputs, [f.shape[:2] for f in frames], max_depth=max_depth)
                 for frame, depth in zip(frames, depths):
                     writer.append_data(side_by_side(frame, depth, max_depth, cmap))
                     if raw is not None:

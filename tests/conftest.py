@@ -1,4 +1,4 @@
-"""Shared test data: tiny RGB/depth pairs in the layout of SPEC §2.
+"""Shared test data: tiny RGB/depth pairs in the layout of docs/design.md §5.
 
 `make_dataset` is importable (`from conftest import make_dataset`) for tests that need
 their own variant; `tiny_data` is a session-wide read-only set (train 8, val 4, test 4).
@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from losses import DepthLoss
+from synthetic import generate_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,12 +75,46 @@ def tiny_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("tiny_data"), {"train": 8, "val": 4, "test": 4})
 
 
+def synthetic_data(root, n_train, n_val):
+    """A data set written by synthetic.py (street scenes for train, yard scenes for val, 144 × 256); str(root)."""
+    generate_dataset(root, n_train, n_val, 0, progress=False)
+    return str(root)
+
+
+TRAINED_SIZE = 64  # the checkpoint's --image-size: small, so that the tests run fast on a CPU
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised DepthNet saved as a training run at --image-size 64 would: RUN/best.pt."""
+    from model import DepthNet
+    from utils import save_checkpoint
+
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, init_depth=10.0)
+    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": TRAINED_SIZE},
+                     "metrics": {}}, str(path))
+    return path
+
+
+class LossWithNaNs(DepthLoss):
+    """The real loss, except NaN on the listed calls (1-based): monkeypatch it over train.DepthLoss."""
+    calls, bad_calls = 0, set()
+
+    def forward(self, pred, target):
+        LossWithNaNs.calls += 1
+        loss, parts = super().forward(pred, target)
+        return (loss * float("nan") if LossWithNaNs.calls in LossWithNaNs.bad_calls else loss), parts
+
+
 def train_tiny_run(data_dir, run_dir, *extra):
     """Train a 64 × 64 model for 4 steps (2 epochs of 8 images), evaluating each epoch; returns run_dir."""
     from main import main
 
     argv = ["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--weights", "none", "--image-size", "64",
-            "--batch-size", "4", "--max-steps", "4", "--eval-every", "1", "--workers", "0", "--amp", "off", "--quiet", *extra]
+            "--batch-size", "4", "--max-steps", "4", "--eval-every", "1", "--workers", "0", "--amp", "off", "--quiet",
+            *extra]
     assert main(argv) == 0
     return run_dir
 

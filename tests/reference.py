@@ -1,6 +1,6 @@
 """Independent reference implementations the tests compare the project's code against.
 
-Written from the formulas of SPEC §3 and §5 (not from losses.py or evaluate.py), in
+Written from the formulas of docs/design.md §6 and §8 (not from losses.py or evaluate.py), in
 float64, so a shared mistake cannot make both sides agree.
 """
 import numpy as np
@@ -39,13 +39,13 @@ def template_ssim(x, y, dtype=torch.float64):
 
 
 def skimage_ssim(a, b, data_range):
-    """scikit-image's SSIM with the settings SPEC §3 names for the standard metric."""
+    """scikit-image's SSIM with the settings docs/design.md §6 names for the standard metric."""
     return structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), gaussian_weights=True,
                                  sigma=1.5, use_sample_covariance=False, data_range=data_range)
 
 
 def standard_metrics(gt, pred_square):
-    """SPEC §5's standard metrics of one image.
+    """The standard metrics of one image (docs/design.md §8).
 
     gt: HW raw depth (clipped here to [0, 20]); pred_square: the network's S × S output, resized
     bilinearly (half-pixel centres, no antialiasing) to the gt's size, then clamped.

@@ -1,15 +1,11 @@
 """ablate.py: a tiny end-to-end ablation writes its table, chart and JSON; the combination rule."""
 import json
 import os
-import sys
 
 import pytest
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import ablate  # noqa: E402
+import ablate
 
 
 def test_tiny_ablation_runs_end_to_end_and_writes_its_table(tmp_path):

@@ -67,7 +67,8 @@ def test_app_options_default_to_localhost_and_share_predicts_definitions():
     assert (opts.host, opts.port, opts.max_upload_mb) == ("127.0.0.1", 7860, 20.0)
     assert opts.image_size is None  # the checkpoint's own size, as for --predict
     ours = {a.dest: a for a in build_parser()._actions}
-    shared = [a for a in build_app_parser()._actions if a.dest in ("ckpt", "device", "amp", "cmap", "fov", "image_size")]
+    shared = [a for a in build_app_parser()._actions
+              if a.dest in ("ckpt", "device", "amp", "cmap", "fov", "image_size")]
     assert len(shared) == 6
     for action in shared:
         assert (action.option_strings, action.help, action.choices) == \
@@ -167,7 +168,8 @@ def test_page_explains_a_file_it_cannot_read(page, tmp_path, content, reason):
 # ------------------------------------------------------------------ the page in a real browser
 def find_browser():
     """(chromium, chromedriver) paths, or skip saying what is missing."""
-    pytest.importorskip("gradio", reason="the app's requirements are not installed: pip install -r requirements-app.txt")
+    pytest.importorskip("gradio",
+                        reason="the app's requirements are not installed: pip install -r requirements-app.txt")
     pytest.importorskip("selenium", reason="selenium is not installed: pip install -r requirements-app.txt")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -235,7 +237,8 @@ def chromium(browser, driver_path, download_dir, window=(1280, 1200)):
 def wait(driver, condition, what):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(lambda d: condition(d), message=f"waiting for {what}")
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(lambda d: condition(d),
+                                                                   message=f"waiting for {what}")
 
 
 def upload(driver, path):
@@ -265,7 +268,8 @@ def show_depth(driver, url, image):
     def depth_picture(d):
         for img in d.find_elements(By.CSS_SELECTOR, "#depth img"):
             natural = d.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
-            if natural == size and img.get_attribute("src").endswith(os.path.splitext(os.path.basename(image))[0] + ".png"):
+            expected_name = os.path.splitext(os.path.basename(image))[0] + ".png"
+            if natural == size and img.get_attribute("src").endswith(expected_name):
                 return img
         return None
 
@@ -291,7 +295,8 @@ def download(driver, name, folder):
     """Click the page's download link of file `name`; the path of the file once the browser has written it."""
     from selenium.webdriver.common.by import By
 
-    link = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#downloads a[download='{name}']"), f"a link to {name}")
+    link = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#downloads a[download='{name}']"),
+                f"a link to {name}")
     link[0].click()
     path = os.path.join(folder, name)
     wait(driver, lambda d: os.path.exists(path) and not os.path.exists(path + ".crdownload"), f"{name} downloaded")
@@ -348,7 +353,8 @@ def test_page_in_a_real_browser(tiny_checkpoint, tmp_path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Screenshot the page showing the depth of one image, as the browser test does.")
+    parser = argparse.ArgumentParser(description="Screenshot the page showing the depth of one image, as the browser "
+                                                 "test does.")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--image", required=True)
     parser.add_argument("--screenshot", required=True, help="PNG to write")

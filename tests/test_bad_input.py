@@ -13,14 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import main  # noqa: E402
-from dataset import DataError, DepthEstimationUnreal  # noqa: E402
-from model import DepthNet  # noqa: E402
-from utils import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+import main
+from conftest import REPO
+from dataset import DataError, DepthEstimationUnreal
+from model import DepthNet
+from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 SIZE = (48, 64)  # native H, W of the tiny files: any size works, the dataset resizes
 
@@ -216,6 +213,10 @@ def test_error_raised_inside_a_worker_prints_only_our_message(data):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--workers", "-1"], "--workers must be zero or positive"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--demo", "--demo-train", "-1"], "--demo-train must be at least 1, got -1"),
+    (["--demo", "--demo-val", "0"], "--demo-val must be at least 1, got 0"),
+    (["--demo", "--demo-test", "0"], "--demo-test must be at least 1, got 0"),
+    (["--demo", "--demo-steps", "0"], "--demo-steps must be at least 1, got 0"),
     (["--image-size", "48"], "--image-size must be a positive multiple of 32"),
     (["--lr", "0.01", "--max-lr", "0.005"], "--max-lr (0.005) must be at least --lr (0.01)"),
     (["--batch-size", "two"], "argument --batch-size/--batch_size: invalid int value: 'two'"),

@@ -1,14 +1,27 @@
-"""dataset.py against SPEC §2: pairing, order, formats, preprocessing and every data error."""
+"""dataset.py against docs/design.md §5: pairing, order, formats, preprocessing and every data error."""
+import glob
 import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SKY_DEPTH
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from dataset import DataError, DepthEstimationUnreal, check_files, list_pairs, read_depth, read_rgb
+from conftest import SKY_DEPTH, synthetic_data
+from dataset import (
+    DataError,
+    DepthEstimationUnreal,
+    EpochBatches,
+    EpochSampler,
+    SplitCache,
+    augment_pair,
+    check_files,
+    list_pairs,
+    read_depth,
+    read_rgb,
+)
 from utils import UserError
 
 SIZE = (18, 32)  # small native size: these tests are about files, not pixels
@@ -252,3 +265,184 @@ def test_file_check_shows_a_bar_on_large_splits_unless_quiet(tiny_data, capsys, 
     pair = list_pairs(tiny_data, "train")[0]
     check_files([pair] * 600, desc="checking train files", progress=progress)
     assert ("checking train files" in capsys.readouterr().err) == progress
+
+
+# ------------------------------------------------------------------ augmentation (--augment)
+def asymmetric_pair(b=16, h=24, w=40):
+    """RGB with a left-to-right ramp and random texture; depth = 20 × its red channel."""
+    g = torch.Generator().manual_seed(5)
+    rgb = torch.rand(b, 3, h, w, generator=g) * 0.5 + torch.linspace(0, 0.5, w).view(1, 1, 1, w)
+    return rgb, 20 * rgb[:, :1].clone()
+
+
+def test_flip_keeps_an_asymmetric_pair_a_pair():
+    rgb, depth = asymmetric_pair()
+    out_rgb, out_depth = augment_pair(rgb, depth, torch.Generator().manual_seed(0), max_scale=1.0, jitter=0.0)
+    flipped = [torch.allclose(out_rgb[i], rgb[i].flip(-1), atol=1e-5) for i in range(len(rgb))]
+    kept = [torch.allclose(out_rgb[i], rgb[i], atol=1e-5) for i in range(len(rgb))]
+    assert all(f != k for f, k in zip(flipped, kept))  # each image is exactly one of the two
+    assert 0 < sum(flipped) < len(rgb)
+    for i in range(len(rgb)):
+        expected = depth[i].flip(-1) if flipped[i] else depth[i]
+        torch.testing.assert_close(out_depth[i], expected, atol=2e-5, rtol=0)
+
+
+def test_zoom_and_flip_move_rgb_and_depth_together_without_borders():
+    rgb, depth = asymmetric_pair()
+    out_rgb, out_depth = augment_pair(rgb, depth, torch.Generator().manual_seed(1), jitter=0.0)
+    assert out_rgb.shape == rgb.shape and out_depth.shape == depth.shape
+    assert not torch.allclose(out_rgb, rgb)
+    torch.testing.assert_close(out_depth, 20 * out_rgb[:, :1], atol=1e-4, rtol=0)
+    const_rgb, const_depth = torch.full((4, 3, 24, 40), 0.5), torch.full((4, 1, 24, 40), 7.0)
+    zoomed_rgb, zoomed_depth = augment_pair(const_rgb, const_depth, torch.Generator().manual_seed(2), max_scale=1.5,
+                                            jitter=0.0)
+    torch.testing.assert_close(zoomed_depth, const_depth)  # no black (zero) border anywhere
+    torch.testing.assert_close(zoomed_rgb, const_rgb)
+
+
+def test_colour_jitter_changes_rgb_only():
+    rgb, depth = asymmetric_pair()
+    plain_rgb, plain_depth = augment_pair(rgb, depth, torch.Generator().manual_seed(4), jitter=0.0)
+    jit_rgb, jit_depth = augment_pair(rgb, depth, torch.Generator().manual_seed(4), jitter=0.3)
+    assert torch.equal(jit_depth, plain_depth)
+    assert (jit_rgb - plain_rgb).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image jittered
+    assert jit_rgb.min() >= 0 and jit_rgb.max() <= 1
+
+
+def test_augmentation_is_deterministic_and_takes_single_samples():
+    rgb, depth = asymmetric_pair(b=1)
+    a = augment_pair(rgb[0], depth[0], torch.Generator().manual_seed(9))
+    b = augment_pair(rgb[0], depth[0], torch.Generator().manual_seed(9))
+    assert a[0].shape == (3, 24, 40) and a[1].shape == (1, 24, 40)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(9)
+    c = augment_pair(rgb[0], depth[0])  # the global RNG, as the Trainer uses it
+    assert torch.equal(a[0], c[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augmentation_on_cuda_matches_cpu():
+    rgb, depth = asymmetric_pair()
+    cpu = augment_pair(rgb, depth, torch.Generator().manual_seed(3))
+    gpu = augment_pair(rgb.cuda(), depth.cuda(), torch.Generator().manual_seed(3))
+    assert gpu[0].is_cuda
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------ data order and mean depth
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+    a = list(EpochSampler(10, seed=0, epoch=3))
+    assert sorted(a) == list(range(10))
+    assert list(EpochSampler(10, seed=0, epoch=3)) == a
+    assert list(EpochSampler(10, seed=0, epoch=4)) != a
+    assert list(EpochSampler(10, seed=1, epoch=3)) != a
+    assert list(EpochSampler(10, seed=0, epoch=3, start=4)) == a[4:]
+    assert list(EpochSampler(5, seed=0, epoch=0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_epoch_batches_follow_epoch_sampler_and_split_across_ranks():
+    n, batch = 11, 4
+    plan = EpochBatches(n, batch, seed=3)
+    plan.set_epoch(2, start_batch=1)
+    folder = [b.tolist() for b in DataLoader(range(n), batch_size=batch, sampler=EpochSampler(n, 3, 2, start=batch))]
+    assert list(plan) == folder and len(folder) == 2
+
+    full = EpochBatches(n, batch, seed=3)
+    ranks = [EpochBatches(n, batch, seed=3, rank=r, world_size=2) for r in range(2)]
+    for p in (full, *ranks):
+        p.set_epoch(2)
+    assert [a + b for a, b in zip(*ranks)] == list(full)
+    assert [len(b) for b in ranks[0]] == [2, 2, 2] and [len(b) for b in ranks[1]] == [2, 2, 1]
+
+    # A last global batch with fewer images than processes is dropped on every rank.
+    short = [EpochBatches(9, batch, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [len(p) for p in short] == [2, 2]
+
+
+def test_mean_training_depth_is_the_clipped_mean(tiny_data):
+    ds = DepthEstimationUnreal(tiny_data, "train")
+    files = [np.load(os.path.join(tiny_data, "depth", "train", f"{i}.npy")) for i in range(8)]
+    expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
+    assert ds.mean_depth == pytest.approx(expected, rel=1e-6)
+    # A split opened without the up-front check computes it on first use, to the same value.
+    assert DepthEstimationUnreal(tiny_data, "train", check=False).mean_depth == ds.mean_depth
+
+
+# ------------------------------------------------------------------ the decoded cache (SplitCache)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def data(tmp_path):
+    return synthetic_data(str(tmp_path / "data"), 6, 0)
+
+
+def cache_files(directory):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "train-224-*.pt")))
+
+
+def forbid_building(monkeypatch):
+    def fail(cls, *args, **kwargs):
+        pytest.fail("an up-to-date cache was rebuilt")
+
+    monkeypatch.setattr(SplitCache, "build", classmethod(fail))
+
+
+def test_cache_holds_the_folder_samples_up_to_uint8_and_float16_rounding(data):
+    ds = DepthEstimationUnreal(data, "train")
+    cache = SplitCache.open(ds)
+    assert cache.rgb.dtype == torch.uint8 and tuple(cache.rgb.shape) == (6, 3, 224, 224)
+    assert cache.depth.dtype == torch.float16 and tuple(cache.depth.shape) == (6, 1, 224, 224)
+    for i in range(len(ds)):
+        rgb, depth = ds[i]
+        assert (cache.rgb[i].float() / 255 - rgb).abs().max() <= 0.5 / 255 + 1e-6
+        # float16 keeps 11 significant bits: rounding moves a value by at most 2^-11 of it.
+        assert ((cache.depth[i].float() - depth).abs() <= depth.abs() * 2**-11 + 1e-7).all()
+        assert float(cache.depth[i].max()) == pytest.approx(20.0, abs=0.01)  # the sky, clipped as in the folder samples
+    assert cache.mean_depth == pytest.approx(ds.mean_depth, rel=1e-12)
+
+
+def test_cache_is_reused_until_a_file_changes(data, monkeypatch):
+    SplitCache.open(DepthEstimationUnreal(data, "train"))
+    cache_dir = os.path.join(data, ".cache")
+    first = cache_files(cache_dir)
+    assert len(first) == 1
+
+    with monkeypatch.context() as m:
+        forbid_building(m)
+        SplitCache.open(DepthEstimationUnreal(data, "train"))
+
+    path = os.path.join(data, "depth", "train", "3.npy")
+    np.save(path, np.full((144, 256), 7.0, np.float32))  # same size on disk: only the mtime tells
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = SplitCache.open(DepthEstimationUnreal(data, "train"))
+    assert torch.all(changed.depth[3] == 7.0)
+    second = cache_files(cache_dir)
+    assert len(second) == 1 and second != first  # the stale cache is gone
+
+
+def test_unwritable_data_folder_falls_back_to_the_user_cache(data, tmp_path, monkeypatch):
+    open(os.path.join(data, ".cache"), "w").close()  # a file where the cache folder would go
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    built = SplitCache.open(DepthEstimationUnreal(data, "train"))
+    assert len(glob.glob(str(tmp_path / "user" / "depthnet" / "*" / "train-224-*.pt"))) == 1
+    forbid_building(monkeypatch)
+    loaded = SplitCache.open(DepthEstimationUnreal(data, "train"))
+    assert torch.equal(loaded.rgb, built.rgb) and torch.equal(loaded.depth, built.depth)
+
+
+def test_cache_and_folder_loader_give_the_same_batches(data):
+    ds = DepthEstimationUnreal(data, "train")
+    cache = SplitCache.open(ds).place(CPU)
+    plan = EpochBatches(len(ds), 2, seed=0)
+    plan.set_epoch(1, start_batch=1)  # as a resumed run would start
+    folder = list(DataLoader(ds, batch_sampler=plan))
+    cached = list(cache.batches(list(plan), CPU))
+    assert len(folder) == len(cached) == 2
+    for (rgb_f, depth_f), (rgb_c, depth_c) in zip(folder, cached):
+        assert rgb_c.dtype == depth_c.dtype == torch.float32
+        assert rgb_c.shape == rgb_f.shape and depth_c.shape == depth_f.shape
+        assert (rgb_c - rgb_f).abs().max() <= 0.5 / 255 + 1e-6
+        assert ((depth_c - depth_f).abs() <= depth_f * 2**-11 + 1e-7).all()

@@ -1,4 +1,4 @@
-"""`python main.py --demo` (issue 4): the preset, and the whole quickstart at a tiny size."""
+"""`python main.py --demo`: the preset, and the whole quickstart at a tiny size."""
 import argparse
 import json
 import math
@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, SUBPROCESS_ENV, make_dataset
 from PIL import Image
 
 import main
+from conftest import REPO, SUBPROCESS_ENV, make_dataset
 from demo import ensure_synthetic_data
 from utils import load_checkpoint
 
@@ -73,7 +73,7 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
     summary = json.loads((run / "demo_results.json").read_text())
     assert summary["steps"] == 2 and summary["device"] == "cpu"
     assert set(summary["results"]) == {"val", "test"}
-    for split, rows in summary["results"].items():
+    for rows in summary["results"].values():
         assert set(rows) == PREDICTORS
         for metrics in rows.values():
             assert math.isfinite(metrics["rmse"]) and math.isfinite(metrics["challenge_rmse"])
@@ -82,6 +82,29 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
     assert table.count("\n") == 2 + 2 * len(PREDICTORS)
     assert "| val | per-row mean |" in table and "| val | per-row mean |" in result.stdout
     assert not [n for n in os.listdir(run) if "tmp" in n]
+
+
+def test_scaled_cycle_keeps_the_papers_ratio_and_fits_two_cycles():
+    from demo import scaled_cycle
+
+    for steps in (6, 60, 600, 3000, 3001):
+        up, down = scaled_cycle(steps)
+        assert abs(down - 2 * up) <= 1  # 1 : 2, up to rounding
+        assert 0 <= steps - 2 * (up + down) < 6
+    assert scaled_cycle(1) == (1, 1)  # never a zero-length phase
+
+
+def test_demo_preset_settles_the_epochs_from_the_data_set(tmp_path):
+    # No data yet: the epochs needed for --max-steps over the scenes the demo will synthesise.
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", str(tmp_path / "absent"),
+                               "--demo-train", "20", "--demo-steps", "7", "--batch-size", "4"])
+    assert opts.epochs == math.ceil(7 / math.ceil(20 / 4))
+    # An existing data set: its own number of training pairs counts.
+    data = make_dataset(tmp_path / "data", {"train": 3}, size=(8, 8))
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--demo-steps", "7",
+                               "--batch-size", "2"])
+    assert opts.epochs == math.ceil(7 / 2)
+    assert main.parse_options(["--demo", "--device", "cpu", "--data-dir", data, "--epochs", "9"]).epochs == 9
 
 
 def test_demo_on_a_set_without_test_split_scores_val_and_keeps_a_best_checkpoint(tmp_path):

@@ -1,4 +1,6 @@
-"""evaluate.py against SPEC §5: both protocols on hand-made predictions, checked independently."""
+"""evaluate.py against docs/design.md §8: both protocols on hand-made predictions, checked independently."""
+import csv
+import json
 import math
 import os
 
@@ -6,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_dataset
-from reference import standard_metrics, template_ssim
+from PIL import Image
 
+from conftest import make_dataset
 from dataset import DepthEstimationUnreal
 from evaluate import METRIC_KEYS, compute_errors, evaluate, format_metrics
+from main import main
+from reference import standard_metrics, template_ssim
 
 N_IMAGES = 35  # two challenge batches: 32, then 3
 NATIVE = (24, 32)
@@ -152,3 +156,36 @@ def test_format_metrics_lists_every_metric():
     for key in METRIC_KEYS[:-1]:
         assert key in text
     assert "(7 images)" in text
+
+
+# ------------------------------------------------------------------ the reports of --eval
+def test_eval_writes_grid_per_image_csv_and_curves(checkpoint, tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, {"val": 3}, ext=".png", size=(48, 64))
+    run_dir = checkpoint.parent
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 1, "step": 4, "split": "val", "lr": 1e-3, "rmse": 5.0, "ssim": 0.2,
+                            "challenge_rmse": 4.0, "challenge_ssim": 0.3}) + "\n")
+    with open(run_dir / "train_log.jsonl", "w") as f:
+        for step in (1, 2, 3, 4):
+            record = {"step": step, "epoch": step / 4, "lr": 1e-3, "loss": 6.0 - step, "rmse": 5.0, "ssim": 0.1}
+            f.write(json.dumps(record) + "\n")
+    metrics_path = tmp_path / "metrics.json"
+    try:
+        rc = main(["--eval", "--ckpt", str(checkpoint), "--data-dir", str(data), "--workers", "0",
+                   "--report-images", "2", "--metrics-out", str(metrics_path)])
+        assert rc == 0
+        with open(run_dir / "report_val_per_image.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["name"] for r in rows] == ["0", "1", "2"]
+        metrics = json.loads(metrics_path.read_text())
+        for key in ("rmse", "ssim", "abs_rel", "delta1"):  # the standard protocol averages the per-image values
+            assert np.mean([float(r[key]) for r in rows]) == pytest.approx(metrics[key], rel=1e-5)
+        for name in ("report_val_grid.png", "curves.png"):
+            with Image.open(run_dir / name) as im:
+                im.verify()
+        assert "highest RMSE" in capsys.readouterr().out
+    finally:  # other tests share the run folder
+        for name in ("metrics.jsonl", "train_log.jsonl", "report_val_grid.png", "report_val_per_image.csv",
+                     "curves.png"):
+            (run_dir / name).unlink(missing_ok=True)

@@ -21,14 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import main  # noqa: E402
-import train  # noqa: E402
-from train import Trainer  # noqa: E402
-from utils import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+import main
+import train
+from conftest import REPO, LossWithNaNs
+from train import Trainer
+from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 N_TRAIN, BATCH = 8, 2  # 4 steps per epoch
 STEPS_PER_EPOCH = N_TRAIN // BATCH
@@ -119,19 +116,31 @@ def assert_equal_nested(x, y, where="state"):
         assert x == y, where
 
 
-@pytest.fixture(scope="module")
-def straight_run(data, tmp_path_factory):
+def straight(data, tmp_path_factory, *extra):
     """The reference: TOTAL steps without interruption, in this process."""
     run_dir = tmp_path_factory.mktemp("straight")
     with like_the_subprocesses():
-        train_here(training_args(data, run_dir, "--max-steps", TOTAL))
+        train_here(training_args(data, run_dir, "--max-steps", TOTAL, *extra))
     return load_checkpoint(str(run_dir / "last.pt"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory):
+    """TOTAL steps from the decoded cache (the default)."""
+    return straight(data, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def straight_run_cache_off(data, tmp_path_factory):
+    """TOTAL steps from the folder loader (--cache off), which decodes every file every epoch."""
+    return straight(data, tmp_path_factory, "--cache", "off")
 
 
 # ------------------------------------------------------------------ training subprocesses
 def start_training(args, new_group=False):
     """main.py in a subprocess; new_group puts it and its DataLoader workers in a process group of their own."""
-    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV, text=True, start_new_session=new_group,
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=ENV, text=True,
+                            start_new_session=new_group,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -163,11 +172,12 @@ def checkpoint_temps(run_dir):
 def sigint_run(data, tmp_path_factory):
     """A run stopped by Ctrl-C in its first epoch, before any checkpoint existed.
 
-    As a terminal does, the SIGINT goes to the whole process group: the DataLoader workers get it too.
+    As a terminal does, the SIGINT goes to the whole process group: the two DataLoader workers of
+    the folder loader (--cache off; the cache needs none) get it too, and must leave it to training.
     """
     run_dir = str(tmp_path_factory.mktemp("sigint"))
-    proc = start_training(training_args(data, run_dir, "--max-steps", "1000", "--vis-every", "1", "--workers", "2"),
-                          new_group=True)
+    proc = start_training(training_args(data, run_dir, "--max-steps", "1000", "--vis-every", "1", "--workers", "2",
+                                        "--cache", "off"), new_group=True)
     wait_for_step(proc, run_dir, 2)
     assert not os.path.exists(os.path.join(run_dir, "last.pt"))
     os.killpg(proc.pid, signal.SIGINT)
@@ -188,7 +198,8 @@ def test_sigint_writes_a_resumable_checkpoint_and_says_how_to_resume(sigint_run)
     assert checkpoint_temps(run_dir) == []
 
 
-def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, straight_run, tmp_path):
+def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, straight_run_cache_off, tmp_path):
+    """Training with --cache off, stopped, then resumed: bit for bit where an uninterrupted --cache off run ends."""
     run_dir = sigint_run[0]
     interrupted = load_checkpoint(os.path.join(run_dir, "last.pt"))
     assert interrupted["step"] < TOTAL
@@ -196,7 +207,8 @@ def test_resume_from_sigint_checkpoint_matches_an_uninterrupted_run(sigint_run, 
     trainer = train_here(["--resume", os.path.join(run_dir, "last.pt"), "--max-steps", TOTAL,
                           "--run-dir", tmp_path, "--vis-every", "0", "--workers", "0"])
     assert trainer.opts.batch_size == BATCH and trainer.opts.image_size == 64 and trainer.opts.deterministic
-    assert_same_training_state(load_checkpoint(str(tmp_path / "last.pt")), straight_run)
+    assert trainer.opts.cache == "off" and trainer.cache is None
+    assert_same_training_state(load_checkpoint(str(tmp_path / "last.pt")), straight_run_cache_off)
 
 
 def test_stop_with_max_steps_then_resume_is_bit_exact(data, straight_run, tmp_path):
@@ -235,35 +247,35 @@ def test_sigterm_and_sigkill_at_other_moments_leave_a_checkpoint_that_resumes(si
     assert checkpoint_temps(run_dir) == []
 
 
-class SignalDuring:
-    """Sends this process SIGINT after `after_step` steps and again while saving (or not)."""
+class SignalAfterStep:
+    """Sends this process SIGINT `times` times right after optimiser step `after_step`."""
 
-    def __init__(self, trainer, after_step, again_while_saving):
-        self.trainer, self.after_step, self.again_while_saving = trainer, after_step, again_while_saving
-        self.process_batch, self.save_model = trainer.process_batch, trainer.save_model
-        trainer.process_batch, trainer.save_model = self.step, self.save
+    def __init__(self, trainer, after_step, times):
+        self.trainer, self.after_step, self.times = trainer, after_step, times
+        self.process_batch = trainer.process_batch
+        trainer.process_batch = self.step
 
     def step(self, rgb, depth):
         result = self.process_batch(rgb, depth)
         if self.trainer.step + 1 == self.after_step:
-            os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs, after this step
-            if not self.again_while_saving:
-                os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs, after this step
         return result
-
-    def save(self, name, metrics=None):
-        if self.again_while_saving:
-            self.trainer.saving = True  # as save_model sets it, so that the signal lands mid-save
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.save_model(name, metrics)
 
 
 @pytest.mark.parametrize("while_saving", [True, False])
-def test_second_ctrl_c(data, tmp_path, capsys, while_saving):
+def test_second_ctrl_c(data, tmp_path, capsys, monkeypatch, while_saving):
     """Again while last.pt is written: the file is finished first. Again before that: stop at once, write nothing."""
     trainer = Trainer(main.parse_options(training_args(data, tmp_path, "--max-steps", "100")))
-    SignalDuring(trainer, after_step=2, again_while_saving=while_saving)
+    SignalAfterStep(trainer, after_step=2, times=1 if while_saving else 2)
     if while_saving:
+        real_save = torch.save
+
+        def save_while_signalled(obj, f, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, inside the checkpoint writer
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save_while_signalled)
         trainer.train()
         assert "still writing a checkpoint; stopping once it is complete" in capsys.readouterr().out
         assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
@@ -352,18 +364,6 @@ def test_full_disk_while_saving_a_figure_is_one_error_line(data, tmp_path, monke
 
 
 # ------------------------------------------------------------------ non-finite losses
-class LossWithNaNs(train.DepthLoss):
-    """The real loss, except NaN on the listed calls (1-based)."""
-    calls, bad_calls = 0, set()
-
-    def forward(self, pred, target):
-        LossWithNaNs.calls += 1
-        loss, parts = super().forward(pred, target)
-        if LossWithNaNs.calls in LossWithNaNs.bad_calls:
-            loss = loss * float("nan")
-        return loss, parts
-
-
 def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch, capsys):
     # Batch 2 is bad (skipped); epoch 1 ends and is saved after 3 good steps; batches 6, 7, 8 are bad.
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 6, 7, 8}
@@ -371,11 +371,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeyp
     with pytest.warns(UserWarning, match="non-finite loss") as warned:
         code = main.main(training_args(data, tmp_path, "--max-steps", "100", "--max-bad-steps", "3"))
     assert [str(w.message).split(": ", 1)[1] for w in warned if "non-finite" in str(w.message)] == [
-        "step skipped (1 in a row)", "step skipped (1 in a row)", "step skipped (2 in a row)", "step skipped (3 in a row)"]
+        "step skipped (1 in a row)", "step skipped (1 in a row)", "step skipped (2 in a row)",
+        "step skipped (3 in a row)"]
     err = capsys.readouterr().err.strip()
     last = tmp_path / "last.pt"
     assert code == 1
-    assert err == (f"error: 3 non-finite losses in a row at step 5: training stopped; the last good checkpoint is {last}. "
+    assert err == ("error: 3 non-finite losses in a row at step 5: training stopped; the last good checkpoint is "
+                   f"{last}. "
                    "Try a lower --lr or --max-lr, or --amp off")
     ckpt = load_checkpoint(str(last))
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (3, 1, 0)

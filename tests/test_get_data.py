@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, make_dataset
 
 import get_data
+from conftest import REPO, SUBPROCESS_ENV, make_dataset
 
 pytestmark = pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                                 reason="git is not installed")
@@ -36,8 +36,9 @@ def source(tmp_path_factory):
     git(repo, "commit", "-q", "-m", "data")
     first = git(repo, "rev-parse", "HEAD")
     make_dataset(repo / "extra", {"train": 1})
-    os.replace(repo / "extra" / "rgb" / "train" / "0.jpeg", repo / get_data.SOURCE_FOLDER / "rgb" / "train" / "9.jpeg")
-    os.replace(repo / "extra" / "depth" / "train" / "0.npy", repo / get_data.SOURCE_FOLDER / "depth" / "train" / "9.npy")
+    source = repo / get_data.SOURCE_FOLDER
+    os.replace(repo / "extra" / "rgb" / "train" / "0.jpeg", source / "rgb" / "train" / "9.jpeg")
+    os.replace(repo / "extra" / "depth" / "train" / "0.npy", source / "depth" / "train" / "9.npy")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "one more pair")
     # A server must allow fetching a commit by hash; GitHub does, a local repository only when told to.

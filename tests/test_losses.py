@@ -1,13 +1,13 @@
-"""losses.py against SPEC §3: SSIM in both modes, RMSE and the paper's loss."""
+"""losses.py against docs/design.md §6: SSIM in both modes, RMSE and the paper's loss."""
 import math
 
 import numpy as np
 import pytest
 import torch
-from reference import skimage_ssim, template_ssim
 from scipy import ndimage
 
-from losses import DepthLoss, rmse, ssim, ssim_map
+from losses import DepthLoss, gradient_loss, rmse, silog_loss, silog_per_image, ssim, ssim_map
+from reference import skimage_ssim, template_ssim
 
 H, W = 40, 56
 
@@ -147,3 +147,99 @@ def test_depth_loss_is_rmse_plus_one_minus_ssim():
 
     weighted, _ = DepthLoss(alpha=2.0, beta=0.5)(pred.detach(), target)
     assert float(weighted) == pytest.approx(2 * err + 0.5 * (1 - sim), abs=1e-4)
+
+
+# ------------------------------------------------------------------ edge and SILog terms (beyond the paper)
+def maps(seed, shape=(2, 1, 16, 20)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) * 19 + 0.5
+
+
+def test_gradient_loss_against_numpy():
+    pred, gt = maps(0), maps(1)
+    p, t = pred.numpy(), gt.numpy()
+    expected = (np.abs(np.diff(p, axis=3) - np.diff(t, axis=3)).mean()
+                + np.abs(np.diff(p, axis=2) - np.diff(t, axis=2)).mean())
+    assert float(gradient_loss(pred, gt)) == pytest.approx(expected, rel=1e-5)
+    assert float(gradient_loss(gt, gt)) == 0.0
+    assert float(gradient_loss(gt + 3.0, gt)) == pytest.approx(0.0, abs=1e-5)  # an offset has no edges
+
+
+def test_silog_against_numpy_and_its_mask():
+    pred, gt = maps(2), maps(3)
+    gt[0, 0, :4] = 0.0  # missing ground truth
+    expected = []
+    for p, t in zip(pred.numpy(), gt.numpy()):
+        valid = t > 1e-3
+        d = np.log(p[valid]) - np.log(t[valid])
+        expected.append(np.sqrt((d**2).mean() - 0.85 * d.mean() ** 2))
+    assert float(silog_loss(pred, gt)) == pytest.approx(np.mean(expected), rel=1e-5)
+    changed = pred.clone()
+    changed[0, 0, :4] = 7.0  # where gt is missing, the prediction does not matter
+    assert float(silog_loss(changed, gt)) == pytest.approx(float(silog_loss(pred, gt)), rel=1e-6)
+
+
+def test_silog_is_zero_on_identical_maps_with_finite_gradients_and_scale_invariant_at_lambda_one():
+    pred, gt = maps(4), maps(5)
+    same = gt.clone().requires_grad_(True)
+    value = silog_loss(same, gt)
+    value.backward()
+    assert float(value.detach()) < 1e-5 and torch.isfinite(same.grad).all()
+    assert float(silog_loss(pred, gt)) > 0.1
+    base = float(silog_loss(pred, gt, lam=1.0))
+    for c in (0.3, 2.0, 5.0):
+        assert float(silog_loss(pred * c, gt, lam=1.0)) == pytest.approx(base, rel=1e-4)
+    assert float(silog_loss(pred * 2.0, gt)) != pytest.approx(float(silog_loss(pred, gt)), rel=1e-3)
+
+
+def test_depth_loss_with_zero_weights_is_the_papers_and_adds_weighted_terms_otherwise():
+    pred, gt = maps(6), maps(7)
+    paper_total, paper_parts = DepthLoss()(pred, gt)
+    expected = rmse(pred, gt) + (1 - ssim(pred, gt, data_range=1.0, padding="same"))
+    assert torch.equal(paper_total, expected)
+    assert list(paper_parts) == ["loss", "rmse", "ssim"]
+    total, parts = DepthLoss(grad_weight=0.5, silog_weight=2.0)(pred, gt)
+    assert set(parts) == {"loss", "rmse", "ssim", "grad", "silog"}
+    torch.testing.assert_close(total, expected + 0.5 * gradient_loss(pred, gt) + 2.0 * silog_loss(pred, gt))
+    assert float(DepthLoss(grad_weight=1, silog_weight=1)(gt, gt)[1]["grad"]) == 0.0
+
+
+# ------------------------------------------------------------------ the loss from sums and counts
+def test_loss_from_sums_equals_the_plain_formulas_with_their_gradients():
+    """DepthLoss computes every term from sums and counts (what processes add up); it must equal the
+    plain per-batch formulas, written here with torch's means, and give the same gradients."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 40, 40, generator=gen) * 20
+    pred = (target + torch.randn(3, 1, 40, 40, generator=gen)).requires_grad_()
+
+    def plain(pred, grad_weight=0.0, silog_weight=0.0):
+        terms = {"rmse": torch.sqrt(torch.nn.functional.mse_loss(pred, target)),
+                 "ssim": ssim_map(pred, target, data_range=1.0, padding="same").mean()}
+        total = terms["rmse"] + 1 - terms["ssim"]
+        if grad_weight:
+            terms["grad"] = (pred.diff(dim=-1) - target.diff(dim=-1)).abs().mean() + \
+                (pred.diff(dim=-2) - target.diff(dim=-2)).abs().mean()
+            total = total + grad_weight * terms["grad"]
+        if silog_weight:
+            terms["silog"] = silog_per_image(pred, target).mean()
+            total = total + silog_weight * terms["silog"]
+        return total, {"loss": total, **terms}
+
+    for weights in ({}, {"grad_weight": 0.5, "silog_weight": 0.3}):
+        expected, expected_parts = plain(pred, **weights)
+        (g_expected,) = torch.autograd.grad(expected, pred)
+        got, got_parts = DepthLoss(**weights)(pred, target)
+        (g_got,) = torch.autograd.grad(got, pred)
+        assert got_parts.keys() == expected_parts.keys()
+        for k in expected_parts:
+            assert float(got_parts[k]) == pytest.approx(float(expected_parts[k].detach()), rel=1e-6), k
+        torch.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-9)
+
+
+def test_loss_runs_in_float64_for_float64_predictions():
+    """At least fp32, never below: bf16 predictions get an fp32 loss, float64 ones keep float64."""
+    target = torch.rand(2, 1, 32, 32, dtype=torch.float64) * 20
+    loss, _ = DepthLoss(grad_weight=1.0, silog_weight=1.0)(target + 0.5, target)
+    assert loss.dtype == torch.float64
+    loss, _ = DepthLoss()(target.bfloat16(), target.float())
+    assert loss.dtype == torch.float32

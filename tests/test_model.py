@@ -1,4 +1,5 @@
-"""DepthNet against SPEC §1: decoder layout, frozen stem, normalisation, output bias, --weights."""
+"""DepthNet against docs/design.md §1-§4: decoder layout, frozen stem, normalisation, output bias, --weights."""
+import os
 import urllib.error
 
 import pytest
@@ -6,10 +7,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model import DepthNet, load_weights
-from utils import CheckpointError, UserError
+from losses import DepthLoss
+from model import ENCODERS, DepthNet, InferenceModel, imagenet_weights_path, load_weights
+from utils import CheckpointError, UserError, save_checkpoint
 
-# SPEC §1's table, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
+# The table of docs/design.md §1, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
 DECODER_TABLE = [
     ("up", 256, 14, True),
     ("up", 128, 28, True),
@@ -109,7 +111,8 @@ def test_stem_frozen_and_everything_else_trainable():
         assert p.requires_grad == (id(p) not in frozen), name
 
     def stem_state():
-        return {f"{name}.{k}": v.clone() for name, m in (("conv1", conv1), ("bn1", bn1)) for k, v in m.state_dict().items()}
+        return {f"{name}.{k}": v.clone() for name, m in (("conv1", conv1), ("bn1", bn1))
+                for k, v in m.state_dict().items()}
 
     stem_before = stem_state()
     other_bn = model.encoder[4][0].bn1  # layer1's first BatchNorm: its statistics must move
@@ -249,7 +252,23 @@ def test_weights_imagenet_offline_is_one_line_user_error(tmp_path, monkeypatch):
         DepthNet(weights="imagenet")
     message = str(info.value)
     assert "\n" not in message
-    assert "--weights none" in message and "URLError" in message
+    assert "--weights none" in message and "URLError" in message and "no network in this test" in message
+    assert "the download failed" in message
+
+
+def test_weights_imagenet_from_a_damaged_cached_file_names_the_file_and_the_real_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = imagenet_weights_path("resnet34")
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"PK\x03\x04 half a download")
+    with pytest.raises(UserError) as info:
+        DepthNet(weights="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"the cached file {cached} could not be read" in message and "delete it" in message
+    cause = message.split("could not be read (", 1)[1]
+    assert cause.split(":", 1)[0] in ("RuntimeError", "UnpicklingError", "EOFError", "BadZipFile") and len(cause) > 40
 
 
 def test_weights_file_holding_no_dict_is_user_error(tmp_path):
@@ -257,3 +276,169 @@ def test_weights_file_holding_no_dict_is_user_error(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(UserError, match=r"tensor\.pth.*not a state dict"):
         DepthNet(weights=str(path))
+
+
+def test_importing_the_model_loads_no_plotting_library():
+    """Inference and export need no matplotlib: model.py (and what it imports) must not load it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, SUBPROCESS_ENV
+
+    code = "import sys, model; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("encoder", ["resnet34", "efficientnet_b0"])
+def test_a_freshly_built_model_keeps_its_stem_statistics_on_a_training_forward(encoder):
+    """Whoever builds the model, without calling .train() first: the stem's BatchNorm statistics stay put."""
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, encoder=encoder)
+    assert model.training
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    stem_prefixes = tuple(f"encoder.{i}." for i in range(model.stem_children))
+    others_before = {k: v.clone() for k, v in model.state_dict().items()
+                     if "running_mean" in k and not k.startswith(stem_prefixes)}
+    model(torch.rand(2, 3, 64, 64))
+    assert any("running_mean" in k for k in stem_before)
+    for k, v in model.stem.state_dict().items():
+        assert torch.equal(v, stem_before[k]), k
+    moved = [k for k, v in model.state_dict().items() if k in others_before and not torch.equal(v, others_before[k])]
+    assert moved, "the other BatchNorm layers do train"
+
+
+# ------------------------------------------------------------------ encoders and skips (beyond the paper)
+SIZE = 64
+
+
+def test_default_model_is_the_papers_resnet34_with_the_same_initialisation():
+    torch.manual_seed(3)
+    model = DepthNet()
+    torch.manual_seed(3)
+    resnet = torchvision.models.resnet34(weights=None)
+    encoder_state = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    names = list(model.state_dict())
+    assert names[: len(encoder_state)] == [f"encoder.{i}" + k[k.index("."):] for i, k in
+                                           zip(index_children(resnet, encoder_state), encoder_state)]
+    assert all(n.startswith("decoder.") for n in names[len(encoder_state):])
+    for (_, a), b in zip(list(model.state_dict().items())[: len(encoder_state)], encoder_state.values()):
+        assert torch.equal(a, b)
+    assert not model.skips and model.decoder[0][0].in_channels == 512
+
+
+def index_children(resnet, state):
+    """Position of each key's top-level child in the ResNet: the encoder.N prefix it must get."""
+    order = [name for name, _ in resnet.named_children()]
+    return [order.index(k.split(".")[0]) for k in state]
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_each_encoder_with_skips_trains_a_step_and_keeps_its_stem_frozen(name):
+    torch.manual_seed(0)
+    spec = ENCODERS[name]
+    model = DepthNet(encoder=name, skips=True, init_depth=8.0)
+    assert model.decoder[0][0].in_channels == spec.out_channels
+    # The declared taps are where the encoder reaches 1/16, 1/8, 1/4 and 1/2 of the input, with those channels.
+    x, shapes = torch.rand(1, 3, SIZE, SIZE), {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.eval().encoder):
+            x = layer(x)
+            shapes[i] = tuple(x.shape[1:])
+    assert shapes[len(model.encoder) - 1] == (spec.out_channels, SIZE // 32, SIZE // 32)
+    for tap, channels, scale in zip(spec.taps, spec.skip_channels, (16, 8, 4, 2)):
+        assert channels == 0 if tap is None else shapes[tap] == (channels, SIZE // scale, SIZE // scale)
+
+    model.train()
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    decoder_before = model.decoder[0][0].weight.detach().clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    pred = model(torch.rand(2, 3, SIZE, SIZE))
+    assert pred.shape == (2, 1, SIZE, SIZE)
+    loss, _ = DepthLoss(grad_weight=1.0, silog_weight=1.0)(pred, torch.rand(2, 1, SIZE, SIZE) * 20)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(v, model.stem.state_dict()[k]) for k, v in stem_before.items())  # BN statistics too
+    assert all(not p.requires_grad for p in model.stem.parameters())
+    assert not torch.equal(decoder_before, model.decoder[0][0].weight)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_each_encoder_without_skips_gives_full_size_depth(name):
+    model = DepthNet(encoder=name).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, SIZE, 96)).shape == (1, 1, SIZE, 96)
+
+
+def test_unknown_encoder_is_a_user_error():
+    with pytest.raises(UserError, match="unknown encoder 'vgg16'"):
+        DepthNet(encoder="vgg16")
+
+
+def test_offline_imagenet_error_names_the_encoder(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(UserError, match="could not load ImageNet weights for EfficientNet-B0"):
+        DepthNet(weights="imagenet", encoder="efficientnet_b0")
+
+
+def test_weights_path_loads_that_encoders_state_dict(tmp_path):
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None)
+    path = str(tmp_path / "r18.pth")
+    torch.save(net.state_dict(), path)
+    model = DepthNet(weights=path, encoder="resnet18")
+    assert torch.equal(model.encoder[4][0].conv1.weight, net.layer1[0].conv1.weight)
+    with pytest.raises(UserError, match="is not a ResNet-50 state dict.*other shapes"):
+        DepthNet(weights=path, encoder="resnet50")
+
+
+def test_checkpoint_rebuilds_encoder_and_skips(tmp_path):
+    torch.manual_seed(0)
+    model = DepthNet(encoder="efficientnet_b0", skips=True, init_depth=4.0).eval()
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "init_depth": 4.0,
+                     "config": {"encoder": "efficientnet_b0", "skips": True}}, path)
+    loaded, _ = DepthNet.from_checkpoint(path)
+    loaded.eval()
+    assert loaded.encoder_name == "efficientnet_b0" and loaded.skips
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_without_architecture_config_is_the_paper_model(tmp_path):
+    model = DepthNet()
+    path = str(tmp_path / "old.pt")
+    save_checkpoint({"model": model.state_dict(), "config": {"lr": 1e-3}}, path)
+    loaded, _ = DepthNet.from_checkpoint(path)
+    assert loaded.encoder_name == "resnet34" and not loaded.skips
+
+
+# ------------------------------------------------------------------ InferenceModel
+def test_inference_model_is_a_low_precision_frozen_copy():
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, init_depth=8.0).eval()
+    fast = InferenceModel(model, torch.bfloat16)
+    rgb = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = model(rgb), fast(rgb)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    assert fast.net.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # bf16 keeps 8 significant bits: predictions of about 8 m agree to a few centimetres.
+    assert float((got - expected).abs().max()) < 0.1 and not torch.equal(got, expected)
+    # The depth map itself is made in fp32: it is not rounded to bf16's 3 cm steps at 8 m.
+    assert fast.net.decoder.output_conv.weight.dtype == torch.float32
+    assert not torch.equal(got, got.bfloat16().float())
+    assert float((got - expected).abs().mean()) < 0.01
+    fast.train()
+    assert not fast.net.training  # its BatchNorm statistics never move
+    with torch.no_grad():
+        model.decoder.output_conv.bias += 1.0  # the copy shares nothing with the original
+        assert torch.equal(fast(rgb), got)

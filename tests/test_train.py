@@ -1,18 +1,22 @@
-"""train.py and the checkpoint helpers against SPEC §4 and §6: learning, schedule, checkpoints, resume."""
+"""train.py against docs/design.md §7 and §9: learning, schedule, resume, the step API, options beyond the paper."""
 import json
+import math
 import os
-import random
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_dataset
+from PIL import Image
 
-from dataset import DepthEstimationUnreal
+import main
+import train
+from conftest import LossWithNaNs, make_dataset, synthetic_data
 from main import parse_options
-from train import EpochSampler, Trainer, mean_training_depth, select_amp_dtype, select_device
-from utils import CheckpointError, UserError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model import DepthNet
+from synthetic import generate_dataset
+from train import Trainer
+from utils import UserError, load_checkpoint
 
 
 def make_trainer(data_dir, run_dir, *extra):
@@ -75,62 +79,6 @@ def test_non_finite_loss_skips_the_step_then_stops(tiny_data, tmp_path):
         trainer.process_batch(rgb, depth)
 
 
-def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    obj = {"model": {"w": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-3, "name": "x", "flag": None},
-           "metrics": {"rmse": 1.5}, "history": [1, 2.5, "three"]}
-    save_checkpoint(obj, str(path))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
-    loaded = load_checkpoint(str(path))
-    assert torch.equal(loaded["model"]["w"], obj["model"]["w"])
-    assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in obj.items() if k != "model"}
-    torch.load(path, weights_only=True)  # loadable by anyone with weights_only, as SPEC §6 promises
-
-    # Overwriting goes through a temporary file too; a failed write leaves the old file intact.
-    def failing_save(o, f):
-        f.write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "save", failing_save)
-        with pytest.raises(CheckpointError, match="No space left on device.*previous file is intact"):
-            save_checkpoint({"model": {}}, str(path))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
-    assert load_checkpoint(str(path))["step"] == 7
-
-
-class NotATensor:
-    pass
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
-    code = tmp_path / "code.pt"
-    torch.save({"model": {}, "payload": NotATensor()}, code)
-    with pytest.raises(CheckpointError, match="refused to load"):
-        load_checkpoint(str(code))
-    good = tmp_path / "good.pt"
-    save_checkpoint({"model": {"w": torch.zeros(1000)}}, str(good))
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint(str(truncated))
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {}}, other)
-    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
-        load_checkpoint(str(other))
-
-
-def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
-    path = tmp_path / "rng.pt"
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint({"model": {}, "rng": rng_state()}, str(path))
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
-    set_rng_state(load_checkpoint(str(path))["rng"])
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
-
-
 def test_resume_restores_every_state_and_continues_identically(tiny_data, tmp_path):
     first = make_trainer(tiny_data, tmp_path / "a", "--max-steps", "2")
     first.train()
@@ -184,31 +132,164 @@ def test_max_steps_at_an_epoch_end_still_evaluates(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "best.pt")
 
 
-def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
-    a = list(EpochSampler(10, seed=0, epoch=3))
-    assert sorted(a) == list(range(10))
-    assert list(EpochSampler(10, seed=0, epoch=3)) == a
-    assert list(EpochSampler(10, seed=0, epoch=4)) != a
-    assert list(EpochSampler(10, seed=1, epoch=3)) != a
-    assert list(EpochSampler(10, seed=0, epoch=3, start=4)) == a[4:]
-    assert list(EpochSampler(5, seed=0, epoch=0, shuffle=False)) == [0, 1, 2, 3, 4]
+def test_cache_off_reads_each_depth_file_once_for_the_check_and_the_output_bias(tiny_data, tmp_path, monkeypatch):
+    import dataset
 
-
-def test_mean_training_depth_is_the_clipped_mean(tiny_data):
-    ds = DepthEstimationUnreal(tiny_data, "train")
-    files = [np.load(os.path.join(tiny_data, "depth", "train", f"{i}.npy")) for i in range(8)]
+    reads = []
+    real_read_depth = dataset.read_depth
+    monkeypatch.setattr(dataset, "read_depth", lambda path: reads.append(path) or real_read_depth(path))
+    trainer = make_trainer(tiny_data, tmp_path / "run", "--cache", "off")
+    assert sorted(reads) == sorted(depth for _, _, depth in trainer.train_set.pairs)
+    files = [np.load(depth) for _, _, depth in trainer.train_set.pairs]
     expected = np.mean([np.clip(d, 0, 20).astype(np.float64) for d in files])
-    assert mean_training_depth(ds) == pytest.approx(expected, rel=1e-6)
+    assert trainer.init_depth == pytest.approx(expected, rel=1e-6)
+    assert float(trainer.model.decoder.output_conv.bias.detach()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_device_and_autocast_selection():
-    assert select_device("cpu") == torch.device("cpu")
-    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="--device cuda"):
-            select_device("cuda")
-    cpu = torch.device("cpu")
-    assert select_amp_dtype("off", cpu) is None
-    assert select_amp_dtype("bf16", cpu) is torch.bfloat16
-    assert select_amp_dtype("fp16", cpu) is torch.float16
-    assert select_amp_dtype("auto", cpu) in (None, torch.bfloat16)
+def test_train_step_driven_from_outside_matches_the_loop(tiny_data, tmp_path):
+    """bench.py and ablate.py drive train_step themselves: an epoch of it must be the loop's epoch."""
+    looped = make_trainer(tiny_data, tmp_path / "loop", "--epochs", "1", "--augment")
+    looped.train()
+    driven = make_trainer(tiny_data, tmp_path / "driven", "--epochs", "1", "--augment")
+    steps = [driven.train_step(rgb, depth) for rgb, depth in driven.epoch_batches()]
+    driven.finish_epoch()
+    assert (driven.step, driven.epoch, driven.batch_in_epoch) == (looped.step, looped.epoch, 0) == (4, 1, 0)
+    assert all(s.checked and set(s.parts) == {"loss", "rmse", "ssim"} for s in steps)
+    assert steps[0].rgb.shape == (2, 3, 224, 224) and steps[0].pred.shape == (2, 1, 224, 224)
+    assert driven.scheduler.last_epoch == looped.scheduler.last_epoch == 4
+    assert_same_state(driven.model.state_dict(), looped.model.state_dict())
+    assert_same_state(driven.optimizer.state_dict(), looped.optimizer.state_dict())
+
+
+# ------------------------------------------------------------------ options beyond the paper, logs
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beyond_data")
+    generate_dataset(root, 4, 2, 0, seed=0, height=64, width=96, progress=False)
+    return str(root)
+
+
+def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small_data, tmp_path):
+    opts = main.parse_options([
+        "--data-dir", small_data, "--run-dir", str(tmp_path / "run"), "--weights", "none", "--encoder", "resnet18",
+        "--skips", "--augment", "--grad-weight", "0.5", "--silog-weight", "2", "--image-size", str(SIZE),
+        "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--vis-every", "2", "--workers", "0",
+        "--amp", "off", "--quiet"])
+    trainer = Trainer(opts)
+    rgb, depth = next(iter(trainer.make_loader()))
+    assert rgb.shape == (2, 3, SIZE, SIZE)
+    augmented = trainer.augment_batch(rgb, depth)
+    assert torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
+    trainer.step = 1
+    assert not torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])
+    trainer.step = 0
+    parts, pred = trainer.process_batch(*augmented)
+    assert set(parts) == {"loss", "rmse", "ssim", "grad", "silog"}
+    assert pred.shape == (2, 1, SIZE, SIZE)
+    trainer.train()
+    assert trainer.step == 2
+    assert os.path.isfile(tmp_path / "run" / "vis" / "train_step000002.png")
+    ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ckpt["config"]["encoder"] == "resnet18" and ckpt["config"]["skips"] is True
+    model, _ = DepthNet.from_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert model.encoder_name == "resnet18" and model.skips
+
+
+def test_training_writes_train_log_and_curves(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, {"train": 2}, ext=".png", size=(48, 64))
+    run_dir = tmp_path / "run"
+    assert main.main(["--data-dir", str(data), "--weights", "none", "--image-size", "64", "--batch-size", "1",
+                      "--max-steps", "1", "--log-every", "1", "--eval-every", "0", "--vis-every", "0", "--workers", "0",
+                      "--amp", "off", "--quiet", "--run-dir", str(run_dir)]) == 0
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(1, 0.5)]  # one of the epoch's two batches
+    assert math.isfinite(records[0]["loss"])
+    assert records[0]["loss"] == pytest.approx(records[0]["rmse"] + 1 - records[0]["ssim"], rel=1e-5)
+    with Image.open(run_dir / "curves.png") as im:
+        im.verify()
+
+
+# ------------------------------------------------------------------ the GPU's deferred loss check
+@pytest.fixture(scope="module")
+def synthetic_64(tmp_path_factory):
+    """8 training and 2 validation scenes written by synthetic.py."""
+    return synthetic_data(str(tmp_path_factory.mktemp("synthetic") / "data"), 8, 2)
+
+
+def adam_steps(trainer):
+    return {int(s["step"]) for s in trainer.optimizer.state.values()}
+
+
+def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp_path, monkeypatch):
+    """The GPU's deferred reading of losses, exercised on the CPU: 4 batches, the 2nd one bad."""
+    monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
+    LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2}
+    trainer = make_trainer(synthetic_64, tmp_path / "run", "--image-size", "64", "--epochs", "1", "--log-every", "100")
+    trainer.sync_free = True
+    rgb, depth = next(trainer.epoch_batches())
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    LossWithNaNs.calls = 1
+    parts, _ = trainer.process_batch(rgb, depth)  # bad, but not read yet: returns as usual
+    assert parts is not None and trainer.scheduler.last_epoch == 1
+    for k, v in trainer.model.state_dict().items():
+        if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in the forward pass
+            assert torch.equal(v, weights[k]), k  # ...but no weight did
+    assert adam_steps(trainer) == {0} and trainer.unchecked_losses
+
+    trainer = make_trainer(synthetic_64, tmp_path / "run2", "--image-size", "64", "--epochs", "1", "--log-every", "100")
+    trainer.sync_free = True
+    LossWithNaNs.calls = 0
+    with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
+        trainer.train()
+    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and adam_steps(trainer) == {3}
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 3 / 1000)  # CyclicLR at step 3
+    assert load_checkpoint(str(tmp_path / "run2" / "last.pt"))["step"] == 3
+
+    trainer = make_trainer(synthetic_64, tmp_path / "run3", "--image-size", "64", "--epochs", "1", "--log-every", "100",
+                           "--max-bad-steps", "2")
+    trainer.sync_free = True
+    LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 3}
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 2"):
+        trainer.train()  # read at the epoch's end: the error comes late, but it comes
+    assert not (tmp_path / "run3" / "last.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
+    trainer = make_trainer(synthetic_64, tmp_path / "run", "--device", "cuda", "--amp", "auto", "--image-size", "224",
+                           "--log-every", "1000")
+    assert trainer.sync_free and trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
+    batches = trainer.epoch_batches()
+    trainer.process_batch(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rgb, depth in batches:
+            assert trainer.process_batch(rgb, depth)[0] is not None
+        trainer.epoch, trainer.batch_in_epoch = 1, 0
+        for rgb, depth in trainer.epoch_batches():  # a new epoch, with --augment's work on the batches
+            assert trainer.process_batch(*trainer.augment_batch(rgb, depth))[0] is not None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    trainer.step = 8
+    assert trainer.check_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
+
+
+def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
+    """Validation during training scores as --eval does (fp32, training's layout), even when training runs in bf16."""
+    data = make_dataset(tmp_path / "data", {"train": 2, "val": 3}, size=(36, 64))
+    trainer = make_trainer(data, tmp_path / "run", "--amp", "bf16", "--image-size", "64", "--max-steps", "2",
+                           "--eval-every", "1")
+    trainer.train()
+    best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and best["metrics"] in [{k: r[k] for k in best["metrics"]} for r in logged]
+    out = tmp_path / "eval.json"
+    assert main.main(["--eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--data-dir", data, "--metrics-out",
+                      str(out), "--workers", "0", "--device", "cpu", "--no-report", "--quiet"]) == 0
+    assert json.loads(out.read_text()) == best["metrics"]
+

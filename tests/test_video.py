@@ -1,11 +1,11 @@
-"""--predict on a video: NAME_depth.mp4 (RGB | depth) and --npy's float16 stack, checked against --predict on the frames."""
+"""--predict on a video: NAME_depth.mp4 (RGB | depth) and --npy's float16 stack, checked against --predict on frames."""
 import numpy as np
 import pytest
-from conftest import make_pair
 from PIL import Image
 
+from conftest import make_pair
 from main import main
-from utils import colorize_depth
+from plots import colorize_depth
 
 imageio = pytest.importorskip("imageio.v2")
 pytest.importorskip("imageio_ffmpeg")

@@ -1,4 +1,4 @@
-"""main.py end to end (SPEC §6): train, evaluate, course-template aliases and option errors."""
+"""main.py: options and their checks, course-template aliases, dispatch, train and evaluate end to end."""
 import json
 import os
 import subprocess
@@ -7,11 +7,13 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, make_dataset
 from PIL import Image
 
 import main
+from conftest import REPO, SUBPROCESS_ENV, TRAINED_SIZE, make_dataset
 from evaluate import METRIC_KEYS
+from main import load_model, parse_options
+from model import ENCODERS
 from utils import load_checkpoint
 
 MAIN = os.path.join(REPO, "main.py")
@@ -140,3 +142,42 @@ def test_offline_imagenet_weights_is_one_line_error(cli_data, tmp_path, monkeypa
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: could not load ImageNet weights") and "--weights none" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ options
+def test_encoder_names_in_main_match_model():
+    assert main.ENCODER_NAMES == tuple(ENCODERS)
+
+
+def test_defaults_keep_the_paper_preset():
+    opts = main.parse_options([])
+    assert (opts.encoder, opts.skips, opts.augment, opts.grad_weight, opts.silog_weight, opts.image_size) == \
+        ("resnet34", False, False, 0.0, 0.0, 224)
+
+
+def test_bad_option_values_are_rejected(capsys):
+    for argv in (["--image-size", "100"], ["--grad-weight", "-1"], ["--encoder", "vgg16"]):
+        with pytest.raises(SystemExit):
+            main.parse_options(argv)
+    assert "--image-size must be a positive multiple of 32" in capsys.readouterr().err
+
+
+def test_inference_uses_the_trained_image_size_unless_typed(checkpoint):
+    assert load_model(parse_options(["--predict", "x.png", "--ckpt", str(checkpoint)]))[1] == TRAINED_SIZE
+    assert load_model(parse_options(["--export", "onnx", "--ckpt", str(checkpoint), "--image-size", "96"]))[1] == 96
+
+
+@pytest.mark.parametrize("argv", [["--predict", "x.png"], ["--export", "torchscript"]])
+def test_predict_and_export_need_a_checkpoint(argv, capsys):
+    with pytest.raises(SystemExit):
+        main.main(argv)
+    assert "needs --ckpt PATH" in capsys.readouterr().err
+
+
+def test_help_shows_zero_defaults_but_not_missing_ones():
+    text = " ".join(main.build_parser().format_help().split())  # argparse wraps lines: compare on single spaces
+    options = text.split("options:", 1)[1]  # after the usage line, which names the options too
+    assert "--seed SEED seed for weights, data order and every RNG (default: 0)" in options
+    assert "(default: 0.0)" in options.split("--grad-weight", 1)[1].split("--silog-weight", 1)[0]
+    assert "(default: 2)" in options.split("--eval-every", 1)[1].split("--vis-every", 1)[0]
+    assert "(default: None)" not in options and "(default: False)" not in options

@@ -1,10 +1,10 @@
-"""--tensorboard: the event files in RUN_DIR/tb hold what train_log.jsonl and metrics.jsonl hold, pictures and hparams."""
+"""--tensorboard: RUN_DIR/tb's event files hold what train_log.jsonl and metrics.jsonl hold, pictures and hparams."""
 import json
 import sys
 
 import pytest
-from conftest import train_tiny_run
 
+from conftest import train_tiny_run
 from main import main
 
 

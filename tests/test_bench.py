@@ -1,0 +1,35 @@
+"""bench.py: its SSIM variants agree with losses.py, and a tiny run writes a complete report."""
+import json
+
+import pytest
+import torch
+
+import bench
+from losses import ssim
+
+
+def test_ssim_implementations_of_bench_agree_with_losses():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 1, 48, 64, generator=gen) * 20
+    y = (x + torch.randn(2, 1, 48, 64, generator=gen)).clamp(0, 20)
+    expected = float(ssim(x, y, data_range=1.0, padding="same"))
+    for name, fn in bench.SSIM_VARIANTS.items():
+        assert float(fn(x, y)) == pytest.approx(expected, abs=1e-5), name
+
+
+def test_bench_writes_its_report(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--images", "2",
+                "--rounds", "1", "--inference-reps", "1", "--inference-batch", "2", "--workers", "0",
+                "--out", str(out)])
+    r = json.loads(out.read_text())
+    for name in ("baseline", "ours"):
+        assert r["train"][name]["steps"] == 1 and r["train"][name]["img_s"] > 0
+        assert 0 < r["train"][name]["fraction_of_peak"] < 1
+        assert r["inference"][name]["latency_ms_batch1"] > 0 and r["inference"][name]["img_s_batchN"] > 0
+    assert r["train_speedup"] == pytest.approx(r["train"]["ours"]["img_s"] / r["train"]["baseline"]["img_s"])
+    # ResNet-34 to layer4 is 3.6 GFLOPs at 224 × 224; the decoder's full-resolution layers add more.
+    assert 7e9 < r["flops"]["forward_per_image"] < 10e9
+    assert r["flops"]["train_per_image"] == 3 * r["flops"]["forward_per_image"]
+    acc = r["accuracy"]
+    assert acc["n_images"] == 2 and acc["abs_diff"]["rmse"] < 0.05 * acc["fp32"]["rmse"]
