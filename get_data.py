@@ -63,11 +63,12 @@ def check_dataset(root, expected_pairs, image_shape, progress=True):
     for split, expected in expected_pairs.items():
         try:
             pairs = list_pairs(root, split)
+            # Counting costs nothing; decoding every file does, so a wrong count is reported first.
+            if len(pairs) != expected:
+                raise FetchError(f"split {split!r} has {len(pairs)} pairs, {expected} expected")
             check_files(pairs, desc=f"checking {split}", progress=progress)
         except UserError as err:
             raise FetchError(str(err)) from None
-        if len(pairs) != expected:
-            raise FetchError(f"split {split!r} has {len(pairs)} pairs, {expected} expected")
         shape = read_depth(pairs[0][2]).shape
         if image_shape and shape != image_shape:
             raise FetchError(f"{pairs[0][2]} is {shape[1]}×{shape[0]}, {image_shape[1]}×{image_shape[0]} expected")
