@@ -293,3 +293,37 @@ def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
                       str(out), "--workers", "0", "--device", "cpu", "--no-report", "--quiet"]) == 0
     assert json.loads(out.read_text()) == best["metrics"]
 
+
+
+
+def test_compiled_training_takes_the_eager_steps_and_saves_plain_weights(tmp_path):
+    """--compile: torch.compile of the model (about a minute of compiling on 2 CPU cores, once).
+
+    Inductor fuses and reorders the fp32 arithmetic, so the runs agree to rounding, not bit for bit:
+    the first step's loss (same weights, same batch) to 1e-5; after that, Adam turns rounding in
+    near-zero gradients into whole steps of size lr, so the weights are compared by the direction
+    in which training moved them. The checkpoint holds the plain module's keys: --eval, --predict
+    and --resume load it uncompiled.
+    """
+    data = make_dataset(tmp_path / "data", {"train": 4, "val": 2}, size=(36, 64))
+    start = make_trainer(data, tmp_path / "start", "--image-size", str(SIZE)).model.state_dict()
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        trainer = make_trainer(data, tmp_path / name, "--image-size", str(SIZE), "--epochs", "1", *extra)
+        losses = [float(trainer.train_step(rgb, depth).parts["loss"]) for rgb, depth in trainer.epoch_batches()]
+        trainer.finish_epoch()
+        trainer.save_model("last.pt")
+        runs[name] = (trainer, losses)
+    (eager, eager_losses), (compiled, compiled_losses) = runs["eager"], runs["compiled"]
+    assert hasattr(compiled.net, "_orig_mod") and not hasattr(eager.net, "_orig_mod")
+    assert compiled.step == eager.step == 2
+    assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
+    assert compiled_losses[1] == pytest.approx(eager_losses[1], rel=1e-3)
+
+    saved = load_checkpoint(str(tmp_path / "compiled" / "last.pt"))["model"]
+    assert saved.keys() == start.keys()
+    trained = [k for k, p in eager.model.named_parameters() if p.requires_grad]
+    moved = {name: torch.cat([(state[k] - start[k]).double().flatten() for k in trained])
+             for name, state in (("eager", eager.model.state_dict()), ("compiled", saved))}
+    assert moved["compiled"].abs().max() > 1e-3  # it trained
+    assert F.cosine_similarity(moved["compiled"], moved["eager"], dim=0) > 0.95
