@@ -22,6 +22,7 @@ import copy
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +82,14 @@ def build_parser():
     p.add_argument("--inference-batch", type=int, default=32, help="batch size of the inference throughput figure")
     p.add_argument("--ssim-variants", action="store_true",
                    help="only compare the SSIM implementations (forward + backward)")
+    p.add_argument("--predict-cli", action="store_true",
+                   help="only time `python main.py --predict` itself, as users run it, against the same command "
+                        "with --amp off --no-channels-last (fp32, contiguous)")
+    p.add_argument("--cli-images", type=int, default=32, help="--predict-cli: images in the folder predicted")
+    p.add_argument("--cli-reps", type=int, default=3, help="--predict-cli: runs of each command (median)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="only profile this many of our training steps with torch.profiler (after --warmup); "
+                        "writes a per-op table beside --out")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     return p
 
@@ -345,6 +354,138 @@ def bench_inference(device, amp_dtype, compile_model, reps, batch_size=32):
     return out
 
 
+# ------------------------------------------------------------------ the --predict command
+def save_untrained_checkpoint(data_dir, device, run_dir):
+    """A checkpoint as training writes it (weights, optimiser, schedule): its size is part of the load time."""
+    trainer = Trainer(parse_options(["--data-dir", data_dir, "--run-dir", run_dir, "--weights", "none", "--quiet",
+                                     "--device", device.type, "--eval-every", "0", "--vis-every", "0",
+                                     "--workers", "0"]))
+    trainer.save_model("best.pt")
+    return os.path.join(run_dir, "best.pt")
+
+
+def run_timed(cmd):
+    """Wall seconds of one command; its output in the error if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+    return seconds
+
+
+def bench_predict_cli(args, device):
+    """`python main.py --predict` as users run it, on one image and on a folder, against the same command
+    with --amp off --no-channels-last; `python -c "import torch"` beside them is the floor of any command.
+    The commands alternate, --cli-reps times each; medians."""
+    main_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+    variants = {"baseline": ["--amp", "off", "--no-channels-last"], "ours": []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data_dir = os.path.join(tmp, "data")
+        generate_dataset(data_dir, 2, args.cli_images, 0, workers=max(1, args.workers), progress=False)
+        ckpt = save_untrained_checkpoint(data_dir, device, os.path.join(tmp, "run"))
+        folder = os.path.join(data_dir, "rgb", "val")
+        targets = {"one_image": os.path.join(folder, sorted(os.listdir(folder))[0]), "folder": folder}
+        times = {"import_torch": []} | {f"{v}/{t}": [] for v in variants for t in targets}
+        for rep in range(args.cli_reps):
+            times["import_torch"].append(run_timed([sys.executable, "-c", "import torch"]))
+            for v, extra in variants.items():
+                for t, target in targets.items():
+                    out = os.path.join(tmp, f"out-{v}-{t}-{rep}")
+                    times[f"{v}/{t}"].append(run_timed([sys.executable, main_py, "--predict", target, "--ckpt", ckpt,
+                                                        "--out", out, "--device", device.type, "--quiet", *extra]))
+        n = len(os.listdir(folder))
+        result = {"images_in_folder": n, "reps": args.cli_reps, "checkpoint_bytes": os.path.getsize(ckpt),
+                  "import_torch_s": statistics.median(times["import_torch"]), "runs_s": times}
+        for v in variants:
+            one, many = (statistics.median(times[f"{v}/{t}"]) for t in targets)
+            result[v] = {"one_image_s": one, "folder_s": many, "per_extra_image_ms": 1e3 * (many - one) / (n - 1),
+                         "options": " ".join(variants[v]) or "(defaults)"}
+    for key in ("one_image_s", "folder_s", "per_extra_image_ms"):
+        result[f"{key}_ratio"] = result["ours"][key] / result["baseline"][key]
+    return result
+
+
+def print_predict_cli(r):
+    print(f"\n{r['device_name']} | torch {r['torch']} | python main.py --predict, median of {r['cli']['reps']} runs")
+    print(f"{'':30}{'baseline':>12}{'ours':>12}{'ours/baseline':>16}")
+    c = r["cli"]
+    for label, key in (("one image, s (whole process)", "one_image_s"),
+                       (f"folder of {c['images_in_folder']}, s", "folder_s"),
+                       ("each further image, ms", "per_extra_image_ms")):
+        b, o = c["baseline"][key], c["ours"][key]
+        print(f"{label:30}{b:>12.4g}{o:>12.4g}{o / b:>16.3f}")
+    print(f"python -c 'import torch' alone: {c['import_torch_s']:.2f} s; "
+          f"checkpoint {c['checkpoint_bytes'] / 1e6:.0f} MB")
+
+
+# ------------------------------------------------------------------ profile
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+              "cudaMemcpy", "aten::item", "aten::_local_scalar_dense")
+
+
+def device_time_us(event):
+    # Renamed from self_cuda_time_total in newer PyTorch.
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+
+def profile_training(args, device, data_dir, run_dir, table_path):
+    """torch.profiler over --profile of our steps after --warmup: per step, wall time, the device's busy
+    time, kernel launches and host-device synchronisations; per-op tables in `table_path`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = OurTraining(data_dir, device, args.batch_size, args.workers, args.amp, args.compile, run_dir)
+    for _ in range(args.warmup):
+        runner.step()
+    runner.finish()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            runner.step()
+        runner.finish()
+        synchronize(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    n = args.profile
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    result = {
+        "steps": n, "batch_size": args.batch_size, "wall_ms_per_step": 1e3 * wall / n,
+        "device_busy_ms_per_step": sum(device_time_us(e) for e in kernels) / 1e3 / n,
+        "kernels_per_step": sum(e.count for e in kernels) / n,
+        "kernel_launch_calls_per_step": sum(e.count for e in events if e.key in LAUNCH_CALLS) / n,
+        "host_sync_calls_per_step": {e.key: e.count / n for e in events if e.key in SYNC_CALLS},
+        "host_op_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / n
+                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]},
+        "device_op_ms_per_step": {e.key: device_time_us(e) / 1e3 / n
+                                  for e in sorted(kernels, key=lambda e: -device_time_us(e))[:25]},
+    }
+    with open(table_path, "w") as f:
+        f.write(f"{n} training steps of batch {args.batch_size}, {wall:.3f} s\n\nby host (self CPU) time:\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
+        if kernels:
+            f.write("\n\nby device time:\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=40))
+    runner.close()
+    return result
+
+
+def print_profile(r):
+    p = r["profile"]
+    print(f"\n{r['device_name']} | torch {r['torch']} | {p['steps']} steps of batch {p['batch_size']}")
+    print(f"wall {p['wall_ms_per_step']:.2f} ms a step; device busy {p['device_busy_ms_per_step']:.2f} ms; "
+          f"{p['kernels_per_step']:.0f} kernels ({p['kernel_launch_calls_per_step']:.0f} launch calls) a step")
+    print("host-device synchronisations a step: " +
+          (", ".join(f"{k} {v:g}" for k, v in p["host_sync_calls_per_step"].items()) or "none"))
+    for k, v in list(p["host_op_ms_per_step"].items())[:10]:
+        print(f"  host {v:8.3f} ms  {k}")
+    for k, v in list(p["device_op_ms_per_step"].items())[:10]:
+        print(f"  device {v:6.3f} ms  {k[:90]}")
+
+
 # ------------------------------------------------------------------ FLOPs and peaks
 def forward_flops():
     """FLOPs of one 224 × 224 forward pass (multiply-adds count 2), counted on the meta device."""
@@ -421,6 +562,12 @@ def device_description(device):
     return f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def run_header(device):
+    """What every report starts with: the device, the torch version and the command that produced it."""
+    return {"device": device.type, "device_name": device_description(device), "torch": torch.__version__,
+            "command": " ".join(["python"] + sys.argv)}
+
+
 def print_summary(r):
     t, i = r["train"], r["inference"]
     print(f"\n{r['device_name']} | torch {r['torch']} | batch {r['config']['batch_size']} | ours: autocast "
@@ -446,18 +593,34 @@ def main(argv=None):
     device = select_device(args.device)
     args = fill_defaults(args, device)
     if args.ssim_variants:
-        result = {"device": device.type, "device_name": device_description(device), "torch": torch.__version__,
-                  "command": " ".join(["python"] + sys.argv),
+        result = {**run_header(device),
                   "ssim": bench_ssim_variants(device, args.batch_size, max(5, args.rounds * 3))}
         for name, v in result["ssim"]["variants"].items():
             print(f"{name:32} {v['ms']:9.2f} ms   |ssim - 2d| {v['abs_diff_to_2d']:.1e}")
         write_json(result, args.out)
         return result
 
+    if args.predict_cli:
+        result = {**run_header(device), "cli": bench_predict_cli(args, device)}
+        print_predict_cli(result)
+        write_json(result, args.out)
+        return result
+    if args.profile:
+        result = run_header(device)
+        table = os.path.splitext(args.out)[0] + "_ops.txt"
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            data_dir = args.data_dir or os.path.join(tmp, "data")
+            if not args.data_dir:
+                generate_dataset(data_dir, args.images, 2, 0, workers=max(1, args.workers), progress=False)
+            result["profile"] = profile_training(args, device, data_dir, os.path.join(tmp, "run"), table)
+        print_profile(result)
+        write_json(result, args.out)
+        print(f"per-op tables written to {table}")
+        return result
+
     amp_dtype = select_amp_dtype(args.amp, device)
     result = {
-        "device": device.type, "device_name": device_description(device), "torch": torch.__version__,
-        "command": " ".join(["python"] + sys.argv),
+        **run_header(device),
         "config": {"batch_size": args.batch_size, "steps": args.steps, "baseline_steps": args.baseline_steps,
                    "warmup": args.warmup, "rounds": args.rounds, "compile": args.compile,
                    "ours_dtype": DTYPE_NAMES[amp_dtype], "workers": args.workers,

@@ -33,3 +33,34 @@ def test_bench_writes_its_report(tmp_path):
     assert r["flops"]["train_per_image"] == 3 * r["flops"]["forward_per_image"]
     acc = r["accuracy"]
     assert acc["n_images"] == 2 and acc["abs_diff"]["rmse"] < 0.05 * acc["fp32"]["rmse"]
+
+
+def test_predict_cli_times_the_command_users_run(tmp_path):
+    out = tmp_path / "cli.json"
+    r = bench.main(["--device", "cpu", "--predict-cli", "--cli-images", "2", "--cli-reps", "1", "--workers", "0",
+                    "--out", str(out)])
+    assert json.loads(out.read_text())["cli"] == r["cli"]
+    cli = r["cli"]
+    assert cli["images_in_folder"] == 2 and cli["checkpoint_bytes"] > 90e6  # weights + Adam moments, float32
+    for name in ("baseline", "ours"):
+        runs = cli["runs_s"][f"{name}/one_image"]
+        assert len(runs) == 1 and cli[name]["one_image_s"] == runs[0]
+        # a whole process: at least Python and torch starting, which the bare import measures
+        assert cli[name]["one_image_s"] > cli["import_torch_s"] > 0
+        assert cli[name]["per_extra_image_ms"] == pytest.approx(
+            1e3 * (cli[name]["folder_s"] - cli[name]["one_image_s"]) / (cli["images_in_folder"] - 1))
+    assert cli["folder_s_ratio"] == pytest.approx(cli["ours"]["folder_s"] / cli["baseline"]["folder_s"])
+
+
+def test_profile_reports_where_a_training_step_goes(tmp_path):
+    out = tmp_path / "profile.json"
+    r = bench.main(["--device", "cpu", "--profile", "2", "--warmup", "1", "--batch-size", "2", "--images", "4",
+                    "--workers", "0", "--out", str(out)])
+    p = r["profile"]
+    assert p["steps"] == 2 and p["wall_ms_per_step"] > 0
+    assert p["device_busy_ms_per_step"] == 0 and p["kernels_per_step"] == 0  # a CPU run has no device kernels
+    host = p["host_op_ms_per_step"]
+    assert any(k.startswith("aten::") and "conv" in k for k in host)  # the convolutions are profiled
+    assert sum(host.values()) <= 1.05 * p["wall_ms_per_step"]  # self times of ops within the wall time
+    table = (tmp_path / "profile_ops.txt").read_text()
+    assert "2 training steps of batch 2" in table and "Self CPU" in table
