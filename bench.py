@@ -376,8 +376,9 @@ def run_timed(cmd):
 
 def bench_predict_cli(args, device):
     """`python main.py --predict` as users run it, on one image and on a folder, against the same command
-    with --amp off --no-channels-last; `python -c "import torch"` beside them is the floor of any command.
-    The commands alternate, --cli-reps times each; medians."""
+    with --amp off --no-channels-last; `python -c "import torch"` and `"import torchvision"` beside them
+    are the floor of any command that builds the model. The commands alternate, --cli-reps times each;
+    medians."""
     main_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
     variants = {"baseline": ["--amp", "off", "--no-channels-last"], "ours": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -386,9 +387,11 @@ def bench_predict_cli(args, device):
         ckpt = save_untrained_checkpoint(data_dir, device, os.path.join(tmp, "run"))
         folder = os.path.join(data_dir, "rgb", "val")
         targets = {"one_image": os.path.join(folder, sorted(os.listdir(folder))[0]), "folder": folder}
-        times = {"import_torch": []} | {f"{v}/{t}": [] for v in variants for t in targets}
+        floors = {"import_torch": "import torch", "import_torchvision": "import torchvision"}
+        times = {k: [] for k in floors} | {f"{v}/{t}": [] for v in variants for t in targets}
         for rep in range(args.cli_reps):
-            times["import_torch"].append(run_timed([sys.executable, "-c", "import torch"]))
+            for k, code in floors.items():
+                times[k].append(run_timed([sys.executable, "-c", code]))
             for v, extra in variants.items():
                 for t, target in targets.items():
                     out = os.path.join(tmp, f"out-{v}-{t}-{rep}")
@@ -396,7 +399,7 @@ def bench_predict_cli(args, device):
                                                         "--out", out, "--device", device.type, "--quiet", *extra]))
         n = len(os.listdir(folder))
         result = {"images_in_folder": n, "reps": args.cli_reps, "checkpoint_bytes": os.path.getsize(ckpt),
-                  "import_torch_s": statistics.median(times["import_torch"]), "runs_s": times}
+                  "runs_s": times} | {f"{k}_s": statistics.median(times[k]) for k in floors}
         for v in variants:
             one, many = (statistics.median(times[f"{v}/{t}"]) for t in targets)
             result[v] = {"one_image_s": one, "folder_s": many, "per_extra_image_ms": 1e3 * (many - one) / (n - 1),
@@ -415,8 +418,8 @@ def print_predict_cli(r):
                        ("each further image, ms", "per_extra_image_ms")):
         b, o = c["baseline"][key], c["ours"][key]
         print(f"{label:30}{b:>12.4g}{o:>12.4g}{o / b:>16.3f}")
-    print(f"python -c 'import torch' alone: {c['import_torch_s']:.2f} s; "
-          f"checkpoint {c['checkpoint_bytes'] / 1e6:.0f} MB")
+    print(f"python -c 'import torch' alone: {c['import_torch_s']:.2f} s, 'import torchvision' "
+          f"{c['import_torchvision_s']:.2f} s; checkpoint {c['checkpoint_bytes'] / 1e6:.0f} MB")
 
 
 # ------------------------------------------------------------------ profile
