@@ -149,7 +149,8 @@ def train_variant(name, options, args):
     seconds = time.perf_counter() - start - trainer.save_seconds
     if trainer.stop_signal:
         raise KeyboardInterrupt
-    val = DepthEstimationUnreal(args.data_dir, "val", size=args.image_size, native=True)
+    val = DepthEstimationUnreal(args.data_dir, "val", size=args.image_size, native=True,
+                               progress=not args.quiet)
     metrics = evaluate(trainer.model, val, trainer.device, num_workers=args.workers)
     total, trainable = count_parameters(trainer.model)
     return {**metrics, "options": " ".join(options) or "(paper preset)", "params": total, "trainable": trainable,
