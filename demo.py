@@ -80,13 +80,13 @@ def ensure_synthetic_data(opts):
                      workers=max(1, min(8, os.cpu_count() or 1)), progress=not opts.quiet)
 
 
-def score_table(model, baselines, data_dir, device, workers, image_size=224):
+def score_table(model, baselines, data_dir, device, workers, image_size=224, progress=True):
     """{split: {name: metrics}} for the trained model and each baseline."""
     results = {}
     for split in ("val", "test"):
         if not os.path.isdir(os.path.join(data_dir, "rgb", split)):
             continue
-        dataset = DepthEstimationUnreal(data_dir, split, size=image_size, native=True)
+        dataset = DepthEstimationUnreal(data_dir, split, size=image_size, native=True, progress=progress)
         results[split] = {"model": evaluate(model, dataset, device, num_workers=workers)}
         for name, baseline in baselines.items():
             results[split][name] = evaluate(baseline.to(device), dataset, device, num_workers=workers)
@@ -109,7 +109,8 @@ def run_demo(opts):
     trainer = Trainer(opts)
     trainer.train()
     baselines = baseline_models(trainer.train_set)
-    results = score_table(trainer.model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size)
+    results = score_table(trainer.model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size,
+                          progress=not opts.quiet)
     table = format_results(results)
     minutes = (time.time() - start) / 60
     summary = {"results": results, "steps": trainer.step, "device": str(trainer.device), "minutes": minutes}
