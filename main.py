@@ -14,7 +14,7 @@ import time
 
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
-                 "predict", "export", "out", "cmap", "png16", "ply", "fov", "npy", "report", "report_images",
+                 "predict", "export", "out", "cmap", "png16", "ply", "flip", "fov", "npy", "report", "report_images",
                  "compile"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
@@ -158,6 +158,9 @@ def build_parser():
     use.add_argument("--fov", type=float, default=90.0,
                      help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
+    use.add_argument("--flip", action="store_true",
+                     help="--eval, --predict: average the depth of each image with that of its mirror image, mirrored "
+                          "back (test-time augmentation; two forward passes)")
     use.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="--eval: write report_SPLIT_grid.png, report_SPLIT_per_image.csv and curves.png (see --out)")
     use.add_argument("--report-images", type=int, default=6,
@@ -192,6 +195,7 @@ def build_app_parser():
     serve.add_argument("--port", type=int, default=7860, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="uploads larger than this many megabytes are refused")
+    p.set_defaults(flip=False)  # the page shows one forward pass, as the paper's model makes it
     shared = p.add_argument_group("the model, as for --predict")
     for action in build_parser()._actions:
         if action.dest in APP_SHARED:
@@ -257,6 +261,8 @@ def check_options(parser, opts):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
     check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
+    if opts.flip and not (opts.eval or opts.predict):
+        parser.error("--flip is for --eval and --predict (training and --export run the model once per image)")
     if opts.tensorboard:
         from tblog import require_tensorboard
 
@@ -344,7 +350,15 @@ def load_for_prediction(opts, channels_last):
     from model import InferenceModel
 
     model, size, device = load_for_inference(opts, channels_last)
-    return InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last), size, device
+    model = InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last)
+    return with_flip(model, opts.flip), size, device
+
+
+def with_flip(model, flip):
+    """The model, or with --flip the mean of its depth for each image and for its mirror image."""
+    from model import FlipAveraged
+
+    return FlipAveraged(model) if flip else model
 
 
 def run_eval(opts):
@@ -354,6 +368,7 @@ def run_eval(opts):
     from utils import write_json_atomic
 
     model, size, device = load_for_inference(opts, opts.channels_last)
+    model = with_flip(model, opts.flip)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None

@@ -300,6 +300,23 @@ class InferenceModel(nn.Module):
         return self.net(rgb.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
 
 
+class FlipAveraged(nn.Module):
+    """Test-time flipping: the mean of a model's depth for an image and, mirrored back, for its mirror image.
+
+    A scene seen in a mirror has the mirrored depth map, so the two passes are two estimates of
+    one map whose errors differ; their mean is the usual test-time augmentation of monocular
+    depth (AdaBins evaluates so; Monodepth2's post-processing adds ramps at the edges). Two
+    forward passes per image. Opt-in (--flip): the paper's protocol scores one pass.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rgb):
+        return 0.5 * (self.model(rgb) + self.model(rgb.flip(-1)).flip(-1))
+
+
 def load_weights(model, state, source):
     """load_state_dict that names the differing keys when a checkpoint is of another architecture."""
     expected, given = set(model.state_dict()), set(state)

@@ -109,6 +109,7 @@ def test_is_train_parses_as_a_real_boolean():
     (["--lr", "1e-2", "--max-lr", "1e-3"], "--max-lr"),
     (["--workers", "-1"], "--workers"),
     (["--is_train", "maybe"], "--is_train"),
+    (["--flip"], "--flip"),
 ])
 def test_bad_options_exit_with_one_line_naming_the_option(args, option):
     result = run_main(*args, timeout=60)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 from losses import DepthLoss
-from model import ENCODERS, DepthNet, InferenceModel, imagenet_weights_path, load_weights
+from model import ENCODERS, DepthNet, FlipAveraged, InferenceModel, imagenet_weights_path, load_weights
 from utils import CheckpointError, UserError, save_checkpoint
 
 # The table of docs/design.md §1, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
@@ -442,3 +442,23 @@ def test_inference_model_is_a_low_precision_frozen_copy():
     with torch.no_grad():
         model.decoder.output_conv.bias += 1.0  # the copy shares nothing with the original
         assert torch.equal(fast(rgb), got)
+
+
+
+class ColumnRamp(nn.Module):
+    """A stand-in network that is not mirror-symmetric: red channel plus the column index."""
+
+    def forward(self, rgb):
+        return rgb[:, :1] + torch.arange(rgb.shape[-1], dtype=rgb.dtype)
+
+
+def test_flip_averaged_is_the_mean_of_the_pass_and_the_mirrored_pass(net):
+    x = torch.rand(2, 3, 4, 6)
+    # red + the mean of a column's index and its mirror's: red + (W - 1) / 2 at every pixel
+    torch.testing.assert_close(FlipAveraged(ColumnRamp())(x), x[:, :1] + 2.5)
+    # whatever the network, the averaged one mirrors its output when the input is mirrored
+    rgb = torch.rand(1, 3, 64, 96)
+    flipped = FlipAveraged(net.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(flipped(rgb.flip(-1)), flipped(rgb).flip(-1))
+        assert not torch.allclose(net(rgb.flip(-1)), net(rgb).flip(-1), atol=1e-3)  # which the network alone does not

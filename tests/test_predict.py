@@ -130,3 +130,19 @@ def test_predict_runs_bf16_weights_where_the_hardware_runs_bf16(checkpoint, tmp_
         assert not np.array_equal(auto, fp32) and np.abs(auto - fp32).max() < 0.1
     else:
         np.testing.assert_array_equal(auto, fp32)
+
+
+def test_predict_flip_averages_the_image_and_its_mirror(checkpoint, tmp_path):
+    """--flip: the depth of an image and, mirrored back, that of its mirror image, averaged (fp32 here)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    rgb.save(folder / "a.png")
+    rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "b.png")
+    common = ["--predict", str(folder), "--ckpt", str(checkpoint), "--device", "cpu", "--workers", "0", "--quiet",
+              "--amp", "off"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--out", str(tmp_path / "flip"), "--flip"]) == 0
+    a, b = np.load(tmp_path / "one" / "a.npy"), np.load(tmp_path / "one" / "b.npy")
+    assert np.abs(a - b[:, ::-1]).max() > 0.01  # the network alone is not mirror-symmetric
+    np.testing.assert_allclose(np.load(tmp_path / "flip" / "a.npy"), 0.5 * (a + b[:, ::-1]), atol=1e-4)
