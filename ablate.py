@@ -151,7 +151,7 @@ def train_variant(name, options, args):
         raise KeyboardInterrupt
     val = DepthEstimationUnreal(args.data_dir, "val", size=args.image_size, native=True,
                                progress=not args.quiet)
-    metrics = evaluate(trainer.model, val, trainer.device, num_workers=args.workers)
+    metrics = evaluate(trainer.scored_model, val, trainer.device, num_workers=args.workers)
     total, trainable = count_parameters(trainer.model)
     return {**metrics, "options": " ".join(options) or "(paper preset)", "params": total, "trainable": trainable,
             "steps": trainer.step, "train_seconds": seconds}

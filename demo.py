@@ -109,7 +109,7 @@ def run_demo(opts):
     trainer = Trainer(opts)
     trainer.train()
     baselines = baseline_models(trainer.train_set)
-    results = score_table(trainer.model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size,
+    results = score_table(trainer.scored_model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size,
                           progress=not opts.quiet)
     table = format_results(results)
     minutes = (time.time() - start) / 60

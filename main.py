@@ -99,6 +99,9 @@ def build_parser():
                         help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
     beyond.add_argument("--silog-weight", type=float, default=0.0,
                         help="weight of the scale-invariant log loss (SILog, lambda 0.85)")
+    beyond.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                        help="keep an exponential moving average of the weights with this decay per step (e.g. "
+                             "0.995) and evaluate, keep as best.pt and predict with it; 0: off")
 
     optim = p.add_argument_group("optimisation (paper §III-C, §III-D, Table III)")
     optim.add_argument("--epochs", "--max_epochs", type=int, default=100, help="training epochs")
@@ -247,6 +250,8 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if not 0 <= opts.ema < 1:
+        parser.error(f"--ema must be at least 0 and below 1 (0: off), got {opts.ema}")
     if opts.max_lr < opts.lr:
         parser.error(f"--max-lr ({opts.max_lr}) must be at least --lr ({opts.lr})")
     for name, value in {"--max-steps": opts.max_steps, "--demo-steps": opts.demo_steps, "--demo-train": opts.demo_train,

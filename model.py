@@ -193,8 +193,14 @@ def trained_network_state(weights):
         return None
     ckpt = torch_load_safely(weights, mmap=True)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "config" in ckpt:
-        return ckpt["model"]
+        return network_state(ckpt)
     return None
+
+
+def network_state(ckpt):
+    """The weights a training checkpoint's network is used with: the moving average when training kept
+    one (--ema; it is what was evaluated), else the trained weights."""
+    return ckpt.get("ema") or ckpt["model"]
 
 
 class DepthNet(nn.Module):
@@ -236,7 +242,7 @@ class DepthNet(nn.Module):
         config = ckpt.get("config") or {}
         model = cls(weights=None, init_depth=ckpt.get("init_depth", 0.0),
                     encoder=config.get("encoder", "resnet34"), skips=bool(config.get("skips", False)))
-        load_weights(model, ckpt["model"], path)
+        load_weights(model, network_state(ckpt), path)
         return model, ckpt
 
     @property

@@ -6,6 +6,7 @@ a non-finite loss is skipped on the device by fused Adam and read back only ever
 --log-every steps. Under torchrun the same loop trains on N processes (distributed.py).
 """
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -62,6 +63,7 @@ class Trainer:
         ckpt = load_resumable(opts.resume) if opts.resume else None
         self.build_model(ckpt["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
         self.build_optimiser()
+        self.build_weight_average()
         self.reset_state()
         if ckpt:
             self.load_state(ckpt)
@@ -131,6 +133,31 @@ class Trainer:
             self.optimizer, base_lr=opts.lr, max_lr=opts.max_lr, step_size_up=opts.step_size_up,
             step_size_down=opts.step_size_down, mode="triangular2")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def build_weight_average(self):
+        """--ema: a frozen copy of the model whose weights follow the trained ones as a moving average."""
+        self.ema = None
+        if self.opts.ema > 0:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update_weight_average(self):
+        """Move the averaged weights (and BatchNorm statistics) towards the trained ones.
+
+        The decay is min(--ema, (1 + n) / (10 + n)) after n steps, so that the first steps, far
+        from anything worth keeping, are soon forgotten rather than weighing for 1 / (1 - decay)
+        steps. On GPUs a step skipped on the device for a non-finite loss still counts here: its
+        weights are those of the step before, so the average moves towards weights it has seen.
+        """
+        decay = min(self.opts.ema, (1 + self.step) / (10 + self.step))
+        averaged = [t for t in self.ema.state_dict().values() if t.is_floating_point()]
+        trained = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        torch._foreach_lerp_(averaged, trained, 1.0 - decay)
+
+    @property
+    def scored_model(self):
+        """The network that validation scores and best.pt and --eval use: the average under --ema."""
+        return self.ema if self.ema is not None else self.model
 
     def reset_state(self):
         """The position in training, the bad-step count and the stop state of a fresh run."""
@@ -319,6 +346,8 @@ class Trainer:
             return None, None
         else:
             self.bad_steps = 0
+        if self.ema is not None:
+            self.update_weight_average()
         self.scheduler.step()
         return parts, pred.detach()
 
@@ -462,7 +491,8 @@ class Trainer:
         In fp32, whatever autocast trains in: the recorded metrics, and so the choice of best.pt,
         are exactly what `--eval` of the checkpoint reports (docs/design.md §8).
         """
-        metrics = evaluate(self.model, self.val_set, self.device, amp_dtype=None, num_workers=self.opts.workers)
+        metrics = evaluate(self.scored_model, self.val_set, self.device, amp_dtype=None,
+                           num_workers=self.opts.workers)
         record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0],
                   **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
@@ -495,6 +525,7 @@ class Trainer:
     def state_dict(self, metrics=None):
         return {
             "model": self.model.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -520,6 +551,8 @@ class Trainer:
 
     def load_state(self, ckpt):
         load_weights(self.model, ckpt["model"], self.opts.resume)
+        if self.ema is not None:
+            load_weights(self.ema, ckpt.get("ema", ckpt["model"]), self.opts.resume)  # a run without --ema before
         # Checkpoints store the optimiser's fused/foreach choice; this loop needs fused Adam.
         for group in ckpt["optimizer"]["param_groups"]:
             group.update(fused=True, foreach=None)

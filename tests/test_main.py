@@ -110,6 +110,7 @@ def test_is_train_parses_as_a_real_boolean():
     (["--workers", "-1"], "--workers"),
     (["--is_train", "maybe"], "--is_train"),
     (["--flip"], "--flip"),
+    (["--ema", "1"], "--ema"),
 ])
 def test_bad_options_exit_with_one_line_naming_the_option(args, option):
     result = run_main(*args, timeout=60)

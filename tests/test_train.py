@@ -296,6 +296,50 @@ def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
 
 
 
+def test_ema_is_the_moving_average_of_the_trained_weights(tiny_data, tmp_path):
+    """--ema 0.9: after step n the average is d·average + (1 − d)·weights, d = min(0.9, (1 + n) / (10 + n))."""
+    trainer = make_trainer(tiny_data, tmp_path / "run", "--image-size", str(SIZE), "--ema", "0.9", "--epochs", "1")
+    floats = [k for k, t in trainer.model.state_dict().items() if t.is_floating_point()]
+    expected = {k: trainer.model.state_dict()[k].clone().double() for k in floats}
+    for n, (rgb, depth) in enumerate(trainer.epoch_batches()):
+        trainer.train_step(rgb, depth)
+        d = min(0.9, (1 + n) / (10 + n))
+        trained = trainer.model.state_dict()
+        expected = {k: d * expected[k] + (1 - d) * trained[k].double() for k in floats}
+    assert n == 3 and trainer.step == 4
+    averaged = trainer.ema.state_dict()
+    for k in floats:
+        torch.testing.assert_close(averaged[k].double(), expected[k], rtol=1e-5, atol=1e-6)
+    moved = [k for k in floats if not torch.equal(averaged[k], trainer.model.state_dict()[k])]
+    assert any("running_mean" in k for k in moved) and any(k.endswith("weight") for k in moved)
+    assert trainer.scored_model is trainer.ema and not trainer.ema.training
+
+
+def test_ema_is_what_validation_scores_saves_and_resumes(tmp_path):
+    """best.pt's metrics are the average's, and --eval of best.pt reports them; a resume continues the average."""
+    data = make_dataset(tmp_path / "data", {"train": 4, "val": 3}, size=(36, 64))
+    common = ("--image-size", str(SIZE), "--ema", "0.5", "--eval-every", "1")
+    trainer = make_trainer(data, tmp_path / "run", *common, "--max-steps", "2")
+    trainer.train()
+    best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert best["ema"].keys() == best["model"].keys()
+    assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])
+    out = tmp_path / "eval.json"
+    assert main.main(["--eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--data-dir", data, "--metrics-out",
+                      str(out), "--workers", "0", "--device", "cpu", "--no-report", "--quiet"]) == 0
+    assert json.loads(out.read_text()) == best["metrics"]
+    raw = train.evaluate(trainer.model, trainer.val_set, trainer.device)
+    assert raw["rmse"] != best["metrics"]["rmse"]  # the trained weights themselves score otherwise
+
+    resumed = make_trainer(data, tmp_path / "b", *common, "--max-steps", "4", "--resume",
+                           str(tmp_path / "run" / "last.pt"))
+    assert_same_state(resumed.ema.state_dict(), trainer.ema.state_dict())
+    resumed.train()
+    straight = make_trainer(data, tmp_path / "c", *common, "--max-steps", "4")
+    straight.train()
+    assert_same_state(resumed.ema.state_dict(), straight.ema.state_dict(), atol=1e-5)
+
+
 def test_compiled_training_takes_the_eager_steps_and_saves_plain_weights(tmp_path):
     """--compile: torch.compile of the model (about a minute of compiling on 2 CPU cores, once).
 
