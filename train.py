@@ -136,9 +136,14 @@ class Trainer:
 
     def build_weight_average(self):
         """--ema: a frozen copy of the model whose weights follow the trained ones as a moving average."""
-        self.ema = None
+        self.ema, self.ema_tensors = None, None
         if self.opts.ema > 0:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # The float tensors of both, paired, listed once rather than every step: they are updated in
+            # place by the optimiser, by load_state_dict on a resume and by the average itself.
+            pairs = [(a, t) for a, t in zip(self.ema.state_dict().values(), self.model.state_dict().values())
+                     if t.is_floating_point()]
+            self.ema_tensors = tuple(map(list, zip(*pairs)))
 
     @torch.no_grad()
     def update_weight_average(self):
@@ -150,8 +155,7 @@ class Trainer:
         weights are those of the step before, so the average moves towards weights it has seen.
         """
         decay = min(self.opts.ema, (1 + self.step) / (10 + self.step))
-        averaged = [t for t in self.ema.state_dict().values() if t.is_floating_point()]
-        trained = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        averaged, trained = self.ema_tensors
         torch._foreach_lerp_(averaged, trained, 1.0 - decay)
 
     @property
