@@ -82,7 +82,6 @@ class DepthPage:
             Image.fromarray(rgb).save(paths[-1], quality=JPEG_QUALITY)
         return paths
 
-
     def on_photo(self, path, fov):
         """A new photo, or none: (depth picture, readout, 3-D view, downloads, state for the later events).
 

@@ -198,7 +198,6 @@ def build_app_parser():
     serve.add_argument("--port", type=int, default=7860, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="uploads larger than this many megabytes are refused")
-    p.set_defaults(flip=False)  # the page shows one forward pass, as the paper's model makes it
     shared = p.add_argument_group("the model, as for --predict")
     for action in build_parser()._actions:
         if action.dest in APP_SHARED:
@@ -347,16 +346,16 @@ def load_for_inference(opts, channels_last):
     return model, size, device
 
 
-def load_for_prediction(opts, channels_last):
+def load_for_prediction(opts, channels_last, flip=False):
     """(model.InferenceModel of --ckpt, input side, device) for --predict and app.py: the fast path, weights
     cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs
-    from fp32 by about a centimetre."""
+    from fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
     from hardware import select_amp_dtype
     from model import InferenceModel
 
     model, size, device = load_for_inference(opts, channels_last)
     model = InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last)
-    return with_flip(model, opts.flip), size, device
+    return with_flip(model, flip), size, device
 
 
 def with_flip(model, flip):
@@ -400,7 +399,7 @@ def run_predict(opts):
     if opts.npy:
         raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    model, size, device = load_for_prediction(opts, opts.channels_last)
+    model, size, device = load_for_prediction(opts, opts.channels_last, opts.flip)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
                                      size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
@@ -416,7 +415,7 @@ def run_predict_video(opts):
 
     if opts.png16 or opts.ply:
         raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
-    model, size, device = load_for_prediction(opts, opts.channels_last)
+    model, size, device = load_for_prediction(opts, opts.channels_last, opts.flip)
     out = opts.out or "out"
     frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
                                           cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
