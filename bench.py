@@ -565,6 +565,15 @@ def device_description(device):
     return f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def bench_data(args, tmp, n_val):
+    """--data-dir, or --images street scenes and `n_val` yard scenes written by synthetic.py into `tmp`."""
+    if args.data_dir:
+        return args.data_dir
+    data_dir = os.path.join(tmp, "data")
+    generate_dataset(data_dir, args.images, n_val, 0, workers=max(1, args.workers), progress=False)
+    return data_dir
+
+
 def run_header(device):
     """What every report starts with: the device, the torch version and the command that produced it."""
     return {"device": device.type, "device_name": device_description(device), "torch": torch.__version__,
@@ -612,9 +621,7 @@ def main(argv=None):
         result = run_header(device)
         table = os.path.splitext(args.out)[0] + "_ops.txt"
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            data_dir = args.data_dir or os.path.join(tmp, "data")
-            if not args.data_dir:
-                generate_dataset(data_dir, args.images, 2, 0, workers=max(1, args.workers), progress=False)
+            data_dir = bench_data(args, tmp, n_val=2)
             result["profile"] = profile_training(args, device, data_dir, os.path.join(tmp, "run"), table)
         print_profile(result)
         write_json(result, args.out)
@@ -636,10 +643,7 @@ def main(argv=None):
                        "counting": "FlopCounterMode on one forward pass; training = 3 × forward"}
     result["peak_flops"] = peaks = device_peaks(device, amp_dtype)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data_dir = args.data_dir or os.path.join(tmp, "data")
-        if not args.data_dir:
-            generate_dataset(data_dir, args.images, min(32, args.images), 0, workers=max(1, args.workers),
-                             progress=False)
+        data_dir = bench_data(args, tmp, n_val=min(32, args.images))
         train, trainer = bench_training(args, device, data_dir, os.path.join(tmp, "run"))
         for name in ("baseline", "ours"):
             train[name]["achieved_flops"] = 3 * fwd * train[name]["img_s"]
