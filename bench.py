@@ -40,7 +40,7 @@ from main import parse_options
 from model import DepthNet, InferenceModel
 from synthetic import generate_dataset
 from train import Trainer
-from utils import write_json_atomic
+from utils import atomic_path, write_json_atomic
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, most specific
 # name first. The baseline's convolutions run in TF32 on these GPUs (cudnn.allow_tf32 is on
@@ -466,7 +466,7 @@ def profile_training(args, device, data_dir, run_dir, table_path):
         "device_op_ms_per_step": {e.key: device_time_us(e) / 1e3 / n
                                   for e in sorted(kernels, key=lambda e: -device_time_us(e))[:25]},
     }
-    with open(table_path, "w") as f:
+    with atomic_path(table_path) as tmp, open(tmp, "w") as f:
         f.write(f"{n} training steps of batch {args.batch_size}, {wall:.3f} s\n\nby host (self CPU) time:\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
         if kernels:
