@@ -44,7 +44,7 @@ class DepthPage:
         from main import load_for_prediction
 
         self.opts = opts
-        self.model, self.size, self.device = load_for_prediction(opts, channels_last=True)
+        self.model, self.size, self.device = load_for_prediction(opts, channels_last=True, flip=opts.flip)
         self.max_depth = MAX_DEPTH  # the scale of the training targets and of every depth picture here
         # The examples, and one folder per request, live here until the server stops.
         self.workdir = tempfile.mkdtemp(prefix="depth-app-")

@@ -162,8 +162,8 @@ def build_parser():
                      help="--ply: horizontal field of view (degrees) of the pinhole camera. The real data set's is not "
                           "published; 90 is Unreal Engine's camera default (the synthetic generator draws 60-90)")
     use.add_argument("--flip", action="store_true",
-                     help="--eval, --predict: average the depth of each image with that of its mirror image, mirrored "
-                          "back (test-time augmentation; two forward passes)")
+                     help="--eval, --predict, app.py: average the depth of each image with that of its mirror image, "
+                          "mirrored back (test-time augmentation; two forward passes)")
     use.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="--eval: write report_SPLIT_grid.png, report_SPLIT_per_image.csv and curves.png (see --out)")
     use.add_argument("--report-images", type=int, default=6,
@@ -183,7 +183,7 @@ def build_parser():
 
 
 # --predict's options that app.py takes too, defined once in build_parser.
-APP_SHARED = ("ckpt", "image_size", "device", "amp", "cmap", "fov")
+APP_SHARED = ("ckpt", "image_size", "device", "amp", "cmap", "fov", "flip")
 
 
 def build_app_parser():
@@ -200,7 +200,11 @@ def build_app_parser():
                        help="uploads larger than this many megabytes are refused")
     shared = p.add_argument_group("the model, as for --predict")
     for action in build_parser()._actions:
-        if action.dest in APP_SHARED:
+        if action.dest not in APP_SHARED:
+            continue
+        if action.nargs == 0:  # a flag
+            shared.add_argument(*action.option_strings, dest=action.dest, action="store_true", help=action.help)
+        else:
             # No default size: like --predict, the page feeds the model the size it was trained at unless told.
             shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
                                 default=None if action.dest == "image_size" else action.default,

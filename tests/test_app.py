@@ -68,8 +68,8 @@ def test_app_options_default_to_localhost_and_share_predicts_definitions():
     assert opts.image_size is None  # the checkpoint's own size, as for --predict
     ours = {a.dest: a for a in build_parser()._actions}
     shared = [a for a in build_app_parser()._actions
-              if a.dest in ("ckpt", "device", "amp", "cmap", "fov", "image_size")]
-    assert len(shared) == 6
+              if a.dest in ("ckpt", "device", "amp", "cmap", "fov", "image_size", "flip")]
+    assert len(shared) == 7 and not opts.flip
     for action in shared:
         assert (action.option_strings, action.help, action.choices) == \
             (ours[action.dest].option_strings, ours[action.dest].help, ours[action.dest].choices)
@@ -145,6 +145,21 @@ def test_page_writes_what_predict_writes(page, tiny_checkpoint, tmp_path):
     view, downloads = page.on_fov(state, 40.0)
     assert "field of view 40 degrees" in ply_header(downloads[2]) and view == downloads[2]
     assert f"(x 7, y 3): **{depth[3, 7]:.2f} m**" in page.on_click(state, (7, 3))
+
+
+def test_page_with_flip_shows_the_depth_predict_flip_writes(tiny_checkpoint, tmp_path):
+    photo = write_photo(tmp_path / "photo.png")
+    page = app.DepthPage(parse_app_options(["--ckpt", str(tiny_checkpoint), "--device", "cpu", "--flip"]))
+    try:
+        downloads = page.on_photo(str(photo), 90.0)[3]
+        flipped = np.load(downloads[0])
+    finally:
+        page.close()
+    assert main(["--predict", str(photo), "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "ref"),
+                 "--workers", "0", "--quiet", "--flip"]) == 0
+    np.testing.assert_array_equal(flipped, np.load(tmp_path / "ref" / "photo.npy"))
+    unflipped = np.load(predict_reference(tiny_checkpoint, photo, tmp_path / "plain")["npy"])
+    assert np.abs(flipped - unflipped).max() > 1e-3  # --flip reached the model: the photo is not symmetric
 
 
 def test_page_shows_a_large_photo_as_a_thinner_cloud(page, tmp_path, monkeypatch):
