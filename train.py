@@ -224,18 +224,12 @@ class Trainer:
                     self.save_model("last.pt")  # stopped mid-epoch: keep the exact position
                     break
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
-                    if self.dist.is_main:
-                        metrics = self.evaluate()
-                    self.last_eval_step = self.step
-                    barrier()
+                    metrics = self.evaluate_on_main()
                 self.save_model("last.pt")
                 self.agree_on_stop()
             if self.final_evaluation_due(start_step):
-                if self.dist.is_main:
-                    metrics = self.evaluate()
-                self.last_eval_step = self.step
+                metrics = self.evaluate_on_main()
                 self.save_model("last.pt")  # its best_rmse now counts this evaluation too
-                barrier()
         if self.dist.is_main:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.tb:
@@ -246,6 +240,13 @@ class Trainer:
                   "run's own)")
         # Under torchrun no process may exit before rank 0 has written its files: torchrun stops
         # the others as soon as one exits with a non-zero status (as a stopped run does).
+        barrier()
+        return metrics
+
+    def evaluate_on_main(self):
+        """Rank 0 scores val while the others wait; every rank marks this step evaluated. Rank 0's metrics."""
+        metrics = self.evaluate() if self.dist.is_main else None
+        self.last_eval_step = self.step
         barrier()
         return metrics
 
