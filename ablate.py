@@ -18,7 +18,6 @@ OUT/ablation.json (every metric of every variant), rewritten after each variant,
 each variant's run folder in OUT/runs/NAME (config.json; last.pt only with --keep-checkpoints).
 """
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -29,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from dataset import DepthEstimationUnreal, list_pairs
-from demo import scaled_cycle
+from demo import epochs_for_steps, scaled_cycle
 from evaluate import evaluate
 from hardware import select_device, synchronize
 from main import parse_options
 from model import count_parameters
 from plots import plot_ablation
+from synthetic import ensure_dataset
 from train import Trainer
 from utils import UserError, atomic_path, write_json_atomic
 
@@ -113,8 +113,7 @@ def run_folder(args, name):
 
 def common_options(args, name):
     """main.py options shared by every variant: the budget, the data and the run folder."""
-    # Enough whole epochs for --steps, so the progress bar counts real ones; --max-steps ends the run.
-    epochs = math.ceil(args.steps / math.ceil(len(list_pairs(args.data_dir, "train")) / args.batch_size))
+    epochs = epochs_for_steps(args.steps, len(list_pairs(args.data_dir, "train")), args.batch_size)
     step_size_up, step_size_down = scaled_cycle(args.steps)
     argv = ["--data-dir", args.data_dir, "--run-dir", run_folder(args, name), "--weights", args.weights,
             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
@@ -132,10 +131,10 @@ class AblationTrainer(Trainer):
     keep_checkpoints = False
     save_seconds = 0.0
 
-    def save_model(self, name, metrics=None):
+    def save_checkpoint(self, name, metrics=None):
         if self.keep_checkpoints:
             start = time.perf_counter()
-            super().save_model(name, metrics)
+            super().save_checkpoint(name, metrics)
             self.save_seconds += time.perf_counter() - start
 
 
@@ -145,7 +144,7 @@ def train_variant(name, options, args):
     trainer = AblationTrainer(opts)
     trainer.keep_checkpoints = args.keep_checkpoints
     start = time.perf_counter()
-    trainer.train()
+    trainer.fit()
     seconds = time.perf_counter() - start - trainer.save_seconds
     if trainer.stop_signal:
         raise KeyboardInterrupt
@@ -189,15 +188,6 @@ def choose_combination(results):
     better = [n for n in results if n != "paper" and n != BEST and results[n]["rmse"] < paper]
     encoders = sorted((n for n in better if "--encoder" in SINGLES[n]), key=lambda n: results[n]["rmse"])
     return [n for n in better if n not in encoders or n == encoders[0]]
-
-
-def ensure_data(args):
-    if os.path.isdir(os.path.join(args.data_dir, "rgb", "train")):
-        return
-    from synthetic import generate_dataset
-
-    print(f"synthesising {args.synth_train} train / {args.synth_val} val scenes into {args.data_dir}")
-    generate_dataset(args.data_dir, args.synth_train, args.synth_val, 0, seed=args.seed, progress=not args.quiet)
 
 
 def budget_text(args):
@@ -246,7 +236,7 @@ def write_report(args, results, combination, note, minutes):
 def run_ablation(args):
     """Train every variant in turn, rewriting the report after each, then time them; returns {variant: row}."""
     start = time.perf_counter()
-    ensure_data(args)
+    ensure_dataset(args.data_dir, args.synth_train, args.synth_val, 0, seed=args.seed, progress=not args.quiet)
     results, combination, note, trained = {}, [], "", {}
     for name in args.variants:
         if name == BEST:

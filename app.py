@@ -41,10 +41,11 @@ class DepthPage:
 
     def __init__(self, opts):
         from dataset import MAX_DEPTH
-        from main import load_for_prediction
+        from inference import load_predictor
 
         self.opts = opts
-        self.model, self.size, self.device = load_for_prediction(opts, channels_last=True, flip=opts.flip)
+        self.model, self.size, self.device = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size,
+                                                            channels_last=True, flip=opts.flip)
         self.max_depth = MAX_DEPTH  # the scale of the training targets and of every depth picture here
         # The examples, and one folder per request, live here until the server stops.
         self.workdir = tempfile.mkdtemp(prefix="depth-app-")
@@ -56,11 +57,9 @@ class DepthPage:
 
     def predict(self, rgb):
         """Depth in metres of one HWC uint8 image, at its own size: --predict's computation for a batch of one."""
-        from dataset import to_model_input
-        from predict import predict_depth
+        from inference import infer_image
 
-        inputs = to_model_input(rgb, self.size)[None].to(self.device)
-        return predict_depth(self.model, inputs, [rgb.shape[:2]], max_depth=self.max_depth)[0]
+        return infer_image(self.model, rgb, self.size, self.device, self.max_depth)
 
     def request_folder(self):
         """A fresh folder for one request's files. Gradio copies what a request returns into its own
@@ -118,10 +117,10 @@ class DepthPage:
         """--predict's files for the state's photo (.npy, colour and 16-bit PNGs, .ply) in a fresh request
         folder; ({kind: path}, the .ply for the 3-D view: the download itself, or for a large photo
         every k-th pixel's point)."""
-        from predict import output_paths, write_outputs, write_ply
+        from predict import image_output_paths, write_outputs, write_ply
 
         rgb, depth = state["rgb"], state["depth"]
-        files = output_paths(state["name"], self.request_folder(), png16=True, ply=True)
+        files = image_output_paths(state["name"], self.request_folder(), png16=True, ply=True)
         write_outputs(files, depth, rgb, self.max_depth, self.opts.cmap, fov)
         step = int(np.ceil(np.sqrt(depth.size / VIEWER_POINTS)))
         if step == 1:
@@ -213,7 +212,8 @@ def import_gradio():
 
 
 def main(argv=None):
-    from main import parse_app_options, print_user_error, raise_interrupt
+    from main import parse_app_options
+    from utils import print_user_error, raise_interrupt
 
     opts = parse_app_options(argv)
     try:

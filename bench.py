@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset import DepthEstimationUnreal
 from evaluate import evaluate
 from hardware import select_amp_dtype, select_device, synchronize
+from inference import InferenceModel
 from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
-from model import DepthNet, InferenceModel
+from model import DepthNet
 from synthetic import generate_dataset
 from train import Trainer
 from utils import atomic_path, write_json_atomic
@@ -237,7 +238,7 @@ class OurTraining:
         return done.parts["loss"] if done is not None else torch.tensor(float("nan"))
 
     def finish(self):
-        self.trainer.check_steps()
+        self.trainer.settle_steps()
 
     def close(self):
         del self.batches
@@ -360,7 +361,7 @@ def save_untrained_checkpoint(data_dir, device, run_dir):
     trainer = Trainer(parse_options(["--data-dir", data_dir, "--run-dir", run_dir, "--weights", "none", "--quiet",
                                      "--device", device.type, "--eval-every", "0", "--vis-every", "0",
                                      "--workers", "0"]))
-    trainer.save_model("best.pt")
+    trainer.save_checkpoint("best.pt")
     return os.path.join(run_dir, "best.pt")
 
 

@@ -10,6 +10,7 @@ import time
 from dataset import DepthEstimationUnreal, list_pairs
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights_path
+from synthetic import ensure_dataset
 from train import Trainer
 from utils import write_json_atomic
 
@@ -25,15 +26,21 @@ def scaled_cycle(steps):
     return max(1, steps // 6), max(1, steps // 3)
 
 
-def apply_demo_preset(opts, explicit, paper_batch_size):
-    """Size the paper's recipe for a short run on whatever device there is; `explicit`: the options typed.
+def epochs_for_steps(steps, train_pairs, batch_size):
+    """Enough whole epochs for `steps` optimiser steps (--max-steps then ends the run), so that the
+    progress bar counts real epochs."""
+    return math.ceil(steps / math.ceil(train_pairs / batch_size))
+
+
+def demo_preset(opts, explicit, paper_batch_size):
+    """{option: value} that size the paper's recipe for a short run on whatever device there is; `explicit`:
+    the options typed, which the preset never overrides.
 
     The CyclicLR cycle is scaled to the run (scaled_cycle). Both learning rates scale
     linearly with the batch against the paper's (Goyal et al., 2017): at the CPU's batch of
     8 the paper's 1e-3 … 5e-3 makes the from-scratch network's validation score swing by
-    0.5 m between evaluations. The epochs are as many as --max-steps needs, so the progress
-    bar counts real epochs. Without cached ImageNet weights, which an offline machine cannot
-    download, the encoder starts from random weights. Options typed on the command line win.
+    0.5 m between evaluations. Without cached ImageNet weights, which an offline machine cannot
+    download, the encoder starts from random weights.
     """
     import torch
 
@@ -43,18 +50,18 @@ def apply_demo_preset(opts, explicit, paper_batch_size):
     preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "step_size_up": step_size_up,
               "step_size_down": step_size_down, "eval_every": 2, "vis_every": max(1, steps // 6),
               "run_dir": os.path.join("runs", "demo")}
-    for key, value in preset.items():
-        if key not in explicit:
-            setattr(opts, key, value)
+    preset = {k: v for k, v in preset.items() if k not in explicit}
+    batch_size, max_steps = preset.get("batch_size", opts.batch_size), preset.get("max_steps", opts.max_steps)
     for key in ("lr", "max_lr"):
         if key not in explicit:
-            setattr(opts, key, getattr(opts, key) * opts.batch_size / paper_batch_size)
+            preset[key] = getattr(opts, key) * batch_size / paper_batch_size
     if "epochs" not in explicit:
-        opts.epochs = math.ceil(opts.max_steps / math.ceil(training_scenes(opts) / opts.batch_size))
+        preset["epochs"] = epochs_for_steps(max_steps, training_scenes(opts), batch_size)
     if opts.weights == "imagenet" and not imagenet_weights_cached(opts.encoder):
         print(f"ImageNet weights for {encoder_spec(opts.encoder).title} are not cached and this may be offline: "
               "the demo starts from random weights")
-        opts.weights = "none"
+        preset["weights"] = "none"
+    return preset
 
 
 def training_scenes(opts):
@@ -67,17 +74,6 @@ def training_scenes(opts):
 def imagenet_weights_cached(encoder="resnet34"):
     """True when torchvision would load the encoder's ImageNet weights without a download."""
     return os.path.isfile(imagenet_weights_path(encoder))
-
-
-def ensure_synthetic_data(opts):
-    if os.path.isdir(os.path.join(opts.data_dir, "rgb", "train")):
-        print(f"using the data set in {opts.data_dir}")
-        return
-    from synthetic import generate_dataset
-
-    print(f"synthesising {opts.demo_train}/{opts.demo_val}/{opts.demo_test} train/val/test scenes into {opts.data_dir}")
-    generate_dataset(opts.data_dir, opts.demo_train, opts.demo_val, opts.demo_test, seed=opts.seed,
-                     workers=max(1, min(8, os.cpu_count() or 1)), progress=not opts.quiet)
 
 
 def score_table(model, baselines, data_dir, device, workers, image_size=224, progress=True):
@@ -103,12 +99,13 @@ def format_results(results):
 
 
 def run_demo(opts):
-    """opts: main.py's options with the demo preset applied (apply_demo_preset)."""
+    """opts: main.py's options with the demo preset applied (demo_preset)."""
     start = time.time()
-    ensure_synthetic_data(opts)
+    ensure_dataset(opts.data_dir, opts.demo_train, opts.demo_val, opts.demo_test, seed=opts.seed,
+                   progress=not opts.quiet)
     trainer = Trainer(opts)
-    trainer.train()
-    baselines = baseline_models(trainer.train_set)
+    trainer.fit()
+    baselines = baseline_models(trainer.train_set, trainer.cache)
     results = score_table(trainer.scored_model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size,
                           progress=not opts.quiet)
     table = format_results(results)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import MAX_DEPTH, read_depth, resize_to_square
+from dataset import MAX_DEPTH, read_depth, resize_to_square, to_model_input
+from inference import predict_batch, predict_depth
 from losses import MIN_DEPTH, rmse, ssim, ssim_map
 from plots import plot_prediction_grid, plot_training_curves
-from predict import predict_batch, predict_samples
 from utils import atomic_path
 
 METRIC_KEYS = ("rmse", "ssim", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3",
@@ -133,6 +133,14 @@ def write_per_image_csv(rows, path):
         writer.writerows({k: f"{v:.7g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
 
+def predict_samples(model, dataset, indices, device, amp_dtype=None):
+    """(name, rgb, ground truth, prediction) at native resolution for images `indices` of a DepthEstimationUnreal."""
+    raws = [dataset.load_raw(i) for i in indices]
+    inputs = torch.stack([to_model_input(rgb, dataset.size) for rgb, _ in raws]).to(device)
+    preds = predict_depth(model, inputs, [gt.shape for _, gt in raws], amp_dtype, dataset.max_depth)
+    return [(dataset.names[i], rgb, gt, pred) for i, (rgb, gt), pred in zip(indices, raws, preds)]
+
+
 class FixedMapModel(torch.nn.Module):
     """Predicts one depth map for every image: the constant and per-row baselines."""
 
@@ -144,22 +152,32 @@ class FixedMapModel(torch.nn.Module):
         return self.depth_map.expand(rgb.shape[0], -1, -1, -1)
 
 
-def baseline_models(train_set):
+def baseline_models(train_set, cache=None):
     """The predictors that see no image, fitted on a training split's preprocessed depth.
 
     constant mean: one value everywhere; per-row mean: each row's mean (depth mostly
-    grows with height in the image); mean map: each pixel's mean over the split.
+    grows with height in the image); mean map: each pixel's mean over the split. With the
+    split's decoded cache (dataset.SplitCache) its depth maps are used rather than decoding
+    every file again; their float16 rounding moves the maps by well under a centimetre.
     """
+    mean_map = mean_depth_map(train_set, cache)
+    rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
+    return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
+            "per-row mean": FixedMapModel(rows),
+            "mean map": FixedMapModel(mean_map)}
+
+
+def mean_depth_map(train_set, cache=None, chunk=256):
+    """The per-pixel mean (1, S, S) of the split's preprocessed depth, from the cache when there is one."""
+    if cache is not None:
+        total = sum(cache.depth[i:i + chunk].float().sum(0) for i in range(0, len(cache), chunk))
+        return total.cpu() / len(cache)
     total = None
     for _, _, depth_path in train_set.pairs:
         d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]
         d = resize_to_square(d, train_set.size)
         total = d if total is None else total + d
-    mean_map = total / len(train_set)
-    rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
-    return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
-            "per-row mean": FixedMapModel(rows),
-            "mean map": FixedMapModel(mean_map)}
+    return total / len(train_set)
 
 
 def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):

@@ -1,4 +1,5 @@
-"""Which device and which autocast dtype to run on, for training and inference alike."""
+"""Which device and which autocast dtype to run on, for training and inference alike, and the torch internals
+the project relies on."""
 import contextlib
 
 import torch
@@ -29,9 +30,26 @@ def select_amp_dtype(amp, device):
     return torch.bfloat16 if cpu_runs_bf16() else None
 
 
+# The two functions below use torch internals that no public API offers; they live here, and only
+# here, so that a torch release that changes them is mended in one place (tests/test_hardware.py).
+
+
 def cpu_runs_bf16():
-    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX), which oneDNN uses."""
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX), which oneDNN uses.
+
+    torch.ops.mkldnn._is_mkldnn_bf16_supported is private; torch has no public query."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def skip_update_unless_finite(optimizer, loss):
+    """Make a fused Adam's next step() a no-op, on the device, when `loss` is not finite.
+
+    Fused Adam reads the optimiser's `found_inf` attribute, the flag through which GradScaler
+    tells it to skip a step with inf/NaN gradients, and then leaves weights and moments
+    untouched. The attribute is undocumented, but it is how GradScaler itself drives the fused
+    kernel; it lets a bad step be skipped without the host waiting to read the loss.
+    """
+    optimizer.found_inf = (~torch.isfinite(loss)).float()
 
 
 def autocast(device_type, dtype):

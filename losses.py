@@ -48,11 +48,10 @@ def gaussian_blur_maps(maps, padding):
     """Blur each channel of (B, C, H, W) fp32 (or fp64) maps with the 11 × 11 Gaussian: rows @ maps @ colsᵀ.
 
     The 2-D window is the outer product of two 1-D ones, so the blur is a product with a
-    banded matrix on each side. On 2 CPU cores, forward + backward of the five SSIM
-    statistics at batch 8, 224 × 224 (bench.py --ssim-variants): banded matmul 24 ms,
-    one grouped 11 × 11 convolution 66 ms, two grouped 1-D convolutions 73 ms, five
-    separate 2-D convolutions 307 ms. The matrix products run in full fp32 unless TF32
-    matmuls are switched on (torch.backends.cuda.matmul.allow_tf32; off by default).
+    banded matrix on each side: fewer, larger kernels than grouped convolutions, and the
+    fastest of the variants bench.py --ssim-variants compares (docs/speed.md). The matrix
+    products run in full fp32 unless TF32 matmuls are switched on
+    (torch.backends.cuda.matmul.allow_tf32; off by default).
     """
     h, w = maps.shape[-2:]
     rows = gaussian_band(h, padding, maps.device, maps.dtype)

@@ -261,8 +261,6 @@ def check_options(parser, opts):
                         "--demo-val": opts.demo_val, "--demo-test": opts.demo_test}.items():
         if value is not None and value < 1:
             parser.error(f"{name} must be at least 1, got {value}")
-    if opts.is_train is False:
-        opts.eval = True
     if opts.eval and (opts.predict or opts.export):
         parser.error("choose one of --eval (or --is_train false), --predict and --export")
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
@@ -285,97 +283,59 @@ def typed_options(argv):
     return {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not untouched}
 
 
-def inherit_resumed_options(opts, explicit):
-    """Options not typed again take the values of the run being resumed (its checkpoint's config).
+def inherited_options(opts, explicit):
+    """{option: value} that a resumed run takes from its checkpoint's config: every option of the run
+    not typed again, so that `python main.py --resume runs/X/last.pt` continues with the same data,
+    batch size, schedule, seed and run directory. Options typed with it win, and are listed."""
+    from checkpoint import run_config
 
-    So `python main.py --resume runs/X/last.pt` continues with the same data, batch size,
-    schedule, seed and run directory; options typed with it win. Returns the inherited names.
-    """
-    from utils import load_checkpoint
-
-    config = load_checkpoint(opts.resume, mmap=True).get("config", {})
+    config = run_config(opts.resume)
     inheritable = {k for k in config if k in vars(opts) and k not in NOT_INHERITED}
     changed = sorted(k for k in inheritable & explicit if config[k] != getattr(opts, k))
     if changed:
         listed = ", ".join("--{} {} (was {})".format(k.replace("_", "-"), getattr(opts, k), config[k]) for k in changed)
         print(f"resuming {opts.resume} with changed options: {listed}")
-    for key in inheritable - explicit:
-        setattr(opts, key, config[key])
-    return inheritable - explicit
+    return {k: config[k] for k in inheritable - explicit}
 
 
 def parse_options(argv=None):
+    """The options that run, settled here once: nothing changes them afterwards, and config.json is them.
+
+    In order: --resume's inherited options, the checks, the course template's --is_train, the
+    derived defaults (the checkpoint's own input size for --eval, --predict and --export; the data
+    folder; the run folder) and the --demo preset. Options the user typed are never overridden.
+    """
     parser = build_parser()
     opts = parser.parse_args(argv)
-    # Which options the user typed, so presets and resumed runs never override them.
-    explicit = typed_options(argv)
+    explicit = typed_options(argv)  # which options the user typed, so that presets and resumes never override them
     if opts.resume:
-        explicit |= inherit_resumed_options(opts, explicit)
+        inherited = inherited_options(opts, explicit)
+        vars(opts).update(inherited)
+        explicit |= set(inherited)
+    if opts.is_train is False:
+        opts.eval = True
     check_options(parser, opts)
     if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
-        opts.image_size = None  # the size the checkpoint was trained at: see load_model
+        opts.image_size = None  # the size the checkpoint was trained at (inference.load_trained)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.demo:
-        from demo import apply_demo_preset
+        from demo import demo_preset
 
-        apply_demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size"))
+        vars(opts).update(demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size")))
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
-
-
-def load_model(opts):
-    """(DepthNet of --ckpt, input side to feed it): --image-size when typed, else the side it was trained at."""
-    from model import DepthNet
-
-    model, ckpt = DepthNet.from_checkpoint(opts.ckpt)
-    size = opts.image_size or ckpt.get("config", {}).get("image_size") or build_parser().get_default("image_size")
-    return model, size
-
-
-def load_for_inference(opts, channels_last):
-    """(model of --ckpt on its device in eval mode, input side, device), channels_last or contiguous.
-
-    --eval takes --channels-last's layout, training's (channels_last by default), so that it
-    computes exactly what the validation during training did.
-    """
-    import torch
-
-    from hardware import select_device
-
-    device = select_device(opts.device)
-    model, size = load_model(opts)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return model, size, device
-
-
-def load_for_prediction(opts, channels_last, flip=False):
-    """(model.InferenceModel of --ckpt, input side, device) for --predict and app.py: the fast path, weights
-    cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs
-    from fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
-    from hardware import select_amp_dtype
-    from model import InferenceModel
-
-    model, size, device = load_for_inference(opts, channels_last)
-    model = InferenceModel(model, select_amp_dtype(opts.amp, device), channels_last=channels_last)
-    return with_flip(model, flip), size, device
-
-
-def with_flip(model, flip):
-    """The model, or with --flip the mean of its depth for each image and for its mirror image."""
-    from model import FlipAveraged
-
-    return FlipAveraged(model) if flip else model
 
 
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
     from evaluate import evaluate, format_metrics, write_eval_report
     from hardware import select_amp_dtype
+    from inference import load_trained, with_flip
     from utils import write_json_atomic
 
-    model, size, device = load_for_inference(opts, opts.channels_last)
+    model, size, device = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
     model = with_flip(model, opts.flip)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
@@ -393,6 +353,13 @@ def run_eval(opts):
     return metrics
 
 
+def load_predictor_of(opts):
+    """--predict's model of --ckpt: inference.load_predictor with the options that choose how it runs."""
+    from inference import load_predictor
+
+    return load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size, opts.channels_last, opts.flip)
+
+
 def run_predict(opts):
     from predict import list_images, predict_files
     from utils import UserError
@@ -403,7 +370,7 @@ def run_predict(opts):
     if opts.npy:
         raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    model, size, device = load_for_prediction(opts, opts.channels_last, opts.flip)
+    model, size, device = load_predictor_of(opts)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
                                      size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
@@ -415,23 +382,24 @@ def run_predict(opts):
 
 def run_predict_video(opts):
     from utils import UserError
-    from video import output_paths, predict_video
+    from video import predict_video, video_output_paths
 
     if opts.png16 or opts.ply:
         raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
-    model, size, device = load_for_prediction(opts, opts.channels_last, opts.flip)
+    model, size, device = load_predictor_of(opts)
     out = opts.out or "out"
     frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
                                           cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
-    written = output_paths(opts.predict, out)
+    written = video_output_paths(opts.predict, out)
     print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
           + (f" and {written['npy']}" if opts.npy else ""))
 
 
 def run_export(opts):
     from export import export_model
+    from inference import load_trained
 
-    model, s = load_model(opts)
+    model, s, _ = load_trained(opts.ckpt, "cpu", opts.image_size)
     out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
     diff = export_model(model, opts.export, out, size=s)
     print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {s}, {s}) -> depth in metres (B, 1, {s}, {s}); "
@@ -444,7 +412,7 @@ def run_train(opts):
 
     try:
         trainer = Trainer(opts)
-        trainer.train()
+        trainer.fit()
     finally:
         close_distributed()
     # Stopped by a signal: exit as a killed process would (130, 143), though last.pt is
@@ -452,34 +420,12 @@ def run_train(opts):
     return 128 + signal.Signals[trainer.stop_signal].value if trainer.stop_signal else 0
 
 
-def user_error_message(err):
-    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
-    from utils import UserError
 
-    if isinstance(err, UserError):
-        text = str(err).strip()
-        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
-            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
-        return text
-    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
-        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
-    return None
-
-
-def print_user_error(err):
-    """For an error the user can fix: print its one `error:` line and return the exit status 1; a bug is raised."""
-    message = user_error_message(err)
-    if message is None:
-        raise err
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv=None):
+    from utils import print_user_error, raise_interrupt
+
     # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     try:

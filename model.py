@@ -4,7 +4,6 @@ The layout follows the paper (Table I) as its author's code built it (docs/desig
 BatchNorm + ReLU only after the first four transposed convolutions; the 1 × 1
 convolutions, the fifth transposed convolution and the output convolution are plain.
 """
-import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +12,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import CheckpointError, UserError, first_line, load_checkpoint, torch_load_safely
+from checkpoint import load_checkpoint, model_args, network_state, torch_load_safely, trained_network_state
+from utils import CheckpointError, UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,27 +182,6 @@ def build_backbone(name, weights):
     return net
 
 
-def trained_network_state(weights):
-    """The DepthNet weights of a checkpoint written by training, when `weights` is the path of one; else None.
-
-    Such a checkpoint (a run's best.pt or last.pt) starts the whole network, decoder
-    included: pretraining on synthetic scenes, then fine-tuning on real ones, for example.
-    Any other file is left to build_backbone, as a state dict of the encoder's network.
-    """
-    if weights in (None, "none", "imagenet") or not os.path.isfile(weights):
-        return None
-    ckpt = torch_load_safely(weights, mmap=True)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "config" in ckpt:
-        return network_state(ckpt)
-    return None
-
-
-def network_state(ckpt):
-    """The weights a training checkpoint's network is used with: the moving average when training kept
-    one (--ema; it is what was evaluated), else the trained weights."""
-    return ckpt.get("ema") or ckpt["model"]
-
-
 class DepthNet(nn.Module):
     """RGB in [0, 1] (B, 3, H, W), H and W multiples of 32 → depth in metres (B, 1, H, W).
 
@@ -215,7 +194,10 @@ class DepthNet(nn.Module):
         super().__init__()
         spec = encoder_spec(encoder)
         self.encoder_name, self.skips = encoder, bool(skips)
-        pretrained = trained_network_state(weights)
+        # What DepthNet(**model_args) rebuilds this network from: the checkpoint stores it beside the weights.
+        self.model_args = {"encoder": encoder, "skips": self.skips, "init_depth": float(init_depth)}
+        is_file = weights not in (None, "none", "imagenet") and os.path.isfile(weights)
+        pretrained = trained_network_state(weights) if is_file else None
         self.encoder = spec.trunk(build_backbone(encoder, None if pretrained is not None else weights))
         self.decoder = Decoder(spec.out_channels, spec.skip_channels if self.skips else (0, 0, 0, 0))
         # Plain attributes, not modules or buffers: the state dict of the default model stays the paper's.
@@ -233,15 +215,9 @@ class DepthNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """A trained DepthNet from a checkpoint of this project; (model, checkpoint dict).
-
-        The architecture comes from the checkpoint's config (encoder, skips); checkpoints
-        written before those options existed are the paper's resnet34 without skips.
-        """
+        """A trained DepthNet from a checkpoint of this project, built from its model_args; (model, checkpoint)."""
         ckpt = load_checkpoint(path, map_location)
-        config = ckpt.get("config") or {}
-        model = cls(weights=None, init_depth=ckpt.get("init_depth", 0.0),
-                    encoder=config.get("encoder", "resnet34"), skips=bool(config.get("skips", False)))
+        model = cls(weights=None, **model_args(ckpt))
         load_weights(model, network_state(ckpt), path)
         return model, ckpt
 
@@ -265,62 +241,6 @@ class DepthNet(nn.Module):
             if i in self.skip_taps:
                 features[i] = x
         return self.decoder(x, [features.get(t) for t in self.skip_taps])
-
-
-class FullPrecision(nn.Module):
-    """Runs `layer` in fp32, whatever the dtype of its input."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer.float()
-
-    def forward(self, x):
-        return self.layer(x.float())
-
-
-class InferenceModel(nn.Module):
-    """A frozen copy of a DepthNet for prediction: weights cast once to `dtype`, NHWC layout.
-
-    Takes and returns float32 like DepthNet (RGB in [0, 1] → metres). Casting the weights
-    once is faster than autocast, which casts every weight again on every call (bench.py
-    measures this path against the fp32 model). The decoder's last two layers, which make
-    the single-channel depth map and cost a few MFLOP, stay in fp32: in bf16 the depth itself
-    would be rounded to 8 significant bits (6 cm steps at 10 m). Predictions then differ from
-    fp32 by the bf16 rounding of the features, about a centimetre. --predict runs this;
-    evaluation scores the fp32 model (docs/design.md §8).
-    """
-
-    def __init__(self, model, dtype=None, channels_last=True):
-        super().__init__()
-        self.dtype = dtype or torch.float32
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = copy.deepcopy(model).eval().requires_grad_(False).to(self.dtype).to(memory_format=self.memory_format)
-        if self.dtype != torch.float32:
-            decoder = self.net.decoder
-            decoder[-2], decoder[-1] = FullPrecision(decoder[-2]), decoder[-1].float()
-
-    def train(self, mode=True):
-        return super().train(False)  # BatchNorm keeps its statistics: this copy never trains
-
-    def forward(self, rgb):
-        return self.net(rgb.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
-
-
-class FlipAveraged(nn.Module):
-    """Test-time flipping: the mean of a model's depth for an image and, mirrored back, for its mirror image.
-
-    A scene seen in a mirror has the mirrored depth map, so the two passes are two estimates of
-    one map whose errors differ; their mean is the usual test-time augmentation of monocular
-    depth (AdaBins evaluates so; Monodepth2's post-processing adds ramps at the edges). Two
-    forward passes per image. Opt-in (--flip): the paper's protocol scores one pass.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, rgb):
-        return 0.5 * (self.model(rgb) + self.model(rgb.flip(-1)).flip(-1))
 
 
 def load_weights(model, state, source):

@@ -15,15 +15,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import MAX_DEPTH, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
-from hardware import autocast
+from inference import predict_depth
 from plots import colorize_depth
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, make_output_folder, output_paths
 
 
 def list_images(path):
@@ -40,15 +39,11 @@ def list_images(path):
     return [os.path.join(path, n) for n in names]
 
 
-def output_paths(image_path, out_dir, png16=False, ply=False):
+def image_output_paths(image_path, out_dir, png16=False, ply=False):
     """{kind: path} of the files written for one input image."""
-    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(image_path))[0])
-    paths = {"npy": stem + ".npy", "png": stem + ".png"}
-    if png16:
-        paths["png16"] = stem + "_mm.png"
-    if ply:
-        paths["ply"] = stem + ".ply"
-    return paths
+    suffixes = {"npy": ".npy", "png": ".png", "png16": "_mm.png", "ply": ".ply"}
+    wanted = {"npy", "png"} | ({"png16"} if png16 else set()) | ({"ply"} if ply else set())
+    return output_paths(image_path, out_dir, {k: v for k, v in suffixes.items() if k in wanted})
 
 
 def check_outputs(paths, out_dir, png16, ply):
@@ -56,7 +51,7 @@ def check_outputs(paths, out_dir, png16, ply):
     inputs = {os.path.realpath(p) for p in paths}
     owner = {}
     for p in paths:
-        for out in output_paths(p, out_dir, png16, ply).values():
+        for out in image_output_paths(p, out_dir, png16, ply).values():
             real = os.path.realpath(out)
             if real in inputs:
                 raise UserError(f"writing {out} would overwrite the input image {p}; choose another --out folder")
@@ -95,30 +90,7 @@ def collate_images(items):
     return inputs, [it[0] for it in good], [it[2] for it in good], [it[3] for it in good], failed
 
 
-@torch.no_grad()
-def predict_batch(model, rgb, amp_dtype=None):
-    """Raw fp32 predictions of a batch, optionally computed under autocast."""
-    with autocast(rgb.device.type, amp_dtype):
-        return model(rgb).float()
 
-
-@torch.no_grad()
-def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
-    """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes`: a list of float32 HW arrays."""
-    pred = predict_batch(model, inputs, amp_dtype)
-    depths = []
-    for p, (h, w) in zip(pred, sizes):
-        d = F.interpolate(p[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
-        depths.append(d[0, 0].clamp_(0.0, max_depth).cpu().numpy())
-    return depths
-
-
-def predict_samples(model, dataset, indices, device, amp_dtype=None):
-    """(name, rgb, ground truth, prediction) at native resolution for images `indices` of a DepthEstimationUnreal."""
-    raws = [dataset.load_raw(i) for i in indices]
-    inputs = torch.stack([to_model_input(rgb, dataset.size) for rgb, _ in raws]).to(device)
-    preds = predict_depth(model, inputs, [gt.shape for _, gt in raws], amp_dtype, dataset.max_depth)
-    return [(dataset.names[i], rgb, gt, pred) for i, (rgb, gt), pred in zip(indices, raws, preds)]
 
 
 def depth_to_points(depth, hfov_deg):
@@ -176,10 +148,7 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
     Returns (number written, [(path, message)] of the files skipped because they could not be read).
     """
     check_outputs(paths, out_dir, png16, ply)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output folder {out_dir}: {err.strerror}; choose another --out") from None
+    make_output_folder(out_dir)
     model.eval()
     # Worker processes cost a start-up and pay off only when reading overlaps with predicting.
     num_workers = num_workers if len(paths) > batch_size else 0
@@ -195,8 +164,8 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
                 depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)
                 for index, depth, rgb in zip(indices, depths, rgbs):
                     try:
-                        write_outputs(output_paths(paths[index], out_dir, png16, ply), depth, rgb, max_depth, cmap,
-                                      hfov_deg)
+                        files = image_output_paths(paths[index], out_dir, png16, ply)
+                        write_outputs(files, depth, rgb, max_depth, cmap, hfov_deg)
                     except OSError as err:
                         raise UserError(f"cannot write the outputs of {paths[index]} to {out_dir}: "
                                         f"{err.strerror or err}") from None

@@ -657,6 +657,16 @@ def _prepare_dirs(out):
         raise ValueError(f"cannot write to output directory {out!r}: {err.strerror or err}") from None
 
 
+def ensure_dataset(out, n_train, n_val, n_test, seed=0, progress=True):
+    """Generate a data set into `out` unless it already holds a training split (then it is used as it is)."""
+    if os.path.isdir(os.path.join(out, "rgb", "train")):
+        print(f"using the data set in {out}")
+        return
+    print(f"synthesising {n_train}/{n_val}/{n_test} train/val/test scenes into {out}")
+    generate_dataset(out, n_train, n_val, n_test, seed=seed, workers=max(1, min(8, os.cpu_count() or 1)),
+                     progress=progress)
+
+
 def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test_style="street",
                      workers=1, height=144, width=256, progress=True):
     """Render a synthetic DepthEstimationUnreal-style data set into `out`; returns its meta."""

@@ -21,25 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair
+from checkpoint import load_resumable, model_args, remove_checkpoint_temps, training_checkpoint
+from checkpoint import save_checkpoint as write_checkpoint
+from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair, epoch_seed
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
-from hardware import autocast, select_amp_dtype, select_device
+from hardware import autocast, select_amp_dtype, select_device, skip_update_unless_finite
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
 from plots import plot_training_curves, visualize_img
 from tblog import TensorBoardLog
-from utils import (
-    CheckpointError,
-    UserError,
-    load_resumable,
-    remove_checkpoint_temps,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    write_json_atomic,
-)
+from utils import CheckpointError, UserError, rng_state, seed_everything, set_rng_state, write_json_atomic
 
 
 class TrainStep(NamedTuple):
@@ -54,29 +46,42 @@ class TrainStep(NamedTuple):
 
 
 class Trainer:
-    """Trains a DepthNet as main.py's options say: train() runs the loop; train_step() is one step of it."""
+    """Trains a DepthNet as main.py's options say.
+
+    Public, for main.py, demo.py, bench.py, ablate.py and the tests; everything else is private:
+      Trainer(opts)           set up processes, data, model, optimiser; resume from opts.resume
+      fit()                   the whole loop: epochs, validation, checkpoints, stop on signals
+      epoch_batches(), train_step(rgb, depth), finish_epoch()
+                              drive the loop one step at a time (train_step returns a TrainStep)
+      settle_steps()          make the step count exact (on GPUs losses are read back only now and then)
+      validate()              score val, log it, keep best.pt
+      save_checkpoint(name)   write the whole training state to RUN_DIR/name
+      stop_signal             the signal that stopped fit(), or None
+    Attributes to read: model, scored_model (the average under --ema), ema, device, amp_dtype,
+    train_set, val_set, cache, step, epoch, batch_in_epoch, optimizer, scheduler, run_dir.
+    """
 
     def __init__(self, opts):
         self.opts = opts
-        self.setup_processes()
-        self.open_data()
+        self._setup_processes()
+        self._open_data()
         ckpt = load_resumable(opts.resume) if opts.resume else None
-        self.build_model(ckpt["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
-        self.build_optimiser()
-        self.build_weight_average()
-        self.reset_state()
+        self._build_model(model_args(ckpt)["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
+        self._build_optimiser()
+        self._build_weight_average()
+        self._reset_state()
         if ckpt:
-            self.load_state(ckpt)
-        self.net = self.wrap_model()
+            self._load_state(ckpt)
+        self._net = self._wrap_model()
         self.run_dir = opts.run_dir
         self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
         if self.dist.is_main:
-            self.prepare_run_dir()
+            self._prepare_run_dir()
             self.tb = TensorBoardLog(self.run_dir) if opts.tensorboard else None
-            print(self.summary())
+            print(self._summary())
 
     # ---------------------------------------------------------------- setting up
-    def setup_processes(self):
+    def _setup_processes(self):
         """Device, process group (under torchrun), autocast dtype, seeds."""
         opts = self.opts
         self.device = select_device(opts.device)
@@ -90,25 +95,25 @@ class Trainer:
         seed_everything(opts.seed, opts.deterministic)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not opts.deterministic
-        self.progress = not opts.quiet and self.dist.is_main
+        self._progress = not opts.quiet and self.dist.is_main
 
-    def open_data(self):
+    def _open_data(self):
         """The train and val splits, the decoded cache (--cache auto) or the folder loader, the batch plan."""
         opts = self.opts
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
-                                               progress=self.progress)
+                                               progress=self._progress)
         self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
-                                              progress=self.progress)
+                                              progress=self._progress)
                         if opts.eval_every > 0 else None)
-        self.cache = self.open_cache() if opts.cache == "auto" else None
-        self.batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
+        self.cache = self._open_cache() if opts.cache == "auto" else None
+        self._batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
                                        self.dist.world_size)
-        self.loader_generator = torch.Generator()
-        self.loader = self.make_loader() if self.cache is None else None
+        self._loader_generator = torch.Generator()
+        self._loader = self._make_loader() if self.cache is None else None
 
-    def build_model(self, init_depth, weights):
+    def _build_model(self, init_depth, weights):
         """The DepthNet on the device; its output bias starts at init_depth, else at the mean training depth."""
         opts = self.opts
         if init_depth is None:
@@ -119,10 +124,10 @@ class Trainer:
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
 
-    def build_optimiser(self):
+    def _build_optimiser(self):
         """The loss (summed across processes under torchrun), Adam, triangular2 CyclicLR, the fp16 GradScaler."""
         opts = self.opts
-        self.loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks)
+        self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -134,19 +139,19 @@ class Trainer:
             step_size_down=opts.step_size_down, mode="triangular2")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def build_weight_average(self):
+    def _build_weight_average(self):
         """--ema: a frozen copy of the model whose weights follow the trained ones as a moving average."""
-        self.ema, self.ema_tensors = None, None
+        self.ema, self._ema_tensors = None, None
         if self.opts.ema > 0:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
             # The float tensors of both, paired, listed once rather than every step: they are updated in
             # place by the optimiser, by load_state_dict on a resume and by the average itself.
             pairs = [(a, t) for a, t in zip(self.ema.state_dict().values(), self.model.state_dict().values())
                      if t.is_floating_point()]
-            self.ema_tensors = tuple(map(list, zip(*pairs)))
+            self._ema_tensors = tuple(map(list, zip(*pairs)))
 
     @torch.no_grad()
-    def update_weight_average(self):
+    def _update_weight_average(self):
         """Move the averaged weights (and BatchNorm statistics) towards the trained ones.
 
         The decay is min(--ema, (1 + n) / (10 + n)) after n steps, so that the first steps, far
@@ -155,7 +160,7 @@ class Trainer:
         weights are those of the step before, so the average moves towards weights it has seen.
         """
         decay = min(self.opts.ema, (1 + self.step) / (10 + self.step))
-        averaged, trained = self.ema_tensors
+        averaged, trained = self._ema_tensors
         torch._foreach_lerp_(averaged, trained, 1.0 - decay)
 
     @property
@@ -163,19 +168,19 @@ class Trainer:
         """The network that validation scores and best.pt and --eval use: the average under --ema."""
         return self.ema if self.ema is not None else self.model
 
-    def reset_state(self):
+    def _reset_state(self):
         """The position in training, the bad-step count and the stop state of a fresh run."""
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best_rmse = math.inf
-        self.last_eval_step = None
-        self.bad_steps = 0
+        self._last_eval_step = None
+        self._bad_steps = 0
         # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
-        self.unchecked_losses = []
-        self.sync_free = self.device.type == "cuda"
-        self.stop_signal, self.saving = None, False
-        self.stop_agreed = False
+        self._unchecked_losses = []
+        self._deferred_checks = self.device.type == "cuda"
+        self.stop_signal, self._saving = None, False
+        self._stop_agreed = False
 
-    def summary(self):
+    def _summary(self):
         """One line: the model, where and how it trains, the data."""
         opts = self.opts
         total, trainable = count_parameters(self.model)
@@ -188,16 +193,16 @@ class Trainer:
                 f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
                 f"output bias {self.init_depth:.2f} m")
 
-    def open_cache(self):
+    def _open_cache(self):
         """The decoded training split; the first process of each node builds it, the others then load it."""
         if self.dist.local_rank == 0:
-            cache = SplitCache.open(self.train_set, progress=self.progress)
+            cache = SplitCache.open(self.train_set, progress=self._progress)
         barrier()
         if self.dist.local_rank != 0:
             cache = SplitCache.open(self.train_set, progress=False)
         return cache.place(self.device)
 
-    def wrap_model(self):
+    def _wrap_model(self):
         """The module the loop calls: the model, inside DDP under torchrun, compiled with --compile."""
         net = self.model
         if self.dist.active:
@@ -212,24 +217,24 @@ class Trainer:
         return net
 
     # ---------------------------------------------------------------- the loop
-    def train(self):
+    def fit(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
         metrics, start_step = None, self.step
-        if self.epoch >= self.opts.epochs or self.should_stop():
+        if self.epoch >= self.opts.epochs or self._should_stop():
             print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
                   f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
-        with self.stop_on_signals():
-            while self.epoch < self.opts.epochs and not self.should_stop():
-                if not self.run_epoch():
-                    self.save_model("last.pt")  # stopped mid-epoch: keep the exact position
+        with self._stop_on_signals():
+            while self.epoch < self.opts.epochs and not self._should_stop():
+                if not self._run_epoch():
+                    self.save_checkpoint("last.pt")  # stopped mid-epoch: keep the exact position
                     break
                 if self.opts.eval_every > 0 and self.epoch % self.opts.eval_every == 0:
-                    metrics = self.evaluate_on_main()
-                self.save_model("last.pt")
-                self.agree_on_stop()
-            if self.final_evaluation_due(start_step):
-                metrics = self.evaluate_on_main()
-                self.save_model("last.pt")  # its best_rmse now counts this evaluation too
+                    metrics = self._validate_on_main()
+                self.save_checkpoint("last.pt")
+                self._agree_on_stop()
+            if self._final_validation_due(start_step):
+                metrics = self._validate_on_main()
+                self.save_checkpoint("last.pt")  # its best_rmse now counts this evaluation too
         if self.dist.is_main:
             plot_training_curves(self.run_dir, os.path.join(self.run_dir, "curves.png"))
         if self.tb:
@@ -243,120 +248,127 @@ class Trainer:
         barrier()
         return metrics
 
-    def evaluate_on_main(self):
+    def _validate_on_main(self):
         """Rank 0 scores val while the others wait; every rank marks this step evaluated. Rank 0's metrics."""
-        metrics = self.evaluate() if self.dist.is_main else None
-        self.last_eval_step = self.step
+        metrics = self.validate() if self.dist.is_main else None
+        self._last_eval_step = self.step
         barrier()
         return metrics
 
-    def final_evaluation_due(self, start_step):
+    def _final_validation_due(self, start_step):
         """Whether --max-steps ended this call of train() between two evaluations: the final weights
         are then scored too, so that a run that evaluates at all ends with its last state scored
         and a best.pt, however short it is."""
-        signalled = self.stop_agreed if self.dist.active else self.stop_signal is not None
+        signalled = self._stop_agreed if self.dist.active else self.stop_signal is not None
         reached_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
         return (self.opts.eval_every > 0 and reached_max and not signalled and self.step > start_step
-                and self.last_eval_step != self.step)
+                and self._last_eval_step != self.step)
 
-    def run_epoch(self):
+    def _run_epoch(self):
         """One pass over the training set (from where a resume left off); False if stopped early."""
-        self.net.train()
+        self._net.train()
         batches = self.epoch_batches()
-        bar = tqdm(batches, total=len(self.batch_plan), desc=f"epoch {self.epoch + 1}/{self.opts.epochs}",
-                   dynamic_ncols=True, disable=not self.progress)
+        bar = tqdm(batches, total=len(self._batch_plan), desc=f"epoch {self.epoch + 1}/{self.opts.epochs}",
+                   dynamic_ncols=True, disable=not self._progress)
         t0, seen = time.perf_counter(), 0
         for rgb, depth in bar:
             done = self.train_step(rgb, depth)
             seen += rgb.shape[0] * self.dist.world_size
             if done is not None and done.checked and self.dist.is_main:
-                if self.vis_due():
+                if self._vis_due():
                     vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
                     visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}")
                     if self.tb:
                         self.tb.picture("vis/train", vis_path, self.step)
-                if self.log_due():
-                    self.log_step(done.parts, bar, seen / (time.perf_counter() - t0))
+                if self._log_due():
+                    self._log_step(done.parts, bar, seen / (time.perf_counter() - t0))
             if self.step % self.opts.log_every == 0:
-                self.agree_on_stop()
+                self._agree_on_stop()
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
-            if self.should_stop() and self.batch_in_epoch < self.batches_per_epoch():
+            if self._should_stop() and self.batch_in_epoch < self._batches_per_epoch():
                 return False
         self.finish_epoch()
         return True
 
     def train_step(self, rgb, depth):
         """One step of the loop on a batch of (rgb, depth): --augment, forward, loss, backward, the
-        optimiser and schedule steps, and the step counters.
+        optimiser step, then the step count, the moving average and the schedule (_count_step).
 
         Returns a TrainStep, or None for a step skipped for its non-finite loss. On GPUs a loss
-        is read back only when host work needs the exact step count (host_work_due), so a bad
-        step may return a TrainStep with checked=False, to be un-counted at the next check.
+        is read back only when host work needs the exact step count (_exact_step_needed), so a
+        bad step may return a TrainStep with checked=False, to be un-counted by settle_steps.
         """
         if self.opts.augment:
-            rgb, depth = self.augment_batch(rgb, depth)
-        parts, pred = self.process_batch(rgb, depth)
+            rgb, depth = self._augment_batch(rgb, depth)
+        loss, parts, pred = self._forward_backward_update(rgb, depth)
         self.batch_in_epoch += 1
-        if parts is None:
+        if not self._count_step(loss):
             return None
-        self.step += 1
-        checked = not self.sync_free or (self.host_work_due() and self.check_steps())
+        checked = not self._deferred_checks or (self._exact_step_needed() and self.settle_steps())
         return TrainStep(rgb, depth, pred, parts, checked)
 
     def finish_epoch(self):
         """Settle the steps of the epoch just run and move on to the next one."""
-        self.check_steps()
+        self.settle_steps()
         self.batch_in_epoch = 0
         self.epoch += 1
 
     def epoch_batches(self):
         """This process's (rgb, depth) batches of the current epoch, from where a resume left off."""
-        self.batch_plan.set_epoch(self.epoch, self.batch_in_epoch)
+        self._batch_plan.set_epoch(self.epoch, self.batch_in_epoch)
         if self.cache is not None:
-            return self.cache.batches(list(self.batch_plan), self.device)
+            return self.cache.batches(list(self._batch_plan), self.device)
         # Each DataLoader iterator draws its workers' base seed from this generator, not from the
         # global RNG, which a resumed run (one more iterator) would otherwise leave in another state.
-        self.loader_generator.manual_seed(self.opts.seed * 100_003 + self.epoch)
-        return iter(self.loader)
+        self._loader_generator.manual_seed(epoch_seed(self.opts.seed, self.epoch))
+        return iter(self._loader)
 
-    def batches_per_epoch(self):
-        return self.batch_plan.epoch_length
+    def _batches_per_epoch(self):
+        return self._batch_plan.epoch_length
 
-    def process_batch(self, rgb, depth):
-        """Forward, loss, backward and one optimiser + scheduler step; (None, None) if the step was skipped.
+    def _forward_backward_update(self, rgb, depth):
+        """Forward, loss, backward and one optimiser step; (loss, its parts, detached prediction).
 
         A step whose loss is not finite changes no weight: fused Adam skips it on the device
-        (found_inf; under fp16 GradScaler's check of the gradients does). On CPUs, where
-        reading a value costs nothing, the loss is read here and a skipped step returns
-        (None, None) without stepping the schedule. On GPUs the loss is read later, every
-        --log-every steps (check_steps), so that the host never waits for the GPU; the step
-        is counted meanwhile and un-counted then.
+        (hardware.skip_update_unless_finite; under fp16 GradScaler's check of the gradients does),
+        so nothing here reads the loss back and the host never waits for the GPU.
         """
         fmt = torch.channels_last if self.opts.channels_last else torch.contiguous_format
         rgb = rgb.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         depth = depth.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.amp_dtype):
-            pred = self.net(rgb)
-        loss, parts = self.loss_fn(pred, depth)  # in fp32 at least, whatever autocast ran the network in
+            pred = self._net(rgb)
+        loss, parts = self._loss_fn(pred, depth)  # in fp32 at least, whatever autocast ran the network in
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if not self.scaler.is_enabled():
-            self.optimizer.found_inf = (~torch.isfinite(loss)).float()
+            skip_update_unless_finite(self.optimizer, loss)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.sync_free:
-            self.unchecked_losses.append(loss.detach())
-        elif not math.isfinite(float(loss.detach())):
-            self.skip_bad_step(float(loss.detach()), self.step + 1)
-            return None, None
-        else:
-            self.bad_steps = 0
-        if self.ema is not None:
-            self.update_weight_average()
-        self.scheduler.step()
-        return parts, pred.detach()
+        return loss.detach(), parts, pred.detach()
 
-    def augment_batch(self, rgb, depth):
+    def _count_step(self, loss):
+        """Count an optimiser step: the step number, the moving average and the schedule move on together.
+        Returns False for a step skipped for its non-finite loss, which counts as nothing.
+
+        On CPUs, where reading a value costs nothing, the loss is read here. On GPUs it is read
+        later, every --log-every steps (settle_steps), so that the host never waits for the GPU;
+        the step is counted meanwhile, and un-counted there if it was skipped.
+        """
+        if self._deferred_checks:
+            self._unchecked_losses.append(loss)
+        elif not math.isfinite(float(loss)):
+            self._skip_bad_step(float(loss), self.step + 1)
+            return False
+        else:
+            self._bad_steps = 0
+        if self.ema is not None:
+            self._update_weight_average()
+        self.scheduler.step()
+        self.step += 1
+        return True
+
+    def _augment_batch(self, rgb, depth):
         """--augment: dataset.augment_pair on the device, one random draw per image.
 
         Done here rather than in the Dataset so it is the same whatever loads the data, and
@@ -371,69 +383,62 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
         return augment_pair(rgb, depth, generator)
 
-    def skip_bad_step(self, value, step):
+    def _skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
-        self.bad_steps += 1
+        self._bad_steps += 1
         if self.dist.is_main:
-            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self.bad_steps} in a row)",
+            warnings.warn(f"non-finite loss ({value}) at step {step}: step skipped ({self._bad_steps} in a row)",
                           stacklevel=2)
-        if self.bad_steps >= self.opts.max_bad_steps:
+        if self._bad_steps >= self.opts.max_bad_steps:
             # last.pt is left as it is: the weights that produced these losses are not saved over it.
             last = os.path.join(self.run_dir, "last.pt")
             kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise UserError(
-                f"{self.bad_steps} non-finite losses in a row at step {step}: training stopped; {kept}. "
+                f"{self._bad_steps} non-finite losses in a row at step {step}: training stopped; {kept}. "
                 f"Try a lower --lr or --max-lr, or --amp off")
 
-    def check_steps(self):
-        """GPU: read the losses of the steps counted since the last check (one host sync) and
-        un-count the skipped ones. Returns whether the latest step was applied."""
-        if not self.unchecked_losses:
+    def settle_steps(self):
+        """Make the step count exact: on GPUs, read the losses of the steps counted since the last
+        check (one host sync), un-count the skipped ones, and set CyclicLR's lr and momentum back to
+        the steps actually applied (the steps after a skipped one ran the schedule ahead). Returns
+        whether the latest step was applied."""
+        if not self._unchecked_losses:
             return True
-        losses = torch.stack(self.unchecked_losses).tolist()
-        self.unchecked_losses = []
+        losses = torch.stack(self._unchecked_losses).tolist()
+        self._unchecked_losses = []
         applied = self.step - len(losses)
         try:
             for value in losses:
                 if math.isfinite(value):
                     applied += 1
-                    self.bad_steps = 0
+                    self._bad_steps = 0
                 else:
-                    self.skip_bad_step(value, applied + 1)
+                    self._skip_bad_step(value, applied + 1)
         finally:
-            self.recount_steps(applied)
+            if applied != self.step:
+                self.step = applied
+                self.scheduler.last_epoch = applied - 1
+                self.scheduler.step()
         return math.isfinite(losses[-1])
 
-    def recount_steps(self, applied):
-        """Set the step count, and CyclicLR's lr and momentum with it, to the steps actually applied.
-
-        On the GPU the steps between a skipped one and the next check ran the schedule that
-        many steps ahead; from here on it is exact again.
-        """
-        if applied == self.step:
-            return
-        self.step = applied
-        self.scheduler.last_epoch = applied - 1
-        self.scheduler.step()
-
-    def host_work_due(self):
+    def _exact_step_needed(self):
         """Whether this step saves a picture, logs, or may end training: all need the exact step count."""
         reaching_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
-        return self.vis_due() or self.log_due() or reaching_max
+        return self._vis_due() or self._log_due() or reaching_max
 
-    def vis_due(self):
+    def _vis_due(self):
         return self.opts.vis_every > 0 and self.step % self.opts.vis_every == 0
 
-    def log_due(self):
+    def _log_due(self):
         return self.step % self.opts.log_every == 0 or self.step == 1
 
-    def make_loader(self):
+    def _make_loader(self):
         """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""
-        return DataLoader(self.train_set, batch_sampler=self.batch_plan, num_workers=self.opts.workers,
+        return DataLoader(self.train_set, batch_sampler=self._batch_plan, num_workers=self.opts.workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.opts.workers > 0,
-                          generator=self.loader_generator)
+                          generator=self._loader_generator)
 
-    def agree_on_stop(self):
+    def _agree_on_stop(self):
         """Under torchrun a signal may reach the processes at different steps, or only one of them
         (`kill PID`): they stop together at the next --log-every step (or epoch end) where any of
         them has seen one, and each then reports that signal, so that all exit alike."""
@@ -442,16 +447,16 @@ class Trainer:
         seen = signal.Signals[self.stop_signal].value if self.stop_signal else 0
         agreed = max_across_ranks(seen, self.device)
         if agreed:
-            self.stop_agreed = True
+            self._stop_agreed = True
             self.stop_signal = self.stop_signal or signal.Signals(agreed).name
 
-    def should_stop(self):
+    def _should_stop(self):
         if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
             return True
-        return self.stop_agreed if self.dist.active else self.stop_signal is not None
+        return self._stop_agreed if self.dist.active else self.stop_signal is not None
 
     @contextlib.contextmanager
-    def stop_on_signals(self):
+    def _stop_on_signals(self):
         """SIGINT/SIGTERM end the current step, then training stops with a resumable last.pt."""
         main_pid = os.getpid()
 
@@ -459,7 +464,7 @@ class Trainer:
             if os.getpid() != main_pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group
                 return
             if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
-                if self.saving:
+                if self._saving:
                     print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is "
                           "complete", flush=True)
                     return
@@ -477,10 +482,10 @@ class Trainer:
                 signal.signal(s, h)
 
     # ---------------------------------------------------------- evaluation, logs
-    def log_step(self, parts, bar, rate):
+    def _log_step(self, parts, bar, rate):
         """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
         values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
-        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.batches_per_epoch(),
+        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self._batches_per_epoch(),
                   "lr": self.scheduler.get_last_lr()[0], "beta1": self.optimizer.param_groups[0]["betas"][0],
                   **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
@@ -490,7 +495,7 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}",
                         img_s=f"{rate:.1f}")
 
-    def evaluate(self):
+    def validate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE.
 
         In fp32, whatever autocast trains in: the recorded metrics, and so the choice of best.pt,
@@ -507,10 +512,10 @@ class Trainer:
         tqdm.write(format_metrics(metrics, f"val after epoch {self.epoch} (step {self.step})"))
         if metrics["rmse"] < self.best_rmse:
             self.best_rmse = metrics["rmse"]
-            self.save_model("best.pt", metrics)
+            self.save_checkpoint("best.pt", metrics)
         return metrics
 
-    def prepare_run_dir(self):
+    def _prepare_run_dir(self):
         try:
             os.makedirs(os.path.join(self.run_dir, "vis"), exist_ok=True)
             probe = os.path.join(self.run_dir, ".write_test")
@@ -527,37 +532,28 @@ class Trainer:
             os.remove(metrics_log)  # a fresh run in an old folder starts a fresh log
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self, metrics=None):
-        return {
-            "model": self.model.state_dict(),
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best_rmse": self.best_rmse,
-            "init_depth": self.init_depth,
-            "config": dict(vars(self.opts)),
-            "metrics": metrics or {},
-            "rng": rng_state(),
-        }
+    def _checkpoint(self, metrics=None):
+        position = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                    "best_rmse": self.best_rmse}
+        return training_checkpoint(self.model.model_args, self.opts.image_size, self.model, self.ema, self.optimizer,
+                                   self.scheduler, self.scaler, position, vars(self.opts), metrics, rng_state())
 
-    def save_model(self, name, metrics=None):
-        self.check_steps()
+    def save_checkpoint(self, name, metrics=None):
+        """Write the whole training state to RUN_DIR/name (rank 0; every rank settles its step count first)."""
+        self.settle_steps()
         if not self.dist.is_main:
             return
-        self.saving = True  # training stops right after this save anyway if a signal came: let it finish
+        self._saving = True  # training stops right after this save anyway if a signal came: let it finish
         try:
-            save_checkpoint(self.state_dict(metrics), os.path.join(self.run_dir, name))
+            write_checkpoint(self._checkpoint(metrics), os.path.join(self.run_dir, name))
         finally:
-            self.saving = False
+            self._saving = False
 
-    def load_state(self, ckpt):
+    def _load_state(self, ckpt):
         load_weights(self.model, ckpt["model"], self.opts.resume)
         if self.ema is not None:
-            load_weights(self.ema, ckpt.get("ema", ckpt["model"]), self.opts.resume)  # a run without --ema before
+            # --ema added on resuming a run that kept no average: the average starts from the weights.
+            load_weights(self.ema, ckpt.get("ema", ckpt["model"]), self.opts.resume)
         # Checkpoints store the optimiser's fused/foreach choice; this loop needs fused Adam.
         for group in ckpt["optimizer"]["param_groups"]:
             group.update(fused=True, foreach=None)

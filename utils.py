@@ -1,14 +1,14 @@
-"""Small helpers: errors for the user, seeding and RNG state, atomic files and checkpoints."""
+"""Small helpers: errors for the user and how an entry point reports them, seeding and RNG state, atomic files.
+
+NumPy and torch are imported inside the functions that use them: the entry points import this
+module before they parse options, and `--help` should not wait for torch.
+"""
 import contextlib
 import json
 import os
-import pickle
 import random
+import sys
 import tempfile
-import warnings
-
-import numpy as np
-import torch
 
 
 class UserError(Exception):
@@ -19,7 +19,52 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used, with a message saying why."""
 
 
+def user_error_message(err):
+    """The one line to print for an error the user can fix; None for a bug, whose traceback should show."""
+    if isinstance(err, UserError):
+        text = str(err).strip()
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends that traceback
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
+        return text
+    if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
+        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+    return None
+
+
+def print_user_error(err):
+    """For an error the user can fix: print its one `error:` line and return the exit status 1; a bug is raised.
+
+    The entry points (main.py, app.py, bench.py, ablate.py) end this way."""
+    message = user_error_message(err)
+    if message is None:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def raise_interrupt(signum, frame):
+    """A signal handler that makes SIGTERM stop a program as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def make_output_folder(path, option="--out"):
+    """os.makedirs, or a one-line UserError naming the option that chose the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder {path}: {err.strerror}; choose another {option}") from None
+
+
+def output_paths(input_path, out_dir, suffixes):
+    """{kind: path in out_dir} of the files written for one input: its stem plus each kind's suffix."""
+    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(input_path))[0])
+    return {kind: stem + suffix for kind, suffix in suffixes.items()}
+
+
 def seed_everything(seed, deterministic=False):
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -30,6 +75,9 @@ def seed_everything(seed, deterministic=False):
 
 def rng_state():
     """Every RNG the training loop touches, as types that load with weights_only=True."""
+    import numpy as np
+    import torch
+
     np_state = np.random.get_state()
     state = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
@@ -42,6 +90,9 @@ def rng_state():
 
 
 def set_rng_state(state):
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -56,6 +107,8 @@ def atomic_save(obj, path):
 
     A crash, a kill or a full disk mid-write leaves the previous file at `path` untouched.
     """
+    import torch
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
@@ -79,13 +132,6 @@ def atomic_save(obj, path):
         pass
 
 
-def save_checkpoint(obj, path):
-    """atomic_save, with a one-line CheckpointError when the file cannot be written."""
-    try:
-        atomic_save(obj, path)
-    except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
-                              "the previous file is intact") from None
 
 
 def current_umask():
@@ -94,11 +140,6 @@ def current_umask():
     return mask
 
 
-def remove_checkpoint_temps(directory):
-    """Delete the temporary files (.NAME.pt.XXXX.tmp) of writers killed mid-save: each is a checkpoint's size."""
-    for name in os.listdir(directory):
-        if name.startswith(".") and name.endswith(".tmp") and ".pt." in name:
-            os.remove(os.path.join(directory, name))
 
 
 def write_json_atomic(obj, path):
@@ -107,48 +148,10 @@ def write_json_atomic(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def load_checkpoint(path, map_location="cpu", mmap=False):
-    """torch.load with weights_only=True: a checkpoint can hold tensors and plain types, never code.
-
-    mmap=True maps the tensors instead of reading them: cheap when only the config is needed.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; give a file written by training (e.g. runs/NAME/last.pt "
-                              "or best.pt)")
-    ckpt = torch_load_safely(path, map_location, mmap)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
-    return ckpt
 
 
-def load_resumable(path):
-    """A checkpoint with everything a resumed run needs, or a CheckpointError saying what is missing."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("optimizer", "scheduler", "epoch", "step", "init_depth", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} holds no training state ({', '.join(missing)} missing): "
-                              "--resume needs a last.pt or best.pt written by training")
-    return ckpt
 
 
-def torch_load_safely(path, map_location="cpu", mmap=False):
-    """torch.load(weights_only=True) whose failures are one-line CheckpointErrors naming `path`."""
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to our error
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another "
-                                  "file") from None
-        raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
-                              f"({unpickler_reason(err)}); loading it could run code, so only load files you "
-                              "trust") from None
-    except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
-        if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
-            return torch_load_safely(path, map_location, mmap=False)
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
-                              "use another file (a run keeps both last.pt and best.pt)") from None
 
 
 def first_line(err):
@@ -156,13 +159,6 @@ def first_line(err):
     return lines[0][:200] if lines else "no message"
 
 
-def unpickler_reason(err):
-    """The line of torch's long weights_only message that says what was refused."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return line.rstrip(".")
-    return "see torch.load's weights_only documentation"
 
 
 @contextlib.contextmanager

@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from dataset import MAX_DEPTH, to_model_input
+from inference import predict_depth
 from plots import colorize_depth
-from predict import predict_depth
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, make_output_folder, output_paths
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 INSTALL_HINT = "pip install -r requirements-video.txt"
@@ -33,10 +33,9 @@ def is_video(path):
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
-def output_paths(video_path, out_dir):
+def video_output_paths(video_path, out_dir):
     """{'mp4': NAME_depth.mp4, 'npy': NAME_depth.npy} in `out_dir` for input NAME.ext."""
-    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(video_path))[0] + "_depth")
-    return {"mp4": stem + ".mp4", "npy": stem + ".npy"}
+    return output_paths(video_path, out_dir, {"mp4": "_depth.mp4", "npy": "_depth.npy"})
 
 
 def import_imageio():
@@ -103,15 +102,15 @@ def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=M
     Nothing is left at the output paths unless the whole clip was written.
     """
     imageio = import_imageio()
-    paths = output_paths(path, out_dir)
+    paths = video_output_paths(path, out_dir)
     if os.path.realpath(paths["mp4"]) == os.path.realpath(path):
         raise UserError(f"writing {paths['mp4']} would overwrite the input video; choose another --out folder")
     reader, fps, estimate = open_video(imageio, path)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
+        make_output_folder(out_dir)
+    except UserError:
         reader.close()
-        raise UserError(f"cannot create output folder {out_dir}: {err.strerror}; choose another --out") from None
+        raise
     model.eval()
     count, shape = 0, None
     frames_path = paths["npy"] + ".frames.tmp"  # the --npy data, raw, until the frame count is known

@@ -87,8 +87,8 @@ TRAINED_SIZE = 64  # the checkpoint's --image-size: small, so that the tests run
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A randomly initialised DepthNet saved as a training run at --image-size 64 would: RUN/best.pt."""
+    from checkpoint import save_checkpoint
     from model import DepthNet
-    from utils import save_checkpoint
 
     path = tmp_path_factory.mktemp("run") / "best.pt"
     torch.manual_seed(0)

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 import main
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO
 from dataset import DataError, DepthEstimationUnreal
 from model import DepthNet
-from utils import CheckpointError, load_checkpoint, save_checkpoint
+from utils import CheckpointError, user_error_message
 
 SIZE = (48, 64)  # native H, W of the tiny files: any size works, the dataset resizes
 
@@ -202,7 +203,7 @@ def test_error_raised_inside_a_worker_prints_only_our_message(data):
     with pytest.raises(DataError) as caught:
         next(iter(loader))
     assert "Traceback" in str(caught.value)  # what torch hands back from the worker
-    message = main.user_error_message(caught.value)
+    message = user_error_message(caught.value)
     assert message == f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it"
 
 

@@ -1,5 +1,4 @@
 """`python main.py --demo`: the preset, and the whole quickstart at a tiny size."""
-import argparse
 import json
 import math
 import os
@@ -9,9 +8,9 @@ import sys
 from PIL import Image
 
 import main
+from checkpoint import load_checkpoint
 from conftest import REPO, SUBPROCESS_ENV, make_dataset
-from demo import ensure_synthetic_data
-from utils import load_checkpoint
+from synthetic import ensure_dataset
 
 PREDICTORS = {"model", "constant mean", "per-row mean", "mean map"}
 
@@ -37,8 +36,7 @@ def test_demo_preset_gives_way_to_typed_options():
 
 def test_demo_reuses_an_existing_data_set(tmp_path, capsys):
     (tmp_path / "rgb" / "train").mkdir(parents=True)
-    opts = argparse.Namespace(data_dir=str(tmp_path), demo_train=3, demo_val=1, demo_test=1, seed=0, quiet=True)
-    ensure_synthetic_data(opts)
+    ensure_dataset(str(tmp_path), 3, 1, 1, seed=0, progress=False)
     assert "using the data set in" in capsys.readouterr().out
     assert os.listdir(tmp_path / "rgb" / "train") == [], "nothing is synthesised over existing data"
 

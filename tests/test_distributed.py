@@ -20,11 +20,11 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from checkpoint import load_checkpoint
 from conftest import synthetic_data
 from distributed import close_distributed
 from main import parse_options
 from model import DepthNet
-from utils import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -49,7 +49,7 @@ def run_trainer(rank, world_size, port, data_dir, run_dir, out):
         trainer = train.Trainer(opts)
         for _, (rgb, depth) in zip(range(STEPS), trainer.epoch_batches()):
             assert trainer.train_step(rgb.double(), depth.double()) is not None
-        trainer.save_model("last.pt")
+        trainer.save_checkpoint("last.pt")
         if trainer.dist.is_main:
             torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out)
     finally:

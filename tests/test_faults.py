@@ -23,9 +23,10 @@ from PIL import Image
 
 import main
 import train
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO, LossWithNaNs
 from train import Trainer
-from utils import CheckpointError, load_checkpoint, save_checkpoint
+from utils import CheckpointError
 
 N_TRAIN, BATCH = 8, 2  # 4 steps per epoch
 STEPS_PER_EPOCH = N_TRAIN // BATCH
@@ -86,7 +87,7 @@ def one_thread_deterministic():
 
 def train_here(args):
     trainer = Trainer(main.parse_options([str(a) for a in args]))
-    trainer.train()
+    trainer.fit()
     return trainer
 
 
@@ -252,11 +253,11 @@ class SignalAfterStep:
 
     def __init__(self, trainer, after_step, times):
         self.trainer, self.after_step, self.times = trainer, after_step, times
-        self.process_batch = trainer.process_batch
-        trainer.process_batch = self.step
+        self.update = trainer._forward_backward_update
+        trainer._forward_backward_update = self.step
 
     def step(self, rgb, depth):
-        result = self.process_batch(rgb, depth)
+        result = self.update(rgb, depth)
         if self.trainer.step + 1 == self.after_step:
             for _ in range(self.times):
                 os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs, after this step
@@ -278,12 +279,12 @@ def test_second_ctrl_c(data, tmp_path, capsys, monkeypatch, while_saving):
             return real_save(obj, f, *args, **kwargs)
 
         monkeypatch.setattr(torch, "save", save_while_signalled)
-        trainer.train()
+        trainer.fit()
         assert "still writing a checkpoint; stopping once it is complete" in capsys.readouterr().out
         assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
     else:
         with pytest.raises(KeyboardInterrupt):
-            trainer.train()
+            trainer.fit()
         assert not os.path.exists(tmp_path / "last.pt")
     assert checkpoint_temps(str(tmp_path)) == []
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handlers are put back
@@ -293,7 +294,7 @@ def test_second_ctrl_c(data, tmp_path, capsys, monkeypatch, while_saving):
 WRITER_KILLED_MID_SAVE = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {repo!r})
-    from utils import save_checkpoint
+    from checkpoint import save_checkpoint
 
     def slow_save(obj, f):
         f.write(b"PK" + bytes(1 << 20))  # the first part of a new checkpoint

@@ -35,3 +35,17 @@ def test_autocast_none_runs_in_fp32_and_a_dtype_casts_matmuls():
         assert (a @ b).dtype == torch.float32
     with autocast("cpu", torch.bfloat16):
         assert (a @ b).dtype == torch.bfloat16
+
+
+def test_the_torch_internals_we_rely_on_still_behave():
+    """cpu_runs_bf16 answers a bool; skip_update_unless_finite makes fused Adam skip a bad step and only that one."""
+    assert isinstance(hardware.cpu_runs_bf16(), bool)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
+    for loss_value, moves in ((float("nan"), False), (1.0, True)):
+        before = weight.detach().clone()
+        optimizer.zero_grad()
+        (weight.sum() * loss_value).backward()
+        hardware.skip_update_unless_finite(optimizer, torch.tensor(loss_value))
+        optimizer.step()
+        assert torch.equal(weight.detach(), before) is not moves, loss_value

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 import main
+from checkpoint import load_checkpoint
 from conftest import REPO, SUBPROCESS_ENV, TRAINED_SIZE, make_dataset
 from evaluate import METRIC_KEYS
-from main import load_model, parse_options
+from inference import load_trained
+from main import parse_options
 from model import ENCODERS
-from utils import load_checkpoint
 
 MAIN = os.path.join(REPO, "main.py")
 FAST = ["--weights", "none", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--quiet"]
@@ -165,8 +166,10 @@ def test_bad_option_values_are_rejected(capsys):
 
 
 def test_inference_uses_the_trained_image_size_unless_typed(checkpoint):
-    assert load_model(parse_options(["--predict", "x.png", "--ckpt", str(checkpoint)]))[1] == TRAINED_SIZE
-    assert load_model(parse_options(["--export", "onnx", "--ckpt", str(checkpoint), "--image-size", "96"]))[1] == 96
+    opts = parse_options(["--predict", "x.png", "--ckpt", str(checkpoint)])
+    assert load_trained(opts.ckpt, "cpu", opts.image_size)[1] == TRAINED_SIZE
+    opts = parse_options(["--export", "onnx", "--ckpt", str(checkpoint), "--image-size", "96"])
+    assert load_trained(opts.ckpt, "cpu", opts.image_size)[1] == 96
 
 
 @pytest.mark.parametrize("argv", [["--predict", "x.png"], ["--export", "torchscript"]])

@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from checkpoint import save_checkpoint
+from inference import FlipAveraged, InferenceModel
 from losses import DepthLoss
-from model import ENCODERS, DepthNet, FlipAveraged, InferenceModel, imagenet_weights_path, load_weights
-from utils import CheckpointError, UserError, save_checkpoint
+from model import ENCODERS, DepthNet, imagenet_weights_path, load_weights
+from utils import CheckpointError, UserError
 
 # The table of docs/design.md §1, one row per layer: (kind, out channels, out size, followed by BN + ReLU).
 DECODER_TABLE = [
@@ -165,7 +167,6 @@ def test_output_bias_is_init_depth():
 
 
 def test_from_checkpoint_restores_weights_and_init_depth(tmp_path, net):
-    from utils import save_checkpoint
 
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"model": net.state_dict(), "init_depth": 3.5}, str(path))
@@ -188,7 +189,6 @@ def test_load_weights_names_keys_of_another_architecture(net):
 
 
 def test_weights_training_checkpoint_starts_encoder_and_decoder(tmp_path, net):
-    from utils import save_checkpoint
 
     path = tmp_path / "best.pt"
     save_checkpoint({"model": net.state_dict(), "config": {"encoder": "resnet34"}, "init_depth": 3.5}, str(path))

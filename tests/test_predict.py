@@ -9,9 +9,10 @@ from PIL import Image
 
 import hardware
 from conftest import TRAINED_SIZE
+from inference import predict_depth
 from main import main
 from model import DepthNet
-from predict import depth_to_points, predict_depth, write_ply
+from predict import depth_to_points, write_ply
 
 
 def read_ply(path):

@@ -11,12 +11,13 @@ from PIL import Image
 
 import main
 import train
+from checkpoint import load_checkpoint
 from conftest import LossWithNaNs, make_dataset, synthetic_data
 from main import parse_options
 from model import DepthNet
 from synthetic import generate_dataset
 from train import Trainer
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 
 def make_trainer(data_dir, run_dir, *extra):
@@ -34,7 +35,8 @@ def test_loss_falls_on_one_fixed_batch(tiny_data, tmp_path):
     depth = F.interpolate(torch.stack(depth), size=(64, 64), mode="bilinear", align_corners=False)
     losses = []
     for _ in range(20):
-        parts, pred = trainer.process_batch(rgb, depth)
+        done = trainer.train_step(rgb, depth)
+        parts, pred = done.parts, done.pred
         losses.append(float(parts["loss"]))
         assert pred.shape == (2, 1, 64, 64) and not pred.requires_grad
     assert all(np.isfinite(losses))
@@ -70,13 +72,13 @@ def test_non_finite_loss_skips_the_step_then_stops(tiny_data, tmp_path):
     depth = torch.full((2, 1, 64, 64), float("nan"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     with pytest.warns(UserWarning, match="non-finite loss"):
-        assert trainer.process_batch(rgb, depth) == (None, None)
+        assert trainer.train_step(rgb, depth) is None
     assert trainer.scheduler.last_epoch == 0
     for k, v in trainer.model.state_dict().items():
         if k in before and "running" not in k:  # BN statistics move in the forward pass; weights must not
             assert torch.equal(v, before[k]), k
     with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row"):
-        trainer.process_batch(rgb, depth)
+        trainer.train_step(rgb, depth)
 
 
 def test_resume_restores_every_state_and_continues_identically(tiny_data, tmp_path):
@@ -124,7 +126,7 @@ def test_max_steps_at_an_epoch_end_still_evaluates(tmp_path):
     # Two images, batch 2: one step per epoch, so step 2 ends epoch 2 exactly.
     data = make_dataset(tmp_path / "data", {"train": 2, "val": 2}, size=(36, 64))
     trainer = make_trainer(data, tmp_path / "run", "--max-steps", "2", "--eval-every", "1")
-    trainer.train()
+    trainer.fit()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
@@ -179,17 +181,17 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
         "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--vis-every", "2", "--workers", "0",
         "--amp", "off", "--quiet"])
     trainer = Trainer(opts)
-    rgb, depth = next(iter(trainer.make_loader()))
+    rgb, depth = next(iter(trainer._make_loader()))
     assert rgb.shape == (2, 3, SIZE, SIZE)
-    augmented = trainer.augment_batch(rgb, depth)
-    assert torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
+    augmented = trainer._augment_batch(rgb, depth)
+    assert torch.equal(trainer._augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
     trainer.step = 1
-    assert not torch.equal(trainer.augment_batch(rgb, depth)[0], augmented[0])
+    assert not torch.equal(trainer._augment_batch(rgb, depth)[0], augmented[0])
     trainer.step = 0
-    parts, pred = trainer.process_batch(*augmented)
+    _, parts, pred = trainer._forward_backward_update(*augmented)
     assert set(parts) == {"loss", "rmse", "ssim", "grad", "silog"}
     assert pred.shape == (2, 1, SIZE, SIZE)
-    trainer.train()
+    trainer.fit()
     assert trainer.step == 2
     assert os.path.isfile(tmp_path / "run" / "vis" / "train_step000002.png")
     ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
@@ -229,32 +231,32 @@ def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp
     monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2}
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer.sync_free = True
+    trainer._deferred_checks = True
     rgb, depth = next(trainer.epoch_batches())
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     LossWithNaNs.calls = 1
-    parts, _ = trainer.process_batch(rgb, depth)  # bad, but not read yet: returns as usual
-    assert parts is not None and trainer.scheduler.last_epoch == 1
+    done = trainer.train_step(rgb, depth)  # bad, but not read yet: returns as usual
+    assert done is not None and not done.checked and trainer.scheduler.last_epoch == 1
     for k, v in trainer.model.state_dict().items():
         if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in the forward pass
             assert torch.equal(v, weights[k]), k  # ...but no weight did
-    assert adam_steps(trainer) == {0} and trainer.unchecked_losses
+    assert adam_steps(trainer) == {0} and trainer._unchecked_losses
 
     trainer = make_trainer(synthetic_64, tmp_path / "run2", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer.sync_free = True
+    trainer._deferred_checks = True
     LossWithNaNs.calls = 0
     with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
-        trainer.train()
+        trainer.fit()
     assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and adam_steps(trainer) == {3}
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 3 / 1000)  # CyclicLR at step 3
     assert load_checkpoint(str(tmp_path / "run2" / "last.pt"))["step"] == 3
 
     trainer = make_trainer(synthetic_64, tmp_path / "run3", "--image-size", "64", "--epochs", "1", "--log-every", "100",
                            "--max-bad-steps", "2")
-    trainer.sync_free = True
+    trainer._deferred_checks = True
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 3}
     with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 2"):
-        trainer.train()  # read at the epoch's end: the error comes late, but it comes
+        trainer.fit()  # read at the epoch's end: the error comes late, but it comes
     assert not (tmp_path / "run3" / "last.pt").exists()
 
 
@@ -262,21 +264,22 @@ def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp
 def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--device", "cuda", "--amp", "auto", "--image-size", "224",
                            "--log-every", "1000")
-    assert trainer.sync_free and trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
+    assert trainer._deferred_checks
+    assert trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
     batches = trainer.epoch_batches()
-    trainer.process_batch(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
+    trainer.train_step(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for rgb, depth in batches:
-            assert trainer.process_batch(rgb, depth)[0] is not None
+            assert trainer.train_step(rgb, depth) is not None
         trainer.epoch, trainer.batch_in_epoch = 1, 0
         for rgb, depth in trainer.epoch_batches():  # a new epoch, with --augment's work on the batches
-            assert trainer.process_batch(*trainer.augment_batch(rgb, depth))[0] is not None
+            assert trainer._count_step(trainer._forward_backward_update(*trainer._augment_batch(rgb, depth))[0])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     trainer.step = 8
-    assert trainer.check_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
+    assert trainer.settle_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
 
 
 def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
@@ -284,7 +287,7 @@ def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
     data = make_dataset(tmp_path / "data", {"train": 2, "val": 3}, size=(36, 64))
     trainer = make_trainer(data, tmp_path / "run", "--amp", "bf16", "--image-size", "64", "--max-steps", "2",
                            "--eval-every", "1")
-    trainer.train()
+    trainer.fit()
     best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 2 and best["metrics"] in [{k: r[k] for k in best["metrics"]} for r in logged]
@@ -320,7 +323,7 @@ def test_ema_is_what_validation_scores_saves_and_resumes(tmp_path):
     data = make_dataset(tmp_path / "data", {"train": 4, "val": 3}, size=(36, 64))
     common = ("--image-size", str(SIZE), "--ema", "0.5", "--eval-every", "1")
     trainer = make_trainer(data, tmp_path / "run", *common, "--max-steps", "2")
-    trainer.train()
+    trainer.fit()
     best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
     assert best["ema"].keys() == best["model"].keys()
     assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])
@@ -356,7 +359,7 @@ def test_compiled_training_takes_the_eager_steps_and_saves_plain_weights(tmp_pat
         trainer = make_trainer(data, tmp_path / name, "--image-size", str(SIZE), "--epochs", "1", *extra)
         losses = [float(trainer.train_step(rgb, depth).parts["loss"]) for rgb, depth in trainer.epoch_batches()]
         trainer.finish_epoch()
-        trainer.save_model("last.pt")
+        trainer.save_checkpoint("last.pt")
         runs[name] = (trainer, losses)
     (eager, eager_losses), (compiled, compiled_losses) = runs["eager"], runs["compiled"]
     assert hasattr(compiled.net, "_orig_mod") and not hasattr(eager.net, "_orig_mod")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import load_checkpoint, save_checkpoint
+from utils import CheckpointError, rng_state, set_rng_state
 
 
 def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path, monkeypatch):

@@ -1,0 +1,124 @@
+"""A trained model, in one place: load a checkpoint for inference and run it on a batch or an image.
+
+--eval, --predict (images and video), the web page and --export all get their model here, so
+that they cannot drift apart. Everything about the network comes from the checkpoint (its
+architecture, input size and weights, the moving average under --ema): nothing is typed again.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import input_size
+from dataset import MAX_DEPTH, to_model_input
+from hardware import autocast, select_amp_dtype, select_device
+from model import DepthNet
+
+
+def load_trained(path, device="auto", size=None, channels_last=True):
+    """(DepthNet of checkpoint `path` in eval mode on its device, input side, device).
+
+    size: the input side to feed it; None: the side it was trained at. channels_last or
+    contiguous: --eval takes training's layout, so that it computes exactly what the
+    validation during training did.
+    """
+    device = select_device(device) if isinstance(device, str) else device
+    model, ckpt = DepthNet.from_checkpoint(path)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return model, size or input_size(ckpt), device
+
+
+def load_predictor(path, device="auto", amp="auto", size=None, channels_last=True, flip=False):
+    """(InferenceModel of checkpoint `path`, input side, device) for --predict, video and the web page: the fast
+    path, weights cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then
+    differs from fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
+    model, size, device = load_trained(path, device, size, channels_last)
+    model = InferenceModel(model, select_amp_dtype(amp, device), channels_last=channels_last)
+    return with_flip(model, flip), size, device
+
+
+def with_flip(model, flip):
+    """The model, or with --flip the mean of its depth for each image and for its mirror image."""
+    return FlipAveraged(model) if flip else model
+
+
+@torch.no_grad()
+def predict_batch(model, rgb, amp_dtype=None):
+    """Raw fp32 predictions of a batch, optionally computed under autocast."""
+    with autocast(rgb.device.type, amp_dtype):
+        return model(rgb).float()
+
+
+@torch.no_grad()
+def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
+    """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes` and clamped to
+    [0, max_depth] as the standard protocol does (docs/design.md §8): a list of float32 HW arrays."""
+    pred = predict_batch(model, inputs, amp_dtype)
+    depths = []
+    for p, (h, w) in zip(pred, sizes):
+        d = F.interpolate(p[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
+        depths.append(d[0, 0].clamp_(0.0, max_depth).cpu().numpy())
+    return depths
+
+
+def infer_image(model, rgb, size, device, max_depth=MAX_DEPTH):
+    """Depth in metres of one HWC uint8 image at its own size: predict_depth for a batch of one."""
+    inputs = to_model_input(rgb, size)[None].to(device)
+    return predict_depth(model, inputs, [rgb.shape[:2]], max_depth=max_depth)[0]
+
+
+class FullPrecision(nn.Module):
+    """Runs `layer` in fp32, whatever the dtype of its input."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer.float()
+
+    def forward(self, x):
+        return self.layer(x.float())
+
+
+class InferenceModel(nn.Module):
+    """A frozen copy of a DepthNet for prediction: weights cast once to `dtype`, NHWC layout.
+
+    Takes and returns float32 like DepthNet (RGB in [0, 1] → metres). Casting the weights
+    once is faster than autocast, which casts every weight again on every call (bench.py
+    measures this path against the fp32 model). The decoder's last two layers, which make
+    the single-channel depth map and cost a few MFLOP, stay in fp32: in bf16 the depth itself
+    would be rounded to 8 significant bits (6 cm steps at 10 m). Predictions then differ from
+    fp32 by the bf16 rounding of the features, about a centimetre. --predict runs this;
+    evaluation scores the fp32 model (docs/design.md §8).
+    """
+
+    def __init__(self, model, dtype=None, channels_last=True):
+        super().__init__()
+        self.dtype = dtype or torch.float32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = copy.deepcopy(model).eval().requires_grad_(False).to(self.dtype).to(memory_format=self.memory_format)
+        if self.dtype != torch.float32:
+            decoder = self.net.decoder
+            decoder[-2], decoder[-1] = FullPrecision(decoder[-2]), decoder[-1].float()
+
+    def train(self, mode=True):
+        return super().train(False)  # BatchNorm keeps its statistics: this copy never trains
+
+    def forward(self, rgb):
+        return self.net(rgb.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
+
+
+class FlipAveraged(nn.Module):
+    """Test-time flipping: the mean of a model's depth for an image and, mirrored back, for its mirror image.
+
+    A scene seen in a mirror has the mirrored depth map, so the two passes are two estimates of
+    one map whose errors differ; their mean is the usual test-time augmentation of monocular
+    depth (AdaBins evaluates so; Monodepth2's post-processing adds ramps at the edges). Two
+    forward passes per image. Opt-in (--flip): the paper's protocol scores one pass.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rgb):
+        return 0.5 * (self.model(rgb) + self.model(rgb.flip(-1)).flip(-1))
