@@ -83,7 +83,7 @@ def test_non_finite_loss_skips_the_step_then_stops(tiny_data, tmp_path):
 
 def test_resume_restores_every_state_and_continues_identically(tiny_data, tmp_path):
     first = make_trainer(tiny_data, tmp_path / "a", "--max-steps", "2")
-    first.train()
+    first.fit()
     ckpt = load_checkpoint(str(tmp_path / "a" / "last.pt"))
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "metrics"} <= set(ckpt)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0, 2)  # stopped mid-epoch 1 of 4 batches
@@ -98,9 +98,9 @@ def test_resume_restores_every_state_and_continues_identically(tiny_data, tmp_pa
     assert_same_state(resumed.model.state_dict(), first.model.state_dict())
 
     # One more step after the resume = three steps without interruption.
-    resumed.train()
+    resumed.fit()
     straight = make_trainer(tiny_data, tmp_path / "c", "--max-steps", "3")
-    straight.train()
+    straight.fit()
     assert resumed.step == straight.step == 3
     assert_same_state(resumed.model.state_dict(), straight.model.state_dict(), atol=1e-5)
     assert_same_state(resumed.optimizer.state_dict(), straight.optimizer.state_dict(), atol=1e-5)
@@ -151,7 +151,7 @@ def test_cache_off_reads_each_depth_file_once_for_the_check_and_the_output_bias(
 def test_train_step_driven_from_outside_matches_the_loop(tiny_data, tmp_path):
     """bench.py and ablate.py drive train_step themselves: an epoch of it must be the loop's epoch."""
     looped = make_trainer(tiny_data, tmp_path / "loop", "--epochs", "1", "--augment")
-    looped.train()
+    looped.fit()
     driven = make_trainer(tiny_data, tmp_path / "driven", "--epochs", "1", "--augment")
     steps = [driven.train_step(rgb, depth) for rgb, depth in driven.epoch_batches()]
     driven.finish_epoch()
@@ -235,8 +235,8 @@ def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp
     rgb, depth = next(trainer.epoch_batches())
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     LossWithNaNs.calls = 1
-    done = trainer.train_step(rgb, depth)  # bad, but not read yet: returns as usual
-    assert done is not None and not done.checked and trainer.scheduler.last_epoch == 1
+    loss, parts, _ = trainer._forward_backward_update(rgb, depth)  # bad, but not read yet: counted as usual
+    assert trainer._count_step(loss) and parts is not None and trainer.scheduler.last_epoch == 1
     for k, v in trainer.model.state_dict().items():
         if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in the forward pass
             assert torch.equal(v, weights[k]), k  # ...but no weight did
@@ -337,9 +337,9 @@ def test_ema_is_what_validation_scores_saves_and_resumes(tmp_path):
     resumed = make_trainer(data, tmp_path / "b", *common, "--max-steps", "4", "--resume",
                            str(tmp_path / "run" / "last.pt"))
     assert_same_state(resumed.ema.state_dict(), trainer.ema.state_dict())
-    resumed.train()
+    resumed.fit()
     straight = make_trainer(data, tmp_path / "c", *common, "--max-steps", "4")
-    straight.train()
+    straight.fit()
     assert_same_state(resumed.ema.state_dict(), straight.ema.state_dict(), atol=1e-5)
 
 
@@ -362,7 +362,7 @@ def test_compiled_training_takes_the_eager_steps_and_saves_plain_weights(tmp_pat
         trainer.save_checkpoint("last.pt")
         runs[name] = (trainer, losses)
     (eager, eager_losses), (compiled, compiled_losses) = runs["eager"], runs["compiled"]
-    assert hasattr(compiled.net, "_orig_mod") and not hasattr(eager.net, "_orig_mod")
+    assert hasattr(compiled._net, "_orig_mod") and not hasattr(eager._net, "_orig_mod")
     assert compiled.step == eager.step == 2
     assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
     assert compiled_losses[1] == pytest.approx(eager_losses[1], rel=1e-3)
