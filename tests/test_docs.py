@@ -1,4 +1,5 @@
-"""The README stays true to the code: every option documented, CI runs the README's test command."""
+"""The docs stay true to the code: every option documented in docs/options.md with its --help text and default,
+CI runs the README's test command, every relative link resolves."""
 import os
 import re
 
@@ -12,20 +13,27 @@ def read(name):
         return f.read()
 
 
-def test_readme_documents_every_option():
-    readme = read("README.md")
+OPTIONS_PAGE = os.path.join("docs", "options.md")  # the option tables; the README links to it
+
+
+def test_options_page_documents_every_option():
+    page = read(OPTIONS_PAGE)
     for parser in (build_parser(), build_app_parser()):  # main.py's and app.py's
         options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-        missing = [o for o in options if f"`{o}`" not in readme]
-        assert not missing, f"options of {parser.prog} missing from README.md: {missing}"
+        missing = [o for o in options if f"`{o}`" not in page]
+        assert not missing, f"options of {parser.prog} missing from {OPTIONS_PAGE}: {missing}"
 
 
-def test_readme_states_every_help_text():
+def test_readme_links_the_options_page():
+    assert f"]({OPTIONS_PAGE.replace(os.sep, '/')}" in read("README.md")
+
+
+def test_options_page_states_every_help_text():
     """The options tables say what --help says (main.py's and app.py's own options)."""
-    readme = read("README.md")
+    page = read(OPTIONS_PAGE)
     for action in build_parser()._actions + build_app_parser()._actions:
         if action.help and action.option_strings != ["-h", "--help"]:
-            assert action.help.replace("%%", "%") in readme, action.option_strings
+            assert action.help.replace("%%", "%") in page, action.option_strings
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -68,9 +76,9 @@ def test_every_relative_link_and_image_in_the_docs_resolves_inside_the_repositor
     assert not broken, "\n".join(broken)
 
 
-def test_readme_option_tables_show_the_parsers_defaults():
-    """Each option row of the README shows what --help shows: the default, unless it is None or False."""
-    rows = re.findall(r"^\| (`--[^|]*?) \| ([^|]*?) \| [^|]*\|$", read("README.md"), flags=re.M)
+def test_option_tables_show_the_parsers_defaults():
+    """Each option row of docs/options.md shows what --help shows: the default, unless it is None or False."""
+    rows = re.findall(r"^\| (`--[^|]*?) \| ([^|]*?) \| [^|]*\|$", read(OPTIONS_PAGE), flags=re.M)
     shown = {names.split("`")[1]: default.strip().strip("`") for names, default in rows}
     assert len(shown) > 40
     wrong = []
@@ -80,5 +88,5 @@ def test_readme_option_tables_show_the_parsers_defaults():
             continue
         expected = "" if action.default is None or action.default is False else str(action.default)
         if shown[name] != expected:
-            wrong.append(f"{name}: README shows {shown[name]!r}, the parser's default is {expected!r}")
+            wrong.append(f"{name}: {OPTIONS_PAGE} shows {shown[name]!r}, the parser's default is {expected!r}")
     assert not wrong, "\n".join(wrong)
