@@ -19,6 +19,7 @@ each variant's run folder in OUT/runs/NAME (config.json; last.pt only with --kee
 """
 import argparse
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from model import count_parameters
 from plots import plot_ablation
 from synthetic import ensure_dataset
 from train import Trainer
-from utils import UserError, atomic_path, write_json_atomic
+from utils import Interrupted, UserError, atomic_path, raise_interrupt, stop_status, write_json_atomic
 
 # Each single change, as the main.py options that turn it on ({...}: filled from ablate's options).
 SINGLES = {
@@ -130,6 +131,7 @@ class AblationTrainer(Trainer):
 
     keep_checkpoints = False
     save_seconds = 0.0
+    replaces_old_runs = True  # each variant's folder is the ablation's own
 
     def save_checkpoint(self, name, metrics=None):
         if self.keep_checkpoints:
@@ -147,7 +149,7 @@ def train_variant(name, options, args):
     trainer.fit()
     seconds = time.perf_counter() - start - trainer.save_seconds
     if trainer.stop_signal:
-        raise KeyboardInterrupt
+        raise Interrupted(signal.Signals[trainer.stop_signal])
     val = DepthEstimationUnreal(args.data_dir, "val", size=args.image_size, native=True,
                                progress=not args.quiet)
     metrics = evaluate(trainer.scored_model, val, trainer.device, num_workers=args.workers)
@@ -269,11 +271,18 @@ def run_ablation(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)  # a stop between variants, as Ctrl-C
     try:
         run_ablation(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:
+        print("error: interrupted; the variants finished before are in their run folders, no report was written",
+              file=sys.stderr)
+        return stop_status(stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 

@@ -3,7 +3,7 @@
 Optional: needs Gradio (pip install -r requirements-app.txt). Upload or drop a photo (any
 size; JPEG, PNG or whatever Pillow reads; RGB, RGBA or grayscale) or pick an example scene
 made by synthetic.py, and the page shows:
-  - the depth, colourised at the photo's own size on the fixed [0, 20] m scale of
+  - the depth, colourised at the photo's own size on the fixed [0, max depth] scale of
     --predict's PNGs, with its colour bar in metres, a min / median / max readout, and
     the depth of any point you click;
   - a 3-D point cloud back-projected as --predict --ply does, with the field of view as a slider;
@@ -26,8 +26,12 @@ import numpy as np
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 INSTALL_HINT = "pip install -r requirements-app.txt"
-VIEWER_POINTS = 250_000  # a larger photo's 3-D view is drawn from every k-th pixel; its .ply download has them all
+VIEWER_POINTS = 250_000  # a larger photo's 3-D view is drawn from every k-th pixel of every k-th row
+# The .ply download holds at most this many points (every k-th pixel of a larger photo): 30 MB, where a
+# photo at the --max-pixels limit would give 250 MB per request. --predict --ply writes every pixel.
+PLY_POINTS = 2_000_000
 VIEW_BACKGROUND = (0.1, 0.1, 0.12, 1.0)  # RGBA of the 3-D view: dark, so that points of any colour show
+QUEUE_SIZE = 64  # requests that may wait for the model; Gradio refuses more, with a message
 EXAMPLES = (("street", 3), ("street", 11), ("yard", 5))  # (style, seed) of the example scenes
 EXAMPLE_SIZE = (288, 512)  # twice the data set's 144 × 256: the page is not tied to the training size
 CSS = """
@@ -40,13 +44,12 @@ class DepthPage:
     """The model behind the page, and what each request computes with it."""
 
     def __init__(self, opts):
-        from dataset import MAX_DEPTH
         from inference import load_predictor
 
         self.opts = opts
-        self.model, self.size, self.device = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size,
-                                                            channels_last=True, flip=opts.flip)
-        self.max_depth = MAX_DEPTH  # the scale of the training targets and of every depth picture here
+        self.model, self.size, self.device, depth = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size,
+                                                                   channels_last=True, flip=opts.flip)
+        self.max_depth = depth["max_depth"]  # the range it was trained on: the scale of every depth picture here
         # The examples, and one folder per request, live here until the server stops.
         self.workdir = tempfile.mkdtemp(prefix="depth-app-")
         self.requests = os.path.join(self.workdir, "requests")
@@ -86,16 +89,16 @@ class DepthPage:
 
         A file that is not a readable image clears the outputs and says why in the readout.
         """
-        from dataset import DataError, read_rgb
+        from dataset import ImageError, read_rgb
 
         if path is None:
             return None, "", None, None, None
         name = os.path.basename(path)  # Gradio keeps the uploaded file's own name
         try:
-            rgb = read_rgb(path)
-        except DataError as err:
-            reason = str(err).split(": ", 1)[-1].removesuffix(" Re-export or remove the file.").replace(path, name)
-            return None, f"**Could not read {name}**: {reason} Upload a JPEG or PNG photo.", None, None, None
+            rgb = read_rgb(path, self.opts.max_pixels)
+        except ImageError as err:
+            return (None, f"**Could not read {name}**: {err.reason}. Upload a JPEG or PNG photo.", None, None,
+                    None)
         start = time.perf_counter()
         depth = self.predict(rgb)
         state = {"name": name, "rgb": rgb, "depth": depth, "seconds": time.perf_counter() - start}
@@ -114,20 +117,27 @@ class DepthPage:
         return "" if state is None else readout(state["depth"], state["seconds"], point=xy)
 
     def write_files(self, state, fov):
-        """--predict's files for the state's photo (.npy, colour and 16-bit PNGs, .ply) in a fresh request
-        folder; ({kind: path}, the .ply for the 3-D view: the download itself, or for a large photo
-        every k-th pixel's point)."""
+        """--predict's files for the state's photo (.npy, colour and 16-bit PNGs, .ply of at most PLY_POINTS
+        points) in a fresh request folder; ({kind: path}, the .ply for the 3-D view: the download itself, or
+        for a large photo every k-th pixel's point)."""
         from predict import image_output_paths, write_outputs, write_ply
 
         rgb, depth = state["rgb"], state["depth"]
         files = image_output_paths(state["name"], self.request_folder(), png16=True, ply=True)
-        write_outputs(files, depth, rgb, self.max_depth, self.opts.cmap, fov)
-        step = int(np.ceil(np.sqrt(depth.size / VIEWER_POINTS)))
-        if step == 1:
+        pictures = {k: v for k, v in files.items() if k != "ply"}
+        write_outputs(pictures, depth, rgb, self.max_depth, self.opts.cmap, fov)
+        write_ply(files["ply"], *every_kth_pixel(rgb, depth, PLY_POINTS), fov)
+        if depth.size <= VIEWER_POINTS:
             return files, files["ply"]
         view = files["ply"].removesuffix(".ply") + "_view.ply"
-        write_ply(view, np.ascontiguousarray(rgb[::step, ::step]), np.ascontiguousarray(depth[::step, ::step]), fov)
+        write_ply(view, *every_kth_pixel(rgb, depth, VIEWER_POINTS), fov)
         return files, view
+
+
+def every_kth_pixel(rgb, depth, points):
+    """(rgb, depth) of every k-th pixel of every k-th row, k the smallest that leaves at most `points` pixels."""
+    step = int(np.ceil(np.sqrt(depth.size / points)))
+    return np.ascontiguousarray(rgb[::step, ::step]), np.ascontiguousarray(depth[::step, ::step])
 
 
 def downloads(files):
@@ -161,12 +171,15 @@ def build_page(page, gr):
     def on_click(state, evt: gr.SelectData):  # Gradio passes the clicked pixel by this annotation
         return page.on_click(state, tuple(int(v) for v in evt.index))
 
+    from dataset import input_hw
+
     opts = page.opts
     # System fonts, no web fonts: the page works offline.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"## Monocular depth estimation\n"
-                    f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {page.size} × {page.size}, on {page.device}. "
+                    f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {' × '.join(map(str, input_hw(page.size)))}, "
+                    f"on {page.device}. "
                     f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), "
                     "or pick an example.")
         state = gr.State(None)
@@ -224,7 +237,7 @@ def main(argv=None):
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)  # stop as on Ctrl-C: the work folder goes too
     try:
         blocks, theme = build_page(page, gr)
-        blocks.queue(default_concurrency_limit=1, max_size=32)
+        blocks.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
         blocks.launch(server_name=opts.host, server_port=opts.port, max_file_size=f"{opts.max_upload_mb:g}mb",
                       allowed_paths=[page.workdir], theme=theme, css=CSS, footer_links=[], quiet=True,
                       prevent_thread_lock=True)

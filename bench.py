@@ -8,7 +8,7 @@ Baseline: the plain way to train this network: a DataLoader decoding every sampl
 fp32, eager, contiguous memory, plain Adam, SSIM with five 2-D 11 × 11 convolutions.
 Ours: train.Trainer's own step: the decoded cache (on the GPU when it fits), channels_last,
 autocast (--amp auto), SSIM by banded matrix products, fused Adam, no host synchronisation
-per step; for inference model.InferenceModel (weights cast once to bf16, channels_last).
+per step; for inference inference.InferenceModel (weights cast once to bf16, channels_last).
 
 Both are measured in the same process. On CPUs, where other work makes timings noisy,
 they alternate in --rounds rounds; on GPUs they run one after the other so that each one's
@@ -319,7 +319,7 @@ def bench_training(args, device, data_dir, run_dir):
 def bench_inference(device, amp_dtype, compile_model, reps, batch_size=32):
     """Median latency at batch 1 and throughput at `batch_size`, alternating calls.
 
-    Baseline: the fp32 model as trained. Ours: model.InferenceModel, weights cast once to the
+    Baseline: the fp32 model as trained. Ours: inference.InferenceModel, weights cast once to the
     autocast dtype, channels_last (compiled with --compile). Inputs already on the device.
     """
     torch.manual_seed(0)

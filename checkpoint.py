@@ -3,7 +3,9 @@ written (atomically) and read (torch.load with weights_only=True: a checkpoint c
 
 A checkpoint is one dict of tensors and plain Python types:
   model_args   DepthNet's constructor arguments (encoder, skips, init_depth): DepthNet(**model_args)
-  input_size   the side of the square network input it was trained at
+  input_size   the network input it was trained at: a side S (square) or [H, W]
+  depth        the data's depth conventions it was trained with: min_depth, max_depth (its range:
+               predictions are clamped to it) and depth_scale (of 16-bit depth PNGs)
   model        the network's state dict; ema: the moving average's, under --ema (what was evaluated)
   optimizer, scheduler, scaler, rng            the training state that --resume continues from
   epoch, step, batch_in_epoch, best_rmse      where training stood
@@ -16,20 +18,23 @@ import warnings
 
 import torch
 
+from dataset import DEPTH_SCALE, MAX_DEPTH, MIN_DEPTH
 from utils import CheckpointError, atomic_save, first_line
 
 # What --resume needs besides the weights.
 TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "rng")
-# The paper's input side: the size of checkpoints that do not record theirs.
+# The paper's input side and depth conventions: those of checkpoints that do not record theirs.
 DEFAULT_INPUT_SIZE = 224
+DEFAULT_DEPTH = {"min_depth": MIN_DEPTH, "max_depth": MAX_DEPTH, "depth_scale": DEPTH_SCALE}
 
 
-def training_checkpoint(model_args, input_size, model, ema, optimizer, scheduler, scaler, position, config,
+def training_checkpoint(model_args, input_size, depth, model, ema, optimizer, scheduler, scaler, position, config,
                         metrics, rng):
     """The dict that Trainer saves: `position` holds epoch, step, batch_in_epoch and best_rmse."""
     return {
         "model_args": dict(model_args),
-        "input_size": int(input_size),
+        "input_size": input_size if isinstance(input_size, int) else [int(v) for v in input_size],
+        "depth": dict(depth),
         "model": model.state_dict(),
         **({"ema": ema.state_dict()} if ema is not None else {}),
         "optimizer": optimizer.state_dict(),
@@ -98,10 +103,14 @@ def model_args(ckpt):
 
 
 def input_size(ckpt):
-    """The side of the square input the checkpoint's network was trained at."""
-    if "input_size" in ckpt:
-        return int(ckpt["input_size"])
-    return int((ckpt.get("config") or {}).get("image_size") or DEFAULT_INPUT_SIZE)
+    """The network input the checkpoint was trained at: a side S, or [H, W]."""
+    size = ckpt.get("input_size") or (ckpt.get("config") or {}).get("image_size") or DEFAULT_INPUT_SIZE
+    return size if isinstance(size, int) else [int(v) for v in size]
+
+
+def trained_depth(ckpt):
+    """{min_depth, max_depth, depth_scale} the checkpoint was trained with; the paper's for older files."""
+    return {**DEFAULT_DEPTH, **(ckpt.get("depth") or {})}
 
 
 def network_state(ckpt):
@@ -133,6 +142,10 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
                               f"({unpickler_reason(err)}); loading it could run code, so only load files you "
                               "trust") from None
     except Exception as err:  # a damaged file can fail in many ways (RuntimeError, EOFError, KeyError, ...)
+        if "TorchScript" in str(err):
+            raise CheckpointError(f"{path} is a TorchScript model (written by --export), not a checkpoint: give "
+                                  "the best.pt or last.pt that training wrote; load the export with torch.jit.load"
+                                  ) from None
         if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
             return torch_load_safely(path, map_location, mmap=False)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "

@@ -1,9 +1,15 @@
-"""DepthEstimationUnreal: RGB/depth pairs on disk, preprocessed as in the paper (docs/design.md §5).
+"""DepthEstimationUnreal, or any supervised depth data set: RGB/depth pairs on disk, preprocessed as in
+the paper (docs/design.md §5).
 
-Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.npy, paired by stem.
-Every sample is (rgb (3, S, S) float32 in [0, 1], depth (1, S, S) float32 metres in [0, max_depth]).
-Depth files holding NaN or inf are rejected with an error naming the file, rather than
-masked: the real data set has none, so such a file means a broken export.
+Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.{npy,png}, paired by stem;
+or, when ROOT/SPLIT.txt exists, the pairs that file lists (one `RGB_PATH DEPTH_PATH` a line,
+relative to ROOT). Depth is float .npy in metres or a single-channel 16-bit PNG read as
+value / depth_scale metres. Pairs may have any size (RGB and depth of one pair the same).
+Every sample is (rgb (3, H, W) float32 in [0, 1], depth (1, H, W) float32 metres in
+[0, max_depth]) at the network's input size. Depth at or below min_depth is "not measured"
+(0 in every common format): it is kept out of resizing, the loss, the metrics and the mean
+depth (docs/design.md §5). Depth files holding NaN or inf are rejected with an error naming
+the file, rather than masked: the real data set has none, so such a file means a broken export.
 
 Every file is decoded once when a split is opened (check_files), in the main process: a
 bad file then stops the run before training starts, with one line naming it, instead of
@@ -28,6 +34,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,11 +46,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from utils import UserError, atomic_save
+from losses import MIN_DEPTH
+from utils import UserError, atomic_save, first_line
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
+DEPTH_EXTENSIONS = (".npy", ".png")
 # Depth is clipped to [0, MAX_DEPTH] metres, as the paper preprocesses it (sky is stored as 100 m).
 MAX_DEPTH = 20.0
+# A 16-bit depth PNG holds depth × DEPTH_SCALE: millimetres, NYU Depth v2's convention (KITTI's is 256).
+DEPTH_SCALE = 1000.0
+# The only formats decoded: other Pillow plugins reach far more code (EPS runs Ghostscript) for
+# pictures no depth data set or camera produces.
+IMAGE_FORMATS = ("JPEG", "PNG")
+# The most pixels an image may have, read from its header before anything is decoded (--max-pixels):
+# 4096 × 4096, more than a 12-megapixel phone photo. What the largest costs: docs/use.md.
+MAX_PIXELS = 4096 * 4096
 SPLITS = ("train", "val", "test")
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -53,31 +70,37 @@ class DataError(UserError):
     """A problem with the data on disk, worded for the user: what is wrong, where, and the fix."""
 
 
+class ImageError(DataError):
+    """An image that cannot be read: `reason` says why in words that need no path (the web page shows it)."""
+
+    def __init__(self, path, reason, fix):
+        super().__init__(f"cannot read image {path}: {reason}. {fix}")
+        self.reason = reason
+
+
 def natural_key(stem):
     """Numbers in numeric order (2 before 10), then other names alphabetically."""
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 
 def list_pairs(root, split):
-    """[(stem, rgb_path, depth_path)] of a split, sorted numerically; raises DataError on any mismatch."""
+    """[(name, rgb_path, depth_path)] of a split: from ROOT/SPLIT.txt when it exists, else from the folders
+    ROOT/rgb/SPLIT and ROOT/depth/SPLIT paired by stem, sorted numerically; DataError on any mismatch."""
+    listing = os.path.join(root, f"{split}.txt")
+    if os.path.isfile(listing):
+        return read_split_list(root, listing)
     rgb_dir = os.path.join(root, "rgb", split)
     depth_dir = os.path.join(root, "depth", split)
     for d in (rgb_dir, depth_dir):
         if not os.path.isdir(d):
             raise DataError(
                 f"data folder {d} not found: expected ROOT/rgb/{split}/*.jpeg and ROOT/depth/{split}/*.npy "
-                f"under --data-dir {root} (run `python synthetic.py --out {root}` for a synthetic set)"
+                f"(or ROOT/{split}.txt listing the pairs) under --data-dir {root}; python get_data.py fetches "
+                "DepthEstimationUnreal, python synthetic.py --out DIR writes a synthetic set"
             )
-    rgb = {}
-    for name in os.listdir(rgb_dir):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in RGB_EXTENSIONS:
-            if stem in rgb:
-                raise DataError(f"two RGB files for {stem!r} in {rgb_dir}: {os.path.basename(rgb[stem])} and {name}")
-            rgb[stem] = os.path.join(rgb_dir, name)
-    depth = {os.path.splitext(n)[0]: os.path.join(depth_dir, n) for n in os.listdir(depth_dir) if n.endswith(".npy")}
+    rgb, depth = files_by_stem(rgb_dir, RGB_EXTENSIONS, "RGB"), files_by_stem(depth_dir, DEPTH_EXTENSIONS, "depth")
     if not rgb and not depth:
-        raise DataError(f"split {split!r} is empty: no .jpeg/.jpg/.png in {rgb_dir} and no .npy in {depth_dir}")
+        raise DataError(f"split {split!r} is empty: no .jpeg/.jpg/.png in {rgb_dir} and no .npy/.png in {depth_dir}")
     only_rgb = sorted(set(rgb) - set(depth), key=natural_key)
     only_depth = sorted(set(depth) - set(rgb), key=natural_key)
     if only_rgb or only_depth:
@@ -90,21 +113,96 @@ def list_pairs(root, split):
     return [(s, rgb[s], depth[s]) for s in sorted(rgb, key=natural_key)]
 
 
-def read_rgb(path):
-    """HWC uint8 RGB, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA images are converted."""
+def split_exists(root, split):
+    """Whether ROOT holds the split at all, as a split list or as its two folders."""
+    return os.path.isfile(os.path.join(root, f"{split}.txt")) or os.path.isdir(os.path.join(root, "rgb", split))
+
+
+def files_by_stem(directory, extensions, kind):
+    """{stem: path} of the files of `directory` with one of `extensions`; DataError for two files of one stem."""
+    found = {}
+    for name in os.listdir(directory):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in extensions:
+            if stem in found:
+                raise DataError(f"two {kind} files for {stem!r} in {directory}: {os.path.basename(found[stem])} "
+                                f"and {name}")
+            found[stem] = os.path.join(directory, name)
+    return found
+
+
+def read_split_list(root, listing):
+    """The pairs of a split list: `RGB_PATH DEPTH_PATH` a line, relative to root; blank lines and # comments
+    are skipped. Each pair is named by its RGB path without the extension. DataError naming the line."""
+    pairs, names = [], {}
+    with open(listing, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            where = f"{listing} line {number}"
+            if len(fields) != 2:
+                raise DataError(f"{where}: expected two paths, RGB_PATH DEPTH_PATH (relative to {root}), got "
+                                f"{len(fields)} field(s)")
+            paths = [os.path.join(root, p) for p in fields]
+            for path in paths:
+                if not os.path.isfile(path):
+                    raise DataError(f"{where}: {path} not found; fix the line or the file")
+            name = os.path.splitext(fields[0])[0].replace(os.sep, "/")
+            if name in names:
+                raise DataError(f"{where}: {fields[0]} is listed twice (first on line {names[name]})")
+            names[name] = number
+            pairs.append((name, *paths))
+    if not pairs:
+        raise DataError(f"{listing} lists no pairs; one `RGB_PATH DEPTH_PATH` a line, relative to {root}")
+    return pairs
+
+
+def open_image(path, formats, max_pixels):
+    """Image.open of one of `formats` whose header says it has at most `max_pixels` pixels; ImageError if not.
+
+    Pillow's own DecompressionBombWarning is silenced: the check here comes first and says more.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path, formats=formats)
+        except Image.DecompressionBombError as err:  # a header beyond even Pillow's limit: say it as ours
+            claimed = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{int(claimed.group(1)) / 1e6:.0f} MP" if claimed else "too many pixels"
+            raise ImageError(path, f"it claims {size}, more than the {max_pixels / 1e6:.1f} MP allowed",
+                             "Downscale it, or raise --max-pixels") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise ImageError(path, f"it has {width} × {height} pixels ({width * height / 1e6:.1f} MP), more than the "
+                               f"{max_pixels / 1e6:.1f} MP allowed", "Downscale it, or raise --max-pixels")
+    return im
+
+
+def read_rgb(path, max_pixels=MAX_PIXELS):
+    """HWC uint8 RGB of a JPEG or PNG, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA
+    images are converted. DataError for another format, a damaged file or more than max_pixels pixels."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, IMAGE_FORMATS, max_pixels) as im:
             ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
             if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it at 255
                 gray = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}. Re-export or remove the file.") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "it is not a JPEG or PNG file, the formats read here", "Convert or remove it") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                  else f"{type(err).__name__}: {first_line(err)}")
+        raise ImageError(path, reason, "Re-export or remove the file") from None
 
 
-def read_depth(path):
-    """HW float32 depth in metres; rejects wrong shapes, non-numeric dtypes and NaN/inf."""
+def read_depth(path, depth_scale=DEPTH_SCALE):
+    """HW float32 depth in metres from .npy (metres) or a 16-bit PNG (value / depth_scale); rejects wrong
+    shapes, non-numeric dtypes, 8-bit or colour PNGs and NaN/inf."""
+    if os.path.splitext(path)[1].lower() == ".png":
+        return read_png_depth(path, depth_scale)
     try:
         depth = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -123,9 +221,22 @@ def read_depth(path):
     return depth
 
 
-def read_pair(rgb_path, depth_path):
+def read_png_depth(path, depth_scale):
+    """A single-channel 16-bit PNG as float32 metres (value / depth_scale); 0 stays 0, "not measured"."""
+    try:
+        with open_image(path, ("PNG",), MAX_PIXELS) as im:
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise DataError(f"depth {path} is an 8-bit or colour picture (PNG mode {im.mode}), not depth: a depth "
+                                "PNG is single-channel 16-bit, read as value / --depth-scale metres")
+            depth = np.asarray(im).astype(np.float32)
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read depth {path}: {err}. Re-export or remove the file.") from None
+    return depth / np.float32(depth_scale)
+
+
+def read_pair(rgb_path, depth_path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
     """(rgb HWC uint8, depth HW float32) of one pair; DataError if a file is bad or their sizes disagree."""
-    rgb, depth = read_rgb(rgb_path), read_depth(depth_path)
+    rgb, depth = read_rgb(rgb_path, max_pixels), read_depth(depth_path, depth_scale)
     if rgb.shape[:2] != depth.shape:
         raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is "
                         f"{depth.shape[1]}×{depth.shape[0]}; "
@@ -148,41 +259,88 @@ def map_in_threads(fn, items, desc, progress=True):
             raise
 
 
-def check_files(pairs, max_depth=MAX_DEPTH, desc="checking files", progress=True):
+def check_files(pairs, max_depth=MAX_DEPTH, min_depth=MIN_DEPTH, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS,
+                desc="checking files", progress=True):
     """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order.
 
-    Returns the mean depth clipped to [0, max_depth] over every pixel of the pairs, which
-    this pass reads anyway: the model's initial output bias needs no second pass.
+    Returns (mean depth over the measured pixels, clipped to [0, max_depth]; whether any pixel
+    is not measured), which this pass reads anyway: the model's initial output bias and the
+    masked loss need no second pass.
     """
     def clipped_depth_sum(pair):
-        _, depth = read_pair(pair[1], pair[2])
-        return depth_sum(np.clip(depth, 0.0, max_depth))
+        _, depth = read_pair(pair[1], pair[2], depth_scale, max_pixels)
+        return depth_sum(clip_depth(depth, min_depth, max_depth), min_depth)
 
-    total, count = 0.0, 0
-    for part_sum, part_count in map_in_threads(clipped_depth_sum, pairs, desc, progress):
-        total += part_sum
-        count += part_count
-    return total / count
+    total, measured, count = 0.0, 0, 0
+    for part_sum, part_measured, part_count in map_in_threads(clipped_depth_sum, pairs, desc, progress):
+        total, measured, count = total + part_sum, measured + part_measured, count + part_count
+    return split_stats(total, measured, count, pairs)
 
 
-def depth_sum(clipped):
-    """(sum in float64, pixel count) of a clipped depth map (array or tensor): the parts of a split's mean depth."""
+def split_stats(total, measured, count, pairs):
+    """(mean measured depth, whether any pixel is not measured) of a split from its depth_sum parts."""
+    if measured == 0:
+        raise DataError(f"no depth map of the {len(pairs)} pair(s) from {pairs[0][2]} on holds a measured pixel "
+                        "(all at or below --min-depth): check --depth-scale and the depth files")
+    return total / measured, measured < count
+
+
+def clip_depth(depth, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
+    """Depth clipped to [0, max_depth], the pixels at or below min_depth (not measured) set to 0."""
+    clipped = np.clip(depth, 0.0, max_depth)
+    return np.where(clipped > min_depth, clipped, np.float32(0.0)) if (clipped <= min_depth).any() else clipped
+
+
+def depth_sum(clipped, min_depth=MIN_DEPTH):
+    """(sum of the measured pixels in float64, measured pixels, all pixels) of a clipped depth map
+    (array or tensor): the parts of a split's mean depth."""
     clipped = torch.as_tensor(clipped)
-    return float(clipped.double().sum()), clipped.numel()
+    return float(clipped.double().sum()), int((clipped > min_depth).sum()), clipped.numel()
+
+
+def depth_conventions(opts):
+    """The data set's depth conventions among main.py's options, as DepthEstimationUnreal's keyword arguments:
+    the depth range (--min-depth, --max-depth) and the scale of 16-bit depth PNGs (--depth-scale)."""
+    return {"min_depth": opts.min_depth, "max_depth": opts.max_depth, "depth_scale": opts.depth_scale}
+
+
+def input_hw(size):
+    """(H, W) of a network input size: --image-size S (square, the paper's 224) or H W."""
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[-1])
+    return int(size), int(size)
 
 
 def to_model_input(rgb, size):
-    """HWC uint8 RGB → (3, size, size) float in [0, 1]: the network's input, for training and prediction alike."""
-    return resize_to_square(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0), size)
+    """HWC uint8 RGB → (3, H, W) float in [0, 1]: the network's input, for training and prediction alike."""
+    return resize_to(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0), size)
 
 
-def resize_to_square(t, size):
-    """The paper's Resize((S, S)) + CenterCrop(S), bilinear with antialiasing, on a (C, H, W) tensor."""
-    t = TF.resize(t, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.center_crop(t, [size, size])
+def resize_to(t, size):
+    """The paper's Resize((H, W)) + CenterCrop((H, W)), bilinear with antialiasing, on a (C, H, W) tensor."""
+    h, w = input_hw(size)
+    t = TF.resize(t, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(t, [h, w])
 
 
-def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2):
+def resize_depth(depth, size, min_depth=MIN_DEPTH):
+    """A (1, H, W) depth map resized as resize_to does, with its unmeasured pixels kept out.
+
+    A map without holes is resized exactly as the paper does. With holes, bilinear resizing
+    would blend measured depth with the holes' 0 and invent depths that were never measured;
+    here each output pixel is the mask-weighted mean of the measured pixels under the filter
+    (resize(depth · mask) / resize(mask)), and a pixel with no measured pixel under it stays a
+    hole (docs/design.md §5).
+    """
+    measured = depth > min_depth
+    if bool(measured.all()):
+        return resize_to(depth, size)
+    both = resize_to(torch.cat([depth * measured, measured.to(depth.dtype)]), size)
+    value, weight = both[:1], both[1:]
+    return torch.where(weight > 1e-3, value / weight.clamp_min(1e-3), torch.zeros_like(value))
+
+
+def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2, min_depth=None):
     """Paired training augmentation (--augment) of (3, H, W) + (1, H, W) tensors, or of a batch
     (B, 3, H, W) + (B, 1, H, W) on any device, each image with its own random draw.
 
@@ -191,7 +349,9 @@ def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0
     crop always lies inside the image: no black borders. Depth values are kept (a zoom is a
     narrower field of view, not a closer camera). Both are resampled bilinearly, as the
     paper's resize treats both. Colour, RGB only: brightness, contrast and saturation, each
-    scaled by a factor in [1 − jitter, 1 + jitter], then clipped to [0, 1].
+    scaled by a factor in [1 − jitter, 1 + jitter], then clipped to [0, 1]. With `min_depth`
+    (a data set with unmeasured pixels) depth is resampled as resize_depth does: the
+    mask-weighted mean of the measured pixels, holes staying holes.
 
     Seven uniforms per image are drawn on the CPU from `generator` (torch's global RNG when
     None, which the Trainer seeds and checkpoints) in a fixed order whatever the options, so
@@ -210,10 +370,18 @@ def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0
     zero = torch.zeros(b, dtype=torch.float64)
     theta = torch.stack([torch.stack([sign * inv_scale, zero, tx], 1), torch.stack([zero, inv_scale, ty], 1)], 1)
     theta = theta.to(device=rgb.device, dtype=torch.float32, non_blocking=True)
-    both = torch.cat([rgb.float(), depth.float()], dim=1)
+    depth = depth.float()
+    parts = [rgb.float(), depth]
+    if min_depth is not None:
+        measured = (depth > min_depth).float()
+        parts = [rgb.float(), depth * measured, measured]
+    both = torch.cat(parts, dim=1)
     grid = F.affine_grid(theta, list(both.shape), align_corners=False)
     both = F.grid_sample(both, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    rgb, depth = both[:, :3], both[:, 3:]
+    rgb, depth = both[:, :3], both[:, 3:4]
+    if min_depth is not None:
+        weight = both[:, 4:]
+        depth = torch.where(weight > 1e-3, depth / weight.clamp_min(1e-3), torch.zeros_like(depth))
     if jitter > 0:
         factors = (1 + jitter * (2 * u[:, 4:7] - 1)).to(device=rgb.device, dtype=torch.float32, non_blocking=True)
         rgb = jitter_colour(rgb, *factors.view(b, 3, 1, 1, 1).unbind(1))
@@ -232,35 +400,48 @@ def jitter_colour(rgb, brightness, contrast, saturation):
 
 
 class DepthEstimationUnreal(Dataset):
-    """One split of DepthEstimationUnreal (or anything in its layout).
+    """One split of DepthEstimationUnreal, or of any data set in its layout or listed in split files.
 
-    native=True adds a third item, the clipped depth at its own resolution, which the
-    standard evaluation protocol compares against. check=False skips decoding every file
-    up front (see the module's docstring); only for files checked moments ago. progress=False
-    hides the bar of that check (--quiet).
+    size: the network input, S or (H, W). max_depth, min_depth: the depth range (clipped to
+    [0, max_depth]; at or below min_depth: not measured). depth_scale: what a 16-bit PNG's
+    values are divided by to give metres. native=True adds a third item, the clipped depth at
+    its own resolution, which the standard evaluation protocol compares against. check=False
+    skips decoding every file up front (see the module's docstring); only for files checked
+    moments ago. progress=False hides the bar of that check (--quiet).
     """
 
-    def __init__(self, root, split="train", size=224, max_depth=MAX_DEPTH, native=False, check=True, progress=True):
+    def __init__(self, root, split="train", size=224, max_depth=MAX_DEPTH, native=False, check=True, progress=True,
+                 min_depth=MIN_DEPTH, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
+        self.min_depth, self.depth_scale, self.max_pixels = min_depth, depth_scale, max_pixels
         self.progress = progress
         self.pairs = list_pairs(root, split)
-        self._mean_depth = self.check() if check else None
+        self._stats = self.check() if check else None
 
     def check(self):
-        """check_files on this split; returns its mean clipped depth."""
-        return check_files(self.pairs, self.max_depth, desc=f"checking {self.split} files", progress=self.progress)
+        """check_files on this split; returns (its mean measured depth, whether it has unmeasured pixels)."""
+        return check_files(self.pairs, self.max_depth, self.min_depth, self.depth_scale, self.max_pixels,
+                           desc=f"checking {self.split} files", progress=self.progress)
+
+    @property
+    def stats(self):
+        """(mean measured depth, has holes), from the up-front check; a split opened with check=False runs
+        that check on first use."""
+        if self._stats is None:
+            self._stats = self.check()
+        return self._stats
 
     @property
     def mean_depth(self):
-        """Mean clipped depth over every pixel of the split: the model's initial output bias.
+        """Mean clipped depth over the measured pixels of the split: the model's initial output bias."""
+        return self.stats[0]
 
-        Computed by the up-front check; a split opened with check=False runs that check on first use.
-        """
-        if self._mean_depth is None:
-            self._mean_depth = self.check()
-        return self._mean_depth
+    @property
+    def has_holes(self):
+        """Whether some pixel of the split is not measured: the loss then masks (docs/design.md §6)."""
+        return self.stats[1]
 
     def __len__(self):
         return len(self.pairs)
@@ -270,15 +451,15 @@ class DepthEstimationUnreal(Dataset):
         return [stem for stem, _, _ in self.pairs]
 
     def load_raw(self, index):
-        """(rgb HWC uint8, depth HW float32 clipped to [0, max_depth]) at the files' resolution."""
+        """(rgb HWC uint8, depth HW float32 clipped to [0, max_depth], holes at 0) at the files' resolution."""
         _, rgb_path, depth_path = self.pairs[index]
-        rgb, depth = read_pair(rgb_path, depth_path)
-        return rgb, np.clip(depth, 0.0, self.max_depth)
+        rgb, depth = read_pair(rgb_path, depth_path, self.depth_scale, self.max_pixels)
+        return rgb, clip_depth(depth, self.min_depth, self.max_depth)
 
     def __getitem__(self, index):
         rgb, depth = self.load_raw(index)
         depth_t = torch.from_numpy(depth)[None]
-        sample = (to_model_input(rgb, self.size), resize_to_square(depth_t, self.size))
+        sample = (to_model_input(rgb, self.size), resize_depth(depth_t, self.size, self.min_depth))
         return sample + (depth_t,) if self.native else sample
 
 
@@ -342,7 +523,7 @@ class EpochBatches(Sampler):
 
 
 # ------------------------------------------------------------------ decoded cache
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # A cache resident on the GPU may take this share of the free memory; training needs the rest.
 GPU_CACHE_SHARE = 0.5
 
@@ -354,8 +535,14 @@ def cache_key(dataset):
         rgb_st, depth_st = os.stat(rgb_path), os.stat(depth_path)
         files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns,
                       depth_st.st_size, depth_st.st_mtime_ns])
-    spec = [CACHE_VERSION, dataset.size, dataset.max_depth, files]
+    spec = [CACHE_VERSION, dataset.size, dataset.max_depth, dataset.min_depth, dataset.depth_scale, files]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def cache_prefix(dataset):
+    """SPLIT-HxW: the start of the names of a split's caches at one input size."""
+    h, w = input_hw(dataset.size)
+    return f"{dataset.split}-{h}x{w}"
 
 
 def cache_dirs(root):
@@ -373,8 +560,8 @@ class SplitCache:
     mean clipped depth at native resolution, the model's initial output bias.
     """
 
-    def __init__(self, rgb, depth, mean_depth):
-        self.rgb, self.depth, self.mean_depth = rgb, depth, mean_depth
+    def __init__(self, rgb, depth, mean_depth, has_holes):
+        self.rgb, self.depth, self.mean_depth, self.has_holes = rgb, depth, mean_depth, has_holes
 
     def __len__(self):
         return self.rgb.shape[0]
@@ -387,13 +574,13 @@ class SplitCache:
     def open(cls, dataset, build=True, progress=True):
         """The cache of `dataset`'s split: loaded if up to date, else built (build=True) and saved; None if absent."""
         key = cache_key(dataset)
-        name = f"{dataset.split}-{dataset.size}-{key}.pt"
+        name = f"{cache_prefix(dataset)}-{key}.pt"
         for directory in cache_dirs(dataset.root):
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 try:
                     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    return cls(data["rgb"], data["depth"], data["mean_depth"])
+                    return cls(data["rgb"], data["depth"], data["mean_depth"], data["has_holes"])
                 except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
                     warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it",
                                   stacklevel=2)
@@ -408,34 +595,35 @@ class SplitCache:
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
         source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True,
-                                       check=False)
-        n, s = len(source), source.size
-        rgb = torch.empty(n, 3, s, s, dtype=torch.uint8)
-        depth = torch.empty(n, 1, s, s, dtype=torch.float16)
-        total, count = 0.0, 0
+                                       check=False, min_depth=dataset.min_depth, depth_scale=dataset.depth_scale,
+                                       max_pixels=dataset.max_pixels)
+        n, (h, w) = len(source), input_hw(source.size)
+        rgb = torch.empty(n, 3, h, w, dtype=torch.uint8)
+        depth = torch.empty(n, 1, h, w, dtype=torch.float16)
+        total, measured, count = 0.0, 0, 0
 
         def quantised(i):
             rgb_f, depth_f, native = source[i]
             return (rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16),
-                    *depth_sum(native))
+                    *depth_sum(native, dataset.min_depth))
 
-        for i, (rgb_q, depth_q, part_sum, part_count) in enumerate(
+        for i, (rgb_q, depth_q, part_sum, part_measured, part_count) in enumerate(
                 map_in_threads(quantised, range(n), f"caching {dataset.split} split", progress)):
             rgb[i], depth[i] = rgb_q, depth_q
-            total += part_sum
-            count += part_count
-        return cls(rgb, depth, total / count)
+            total, measured, count = total + part_sum, measured + part_measured, count + part_count
+        return cls(rgb, depth, *split_stats(total, measured, count, source.pairs))
 
     def save(self, dataset, name):
         """Write atomically beside the data (or in the user cache folder) and remove stale caches of the split."""
-        state = {"version": CACHE_VERSION, "rgb": self.rgb, "depth": self.depth, "mean_depth": self.mean_depth}
+        state = {"version": CACHE_VERSION, "rgb": self.rgb, "depth": self.depth, "mean_depth": self.mean_depth,
+                 "has_holes": self.has_holes}
         for directory in cache_dirs(dataset.root):
             try:
                 os.makedirs(directory, exist_ok=True)
                 atomic_save(state, os.path.join(directory, name))
             except OSError:
                 continue
-            for old in glob.glob(os.path.join(directory, f"{dataset.split}-{dataset.size}-*.pt")):
+            for old in glob.glob(os.path.join(directory, f"{cache_prefix(dataset)}-*.pt")):
                 if os.path.basename(old) != name:
                     os.remove(old)
             return

@@ -7,12 +7,12 @@ import math
 import os
 import time
 
-from dataset import DepthEstimationUnreal, list_pairs
+from dataset import DepthEstimationUnreal, depth_conventions, list_pairs, split_exists
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights_path
 from synthetic import ensure_dataset
 from train import Trainer
-from utils import write_json_atomic
+from utils import atomic_path, stop_status, write_json_atomic
 
 TABLE_KEYS = ("rmse", "ssim", "abs_rel", "delta1", "challenge_rmse", "challenge_ssim")
 
@@ -76,13 +76,13 @@ def imagenet_weights_cached(encoder="resnet34"):
     return os.path.isfile(imagenet_weights_path(encoder))
 
 
-def score_table(model, baselines, data_dir, device, workers, image_size=224, progress=True):
-    """{split: {name: metrics}} for the trained model and each baseline."""
+def score_table(model, baselines, opts, device):
+    """{split: {name: metrics}} for the trained model and each baseline, on the val and test splits there are."""
     results = {}
-    for split in ("val", "test"):
-        if not os.path.isdir(os.path.join(data_dir, "rgb", split)):
-            continue
-        dataset = DepthEstimationUnreal(data_dir, split, size=image_size, native=True, progress=progress)
+    workers = opts.workers
+    for split in (s for s in ("val", "test") if split_exists(opts.data_dir, s)):
+        dataset = DepthEstimationUnreal(opts.data_dir, split, size=opts.image_size, native=True,
+                                        progress=not opts.quiet, **depth_conventions(opts))
         results[split] = {"model": evaluate(model, dataset, device, num_workers=workers)}
         for name, baseline in baselines.items():
             results[split][name] = evaluate(baseline.to(device), dataset, device, num_workers=workers)
@@ -99,21 +99,23 @@ def format_results(results):
 
 
 def run_demo(opts):
-    """opts: main.py's options with the demo preset applied (demo_preset)."""
+    """opts: main.py's options with the demo preset applied (demo_preset). Returns the exit status: 0, or
+    that of the signal that stopped training (130, 143), which then ends the demo."""
     start = time.time()
     ensure_dataset(opts.data_dir, opts.demo_train, opts.demo_val, opts.demo_test, seed=opts.seed,
                    progress=not opts.quiet)
     trainer = Trainer(opts)
     trainer.fit()
+    if trainer.stop_signal:  # a stop is a stop: no scores of a half-trained model (last.pt is written)
+        return stop_status(trainer.stop_signal)
     baselines = baseline_models(trainer.train_set, trainer.cache)
-    results = score_table(trainer.scored_model, baselines, opts.data_dir, trainer.device, opts.workers, opts.image_size,
-                          progress=not opts.quiet)
+    results = score_table(trainer.scored_model, baselines, opts, trainer.device)
     table = format_results(results)
     minutes = (time.time() - start) / 60
     summary = {"results": results, "steps": trainer.step, "device": str(trainer.device), "minutes": minutes}
     write_json_atomic(summary, os.path.join(opts.run_dir, "demo_results.json"))
-    with open(os.path.join(opts.run_dir, "demo_results.md"), "w") as f:
+    with atomic_path(os.path.join(opts.run_dir, "demo_results.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(f"\n{table}\n\nstandard protocol: rmse … delta1 at 144 × 256; challenge_*: the paper's protocol at 224 × 224")
     print(f"demo finished in {minutes:.1f} min on {trainer.device}; outputs in {opts.run_dir}")
-    return summary
+    return 0

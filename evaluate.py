@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import MAX_DEPTH, read_depth, resize_to_square, to_model_input
+from dataset import MAX_DEPTH, clip_depth, read_depth, resize_depth, to_model_input
 from inference import predict_batch, predict_depth
-from losses import MIN_DEPTH, rmse, ssim, ssim_map
+from losses import MIN_DEPTH, masked_ssim_per_image, rmse, squared_error_sums, ssim, ssim_map, ssim_sums
 from plots import plot_prediction_grid, plot_training_curves
 from utils import atomic_path
 
@@ -27,25 +27,32 @@ CHALLENGE_BATCH = 32
 CHALLENGE_SIZE = 224
 
 
-def compute_errors(gt, pred, max_depth=MAX_DEPTH):
+def compute_errors(gt, pred, max_depth=MAX_DEPTH, min_depth=MIN_DEPTH):
     """Standard metrics of each image of (B, 1, H, W) gt and pred (same size) as (B,) tensors.
 
-    pred is clamped to [0, max_depth] for RMSE/SSIM and to [MIN_DEPTH, max_depth] for the
-    ratio and log metrics, which use only pixels with gt > MIN_DEPTH (1 mm).
+    pred is clamped to [0, max_depth] for RMSE/SSIM and to [min_depth, max_depth] for the
+    ratio and log metrics. Only measured pixels (gt > min_depth) count: for RMSE and SSIM
+    every pixel when the ground truth has no hole (the paper's protocol), else the measured
+    pixels, and SSIM from mask-weighted window statistics (losses.masked_ssim_per_image). An
+    image with nothing measured gets NaN, which evaluate() leaves out.
     """
     gt, pred = gt.float(), pred.float().clamp(0, max_depth)
     dims = (1, 2, 3)
-    out = {
-        "rmse": ((gt - pred) ** 2).mean(dims).sqrt(),
-        "ssim": ssim_map(pred, gt, data_range=max_depth, padding="valid").mean(dims),
-    }
-    valid = (gt > MIN_DEPTH).float()
-    n = valid.sum(dims).clamp_min(1)
-    g = gt.clamp_min(MIN_DEPTH)  # masked pixels are zeroed by `valid`; this only keeps them finite
-    p = pred.clamp(MIN_DEPTH, max_depth)
+    measured = gt > min_depth
+    valid = measured.float()
+    n = valid.sum(dims)
+    if bool(measured.all()):
+        out = {"rmse": ((gt - pred) ** 2).mean(dims).sqrt(),
+               "ssim": ssim_map(pred, gt, data_range=max_depth, padding="valid").mean(dims)}
+    else:
+        per_image, scored = masked_ssim_per_image(pred, gt, measured, max_depth, "valid")
+        out = {"rmse": (((gt - pred) ** 2) * valid).sum(dims).div(n).sqrt(),
+               "ssim": torch.where(scored, per_image, torch.full_like(per_image, float("nan")))}
+    g = gt.clamp_min(min_depth)  # masked pixels are zeroed by `valid`; this only keeps them finite
+    p = pred.clamp(min_depth, max_depth)
 
     def masked_mean(x):
-        return (x * valid).sum(dims) / n
+        return (x * valid).sum(dims) / n.clamp_min(1)
 
     ratio = torch.maximum(g / p, p / g)
     out["abs_rel"] = masked_mean((g - p).abs() / g)
@@ -54,54 +61,79 @@ def compute_errors(gt, pred, max_depth=MAX_DEPTH):
     out["log10"] = masked_mean((g.log10() - p.log10()).abs())
     for i in (1, 2, 3):
         out[f"delta{i}"] = masked_mean((ratio < 1.25**i).float())
+    if not bool((n > 0).all()):
+        out = {k: torch.where(n > 0, v, torch.full_like(v, float("nan"))) for k, v in out.items()}
     return out
 
 
 def collate_with_native(batch):
-    """Stack the 224 × 224 tensors; keep native-resolution depths as a list (sizes may differ)."""
+    """Stack the input-size tensors; keep native-resolution depths as a list (sizes may differ)."""
     rgb, depth, native = zip(*batch)
     return torch.stack(rgb), torch.stack(depth), list(native)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False, max_depth=MAX_DEPTH):
-    """Both protocols on `dataset` (a DepthEstimationUnreal with native=True).
+def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=False):
+    """Both protocols on `dataset` (a DepthEstimationUnreal with native=True), at its depth range.
 
     Returns the metrics dict (METRIC_KEYS), plus a list of per-image metric dicts when per_image.
+    An image with no measured pixel is reported once and left out of every figure; n_images
+    counts the images scored.
     """
     was_training = model.training
     model.eval()
+    max_depth, min_depth = dataset.max_depth, dataset.min_depth
     loader = DataLoader(dataset, batch_size=CHALLENGE_BATCH, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_with_native, pin_memory=device.type == "cuda")
-    challenge_rmse, challenge_ssim, per_metric = [], [], {}
+    challenge, per_metric = [], {}
     for rgb, depth, natives in loader:
         rgb, depth = rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
         pred = predict_batch(model, rgb, amp_dtype)
-        challenge_pred, challenge_gt = challenge_pair(pred, depth, natives)
-        challenge_rmse.append(rmse(challenge_pred, challenge_gt))
-        challenge_ssim.append(ssim(challenge_pred, challenge_gt, data_range=1.0, padding="same"))
+        challenge.append(challenge_scores(*challenge_pair(pred, depth, natives, min_depth), max_depth, min_depth))
         for gt, p in group_by_size(natives, pred, device):
             resized = F.interpolate(p, size=gt.shape[-2:], mode="bilinear", align_corners=False)
-            for k, v in compute_errors(gt, resized, max_depth).items():
+            for k, v in compute_errors(gt, resized, max_depth, min_depth).items():
                 per_metric.setdefault(k, []).append(v)
     model.train(was_training)
     per_metric = {k: torch.cat(v).cpu() for k, v in per_metric.items()}
-    metrics = {k: float(v.mean()) for k, v in per_metric.items()}
-    metrics["challenge_rmse"] = float(torch.stack(challenge_rmse).mean())
-    metrics["challenge_ssim"] = float(torch.stack(challenge_ssim).mean())
-    metrics["n_images"] = len(dataset)
+    scored = torch.isfinite(per_metric["rmse"])
+    if not bool(scored.all()):
+        names = [n for n, ok in zip(dataset.names, scored.tolist()) if not ok]
+        print(f"{len(names)} image(s) of the {dataset.split} split have no measured depth and are left out: "
+              + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+    # An image whose every SSIM window is too sparsely measured has no SSIM, only the other metrics.
+    metrics = {k: float(v[scored].nanmean()) for k, v in per_metric.items()}
+    rmses, ssims = zip(*challenge)
+    metrics["challenge_rmse"] = float(torch.stack([r for r in rmses if r is not None]).mean())
+    metrics["challenge_ssim"] = float(torch.stack([s for s in ssims if s is not None]).mean())
+    metrics["n_images"] = int(scored.sum())
     if not per_image:
         return metrics
-    rows = [{"name": name, **{k: float(v[i]) for k, v in per_metric.items()}} for i, name in enumerate(dataset.names)]
+    rows = [{"name": name, **{k: float(v[i]) for k, v in per_metric.items()}}
+            for i, name in enumerate(dataset.names) if scored[i]]
     return metrics, rows
 
 
-def challenge_pair(pred, depth, natives):
+def challenge_scores(pred, gt, max_depth, min_depth):
+    """(RMSE, loss SSIM) of one batch under the challenge protocol, over its measured pixels when it has
+    holes; (None, None) for a batch with nothing measured. The SSIM's data range is the loss's."""
+    data_range = max_depth / 20.0
+    measured = gt > min_depth
+    if bool(measured.all()):
+        return rmse(pred, gt), ssim(pred, gt, data_range=data_range, padding="same")
+    if not bool(measured.any()):
+        return None, None
+    total, count = squared_error_sums(pred, gt, measured)
+    sim_total, images = ssim_sums(pred, gt, data_range, "same", measured)
+    return torch.sqrt(total / count), (sim_total / images if images > 0 else None)
+
+
+def challenge_pair(pred, depth, natives, min_depth=MIN_DEPTH):
     """(prediction, ground truth) at CHALLENGE_SIZE: as they are when the model runs at that size; else
     the ground truth preprocessed at that size from the native depth, and the prediction resized."""
-    if depth.shape[-1] == CHALLENGE_SIZE:
+    if tuple(depth.shape[-2:]) == (CHALLENGE_SIZE, CHALLENGE_SIZE):
         return pred, depth
-    gt = torch.stack([resize_to_square(n, CHALLENGE_SIZE) for n in natives]).to(pred.device)
+    gt = torch.stack([resize_depth(n, CHALLENGE_SIZE, min_depth) for n in natives]).to(pred.device)
     return F.interpolate(pred, size=gt.shape[-2:], mode="bilinear", align_corners=False), gt
 
 
@@ -153,31 +185,41 @@ class FixedMapModel(torch.nn.Module):
 
 
 def baseline_models(train_set, cache=None):
-    """The predictors that see no image, fitted on a training split's preprocessed depth.
+    """The predictors that see no image, fitted on a training split's preprocessed depth, over its
+    measured pixels.
 
     constant mean: one value everywhere; per-row mean: each row's mean (depth mostly
     grows with height in the image); mean map: each pixel's mean over the split. With the
     split's decoded cache (dataset.SplitCache) its depth maps are used rather than decoding
     every file again; their float16 rounding moves the maps by well under a centimetre.
     """
-    mean_map = mean_depth_map(train_set, cache)
-    rows = mean_map.mean(dim=-1, keepdim=True).expand_as(mean_map)
-    return {"constant mean": FixedMapModel(torch.full_like(mean_map, float(mean_map.mean()))),
-            "per-row mean": FixedMapModel(rows),
+    total, count = depth_sums(train_set, cache)
+    if bool((count == len(train_set)).all()):  # no holes: plain means, as the paper's baselines
+        mean_map = total / len(train_set)
+        constant, rows = float(mean_map.mean()), mean_map.mean(dim=-1, keepdim=True)
+    else:
+        constant = float(total.sum() / count.sum())
+        rows = total.sum(-1, keepdim=True) / count.sum(-1, keepdim=True).clamp_min(1)
+        rows = torch.where(count.sum(-1, keepdim=True) > 0, rows, torch.full_like(rows, constant))
+        mean_map = torch.where(count > 0, total / count.clamp_min(1), rows.expand_as(total))
+    return {"constant mean": FixedMapModel(torch.full_like(mean_map, constant)),
+            "per-row mean": FixedMapModel(rows.expand_as(mean_map)),
             "mean map": FixedMapModel(mean_map)}
 
 
-def mean_depth_map(train_set, cache=None, chunk=256):
-    """The per-pixel mean (1, S, S) of the split's preprocessed depth, from the cache when there is one."""
+def depth_sums(train_set, cache=None, chunk=256):
+    """(Σ depth, number of measured values) per pixel (1, H, W) of the split's preprocessed depth maps, from
+    the cache when there is one. Holes hold 0, so the first sum is that of the measured pixels."""
     if cache is not None:
-        total = sum(cache.depth[i:i + chunk].float().sum(0) for i in range(0, len(cache), chunk))
-        return total.cpu() / len(cache)
-    total = None
+        parts = [(d.float().sum(0), (d > train_set.min_depth).float().sum(0))
+                 for d in (cache.depth[i:i + chunk] for i in range(0, len(cache), chunk))]
+        return sum(p[0] for p in parts).cpu(), sum(p[1] for p in parts).cpu()
+    total, count = 0, 0
     for _, _, depth_path in train_set.pairs:
-        d = torch.from_numpy(read_depth(depth_path)).clamp(0, train_set.max_depth)[None]
-        d = resize_to_square(d, train_set.size)
-        total = d if total is None else total + d
-    return total / len(train_set)
+        d = clip_depth(read_depth(depth_path, train_set.depth_scale), train_set.min_depth, train_set.max_depth)
+        d = resize_depth(torch.from_numpy(d)[None], train_set.size, train_set.min_depth)
+        total, count = total + d, count + (d > train_set.min_depth).float()
+    return total, count
 
 
 def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):
@@ -191,12 +233,14 @@ def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=
     print(f"per-image metrics: {csv_path}; highest RMSE: "
           + ", ".join(f"{r['name']} ({r['rmse']:.2f} m)" for r in worst))
     if grid_rows > 0:
-        indices = np.unique(np.linspace(0, len(rows) - 1, min(grid_rows, len(rows))).round().astype(int))
+        picked = np.unique(np.linspace(0, len(rows) - 1, min(grid_rows, len(rows))).round().astype(int))
+        index_of = {name: i for i, name in enumerate(dataset.names)}  # rows leave out images with no measured pixel
+        indices = [index_of[rows[i]["name"]] for i in picked]
         predictions = predict_samples(model, dataset, indices, device, amp_dtype)
         samples = [(f"{name}\nRMSE {rows[i]['rmse']:.2f} m", rgb, gt, pred)
-                   for i, (name, rgb, gt, pred) in zip(indices, predictions)]
+                   for i, (name, rgb, gt, pred) in zip(picked, predictions)]
         grid_path = os.path.join(out_dir, f"report_{split}_grid.png")
-        plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap)
+        plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap, dataset.min_depth)
         print(f"prediction grid: {grid_path}")
     curves_path = os.path.join(out_dir, "curves.png")
     if plot_training_curves(run_dir, curves_path):

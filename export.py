@@ -1,7 +1,7 @@
 """Export a trained DepthNet to TorchScript or ONNX, checked against the eager model.
 
-Both exports take RGB in [0, 1] of shape (B, 3, size, size), any batch size B, and give
-depth in metres (B, 1, size, size): the raw network, without predict.py's resizing and
+Both exports take RGB in [0, 1] of shape (B, 3, H, W) at the size the model was trained at, any
+batch size B, and give depth in metres (B, 1, H, W): the raw network, without predict.py's resizing and
 clamping. The file is written to a temporary path, loaded back, run on random input and
 compared with the eager model; only a file that matches is renamed into place.
 """
@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import torch
 
+from dataset import input_hw
 from utils import UserError, atomic_path
 
 
@@ -76,8 +77,9 @@ def export_model(model, fmt, path, size=224, tolerance=1e-4, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Export with one batch size and check with another: the file must not be tied to the first.
     # (The example has two images: torch.export would treat a batch of one as a constant.)
-    example = torch.rand(2, 3, size, size, generator=g)
-    check = torch.rand(1, 3, size, size, generator=g)
+    h, w = input_hw(size)
+    example = torch.rand(2, 3, h, w, generator=g)
+    check = torch.rand(1, 3, h, w, generator=g)
     with atomic_path(path) as tmp:
         SAVE[fmt](model, example, tmp)
         with torch.no_grad():

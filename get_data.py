@@ -103,6 +103,8 @@ def main(argv=None):
     p.add_argument("--commit", default=SOURCE_COMMIT, help="commit to take it from (full hash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder: choose a folder to create")
     print(f"fetching {SOURCE_FOLDER}/ of {args.url} at {args.commit[:8]} into {args.out}", flush=True)
     try:
         counts = fetch_dataset(args.out, args.url, args.commit, progress=not args.quiet)

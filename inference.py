@@ -5,37 +5,48 @@ that they cannot drift apart. Everything about the network comes from the checkp
 architecture, input size and weights, the moving average under --ema): nothing is typed again.
 """
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import input_size
+from checkpoint import input_size, trained_depth
 from dataset import MAX_DEPTH, to_model_input
 from hardware import autocast, select_amp_dtype, select_device
 from model import DepthNet
 
 
-def load_trained(path, device="auto", size=None, channels_last=True):
-    """(DepthNet of checkpoint `path` in eval mode on its device, input side, device).
+class Trained(NamedTuple):
+    """A trained model ready to run: the network, the input size to feed it (S or (H, W)), its device, and
+    the depth conventions it was trained with ({min_depth, max_depth, depth_scale})."""
 
-    size: the input side to feed it; None: the side it was trained at. channels_last or
+    model: nn.Module
+    size: object
+    device: torch.device
+    depth: dict
+
+
+def load_trained(path, device="auto", size=None, channels_last=True):
+    """Trained(DepthNet of checkpoint `path` in eval mode on its device, input size, device, depth conventions).
+
+    size: the input size to feed it; None: the size it was trained at. channels_last or
     contiguous: --eval takes training's layout, so that it computes exactly what the
     validation during training did.
     """
     device = select_device(device) if isinstance(device, str) else device
     model, ckpt = DepthNet.from_checkpoint(path)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return model, size or input_size(ckpt), device
+    return Trained(model, size or input_size(ckpt), device, trained_depth(ckpt))
 
 
 def load_predictor(path, device="auto", amp="auto", size=None, channels_last=True, flip=False):
-    """(InferenceModel of checkpoint `path`, input side, device) for --predict, video and the web page: the fast
-    path, weights cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then
-    differs from fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
-    model, size, device = load_trained(path, device, size, channels_last)
-    model = InferenceModel(model, select_amp_dtype(amp, device), channels_last=channels_last)
-    return with_flip(model, flip), size, device
+    """load_trained for --predict, video and the web page: the fast path, an InferenceModel whose weights are
+    cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs from
+    fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
+    trained = load_trained(path, device, size, channels_last)
+    model = InferenceModel(trained.model, select_amp_dtype(amp, trained.device), channels_last=channels_last)
+    return trained._replace(model=with_flip(model, flip))
 
 
 def with_flip(model, flip):
@@ -52,7 +63,7 @@ def predict_batch(model, rgb, amp_dtype=None):
 
 @torch.no_grad()
 def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
-    """Depth in metres of a (B, 3, S, S) batch, each resized to its (H, W) in `sizes` and clamped to
+    """Depth in metres of a (B, 3, H, W) batch, each resized to its (H, W) in `sizes` and clamped to
     [0, max_depth] as the standard protocol does (docs/design.md §8): a list of float32 HW arrays."""
     pred = predict_batch(model, inputs, amp_dtype)
     depths = []

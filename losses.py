@@ -87,10 +87,45 @@ def count_like(t, n):
     return torch.full((), float(n), dtype=t.dtype, device=t.device)
 
 
-def ssim_sums(x, y, data_range=1.0, padding="same"):
-    """(Σ over images of each image's mean SSIM, number of images)."""
-    per_image = ssim_map(x, y, data_range, padding).mean(dim=(1, 2, 3))
-    return per_image.sum(), count_like(per_image, per_image.numel())
+def ssim_sums(x, y, data_range=1.0, padding="same", mask=None):
+    """(Σ over images of each image's mean SSIM, number of images).
+
+    mask (B, 1, H, W) bool, the measured pixels of y: each image's SSIM is then
+    masked_ssim_per_image's, and an image without a window that counts counts for nothing.
+    """
+    if mask is None:
+        per_image = ssim_map(x, y, data_range, padding).mean(dim=(1, 2, 3))
+        return per_image.sum(), count_like(per_image, per_image.numel())
+    per_image, scored = masked_ssim_per_image(x, y, mask, data_range, padding)
+    return torch.where(scored, per_image, torch.zeros_like(per_image)).sum(), scored.to(per_image.dtype).sum()
+
+
+def masked_ssim_per_image(x, y, mask, data_range=1.0, padding="same", coverage=0.5):
+    """(SSIM of each image over its measured pixels (B,), whether the image has a window that counts (B,)).
+
+    Every local statistic of ssim_map becomes a mask-weighted mean: the Gaussian window's
+    weights on unmeasured pixels are dropped and the rest renormalised. A window counts when
+    its measured pixels carry at least `coverage` of the weight it has inside the image; near
+    the border of a "same" map the statistics are so over the pixels inside the image, where
+    the unmasked SSIM zero-pads (the two agree on every window of a "valid" map without holes).
+    Each image's SSIM is the mean over its windows that count. An unmeasured pixel enters
+    every statistic with weight 0, so the gradient there is exactly zero.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = at_least_fp32(x), at_least_fp32(y)
+        m = mask.to(x.dtype)
+        stats = gaussian_blur_maps(torch.cat([m, m * x, m * y, m * x * x, m * y * y, m * x * y, torch.ones_like(m)],
+                                             dim=1), padding)
+        weight, s_x, s_y, s_xx, s_yy, s_xy, window = stats.split(1, dim=1)
+        counts = weight >= coverage * window
+        w = weight.clamp_min(1e-6)
+        mu_x, mu_y = s_x / w, s_y / w
+        var_x, var_y, cov = s_xx / w - mu_x * mu_x, s_yy / w - mu_y * mu_y, s_xy / w - mu_x * mu_y
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        smap = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+        windows = counts.to(x.dtype).sum(dim=(1, 2, 3))
+        total = torch.where(counts, smap, torch.zeros_like(smap)).sum(dim=(1, 2, 3))
+        return total / windows.clamp_min(1), windows > 0
 
 
 def ssim(x, y, data_range=1.0, padding="same"):
@@ -105,10 +140,12 @@ def ssim(x, y, data_range=1.0, padding="same"):
     return total / count
 
 
-def squared_error_sums(pred, target):
-    """(Σ (pred − target)² over every pixel, number of pixels)."""
+def squared_error_sums(pred, target, mask=None):
+    """(Σ (pred − target)² over every pixel, or over the pixels of `mask`, and their number)."""
     err = at_least_fp32(pred) - at_least_fp32(target)
-    return (err * err).sum(), count_like(err, err.numel())
+    if mask is None:
+        return (err * err).sum(), count_like(err, err.numel())
+    return torch.where(mask, err * err, torch.zeros_like(err)).sum(), mask.to(err.dtype).sum()
 
 
 def rmse(pred, target):
@@ -117,12 +154,18 @@ def rmse(pred, target):
     return torch.sqrt(total / count)
 
 
-def gradient_error_sums(pred, target):
-    """(Σ|Δx error|, count, Σ|Δy error|, count): the edge loss's sums."""
+def gradient_error_sums(pred, target, mask=None):
+    """(Σ|Δx error|, count, Σ|Δy error|, count): the edge loss's sums; with `mask`, only over differences
+    between two measured pixels."""
     pred, target = at_least_fp32(pred), at_least_fp32(target)
     dx = (pred.diff(dim=-1) - target.diff(dim=-1)).abs()
     dy = (pred.diff(dim=-2) - target.diff(dim=-2)).abs()
-    return dx.sum(), count_like(dx, dx.numel()), dy.sum(), count_like(dy, dy.numel())
+    if mask is None:
+        return dx.sum(), count_like(dx, dx.numel()), dy.sum(), count_like(dy, dy.numel())
+    mx, my = mask[..., 1:] & mask[..., :-1], mask[..., 1:, :] & mask[..., :-1, :]
+    zero = torch.zeros_like(dx[:1, :1, :1, :1])
+    return (torch.where(mx, dx, zero).sum(), mx.to(dx.dtype).sum(),
+            torch.where(my, dy, zero).sum(), my.to(dy.dtype).sum())
 
 
 def gradient_loss(pred, target):
@@ -180,8 +223,15 @@ class DepthLoss(nn.Module):
     losses would not give that.
     """
 
-    def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0, reduce=None):
+    def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0, reduce=None, min_depth=None,
+                 max_depth=20.0):
         super().__init__()
+        # min_depth: the target's pixels at or below it are not measured and count nowhere (a data set
+        # with holes); None: every pixel counts, as in the paper.
+        self.min_depth = min_depth
+        # The paper's SSIM constants are C1 = 0.01², C2 = 0.03² on metres at its 20 m range (data_range 1);
+        # another range scales them with it.
+        self.data_range = max_depth / 20.0
         self.alpha = alpha
         self.beta = beta
         self.grad_weight = grad_weight
@@ -189,11 +239,13 @@ class DepthLoss(nn.Module):
         self.reduce = reduce or no_reduction
 
     def forward(self, pred, target):
-        sums = [*squared_error_sums(pred, target), *ssim_sums(pred, target, data_range=1.0, padding="same")]
+        mask = None if self.min_depth is None else target > self.min_depth
+        sums = [*squared_error_sums(pred, target, mask),
+                *ssim_sums(pred, target, data_range=self.data_range, padding="same", mask=mask)]
         if self.grad_weight:
-            sums += gradient_error_sums(pred, target)
+            sums += gradient_error_sums(pred, target, mask)
         if self.silog_weight:
-            sums += silog_sums(pred, target)
+            sums += silog_sums(pred, target, min_depth=MIN_DEPTH if self.min_depth is None else self.min_depth)
         s = self.reduce(torch.stack(sums))
         err, sim = torch.sqrt(s[0] / s[1]), s[2] / s[3]
         total = self.alpha * err + self.beta * (1 - sim)

@@ -65,15 +65,27 @@ def build_parser():
 
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", "--data_dir", default=None,
-                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy "
+                      help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy (or 16-bit .png), "
+                           "or with split lists ROOT/{train,val,test}.txt of 'RGB_PATH DEPTH_PATH' lines "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     data.add_argument("--workers", type=int, default=2,
                       help="DataLoader worker processes (0: load in the main process)")
-    data.add_argument("--image-size", type=int, default=224,
-                      help="side S of the square network input (a multiple of 32); the paper uses 224, smaller is for "
-                           "tests and laptops. --eval, --predict and --export use the checkpoint's own unless this is "
-                           "given")
+    data.add_argument("--image-size", type=int, nargs="+", default=224, metavar="SIZE",
+                      help="network input: side S of a square, or height H and width W (multiples of 32); the paper "
+                           "uses 224, smaller is for tests and laptops. --eval, --predict and --export use the "
+                           "checkpoint's own unless this is given")
+    data.add_argument("--max-depth", type=float, default=20.0,
+                      help="depth is clipped to [0, MAX] metres (the paper's 20), and predictions to it; --eval, "
+                           "--predict and --export use the checkpoint's own unless this is given")
+    data.add_argument("--min-depth", type=float, default=1e-3,
+                      help="ground truth at or below this (metres) is 'not measured' (0 in every common format) and "
+                           "counts nowhere: not in the loss, the metrics or the baselines")
+    data.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                      help="refuse images with more pixels than this (read from the file's header, before decoding): "
+                           "data, --predict's images and video frames, the web page's uploads")
+    data.add_argument("--depth-scale", type=float, default=1000.0,
+                      help="a 16-bit depth PNG holds metres x this: 1000 (millimetres, NYU Depth v2), 256 (KITTI)")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
                       help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
                            "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
@@ -183,7 +195,21 @@ def build_parser():
 
 
 # --predict's options that app.py takes too, defined once in build_parser.
-APP_SHARED = ("ckpt", "image_size", "device", "amp", "cmap", "fov", "flip")
+# The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
+# build_parser), with the page's own words for each.
+APP_HELP = {
+    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt)",
+    "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
+    "device": "where the model runs; auto: CUDA when there is one",
+    "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",
+    "cmap": "matplotlib colormap of the depth picture and its colour bar",
+    "fov": "starting value of the page's slider: the horizontal field of view (degrees) of the camera the point "
+           "cloud is back-projected with",
+    "flip": "show the mean of each photo's depth and, mirrored back, its mirror image's (two forward passes)",
+    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding",
+}
+# Options the checkpoint records, which --eval, --predict and --export take from it unless typed.
+FROM_CHECKPOINT = ("image_size", "max_depth", "min_depth", "depth_scale")
 
 
 def build_app_parser():
@@ -198,38 +224,46 @@ def build_app_parser():
     serve.add_argument("--port", type=int, default=7860, help="port to listen on")
     serve.add_argument("--max-upload-mb", type=float, default=20.0,
                        help="uploads larger than this many megabytes are refused")
-    shared = p.add_argument_group("the model, as for --predict")
+    shared = p.add_argument_group("the model and what the page does with it")
     for action in build_parser()._actions:
-        if action.dest not in APP_SHARED:
+        if action.dest not in APP_HELP:
             continue
         if action.nargs == 0:  # a flag
-            shared.add_argument(*action.option_strings, dest=action.dest, action="store_true", help=action.help)
+            shared.add_argument(*action.option_strings, dest=action.dest, action="store_true",
+                                help=APP_HELP[action.dest])
         else:
             # No default size: like --predict, the page feeds the model the size it was trained at unless told.
             shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
-                                default=None if action.dest == "image_size" else action.default,
-                                metavar=action.metavar, help=action.help)
+                                nargs=action.nargs, default=None if action.dest == "image_size" else action.default,
+                                metavar=action.metavar, help=APP_HELP[action.dest], required=action.dest == "ckpt")
     return p
 
 
 def parse_app_options(argv=None):
     parser = build_app_parser()
     opts = parser.parse_args(argv)
-    if not opts.ckpt:
-        parser.error("--ckpt PATH is required (a checkpoint written by training, e.g. runs/demo/best.pt)")
     if not 0 < opts.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {opts.port}")
     if not opts.max_upload_mb > 0:
         parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
     check_model_options(parser, opts, cmap=True)
+    opts.image_size = input_size_option(opts.image_size)
     return opts
+
+
+def input_size_option(values):
+    """--image-size as the code takes it: S (an int) for one number, [H, W] for two; None stays None."""
+    if values is None or isinstance(values, int):
+        return values
+    return values[0] if len(values) == 1 else list(values)
 
 
 def check_model_options(parser, opts, cmap):
     """--image-size, --fov and (when `cmap`, which costs a matplotlib import) --cmap, for main.py and app.py."""
-    if opts.image_size is not None and (opts.image_size < 32 or opts.image_size % 32):
-        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), got "
-                     f"{opts.image_size}")
+    sides = [opts.image_size] if isinstance(opts.image_size, int) else opts.image_size
+    if sides is not None and (len(sides) > 2 or any(v < 32 or v % 32 for v in sides)):
+        parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), S or H W; got "
+                     f"{' '.join(map(str, sides))}")
     if not 0 < opts.fov < 180:
         parser.error(f"--fov must be between 0 and 180 degrees, got {opts.fov}")
     if cmap:
@@ -253,6 +287,12 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    if not 0 <= opts.min_depth < opts.max_depth:
+        parser.error(f"--min-depth ({opts.min_depth}) must be at least 0 and below --max-depth ({opts.max_depth})")
+    if not opts.max_pixels > 0:
+        parser.error(f"--max-pixels must be positive, got {opts.max_pixels}")
+    if not opts.depth_scale > 0:
+        parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
     if not 0 <= opts.ema < 1:
         parser.error(f"--ema must be at least 0 and below 1 (0: off), got {opts.ema}")
     if opts.max_lr < opts.lr:
@@ -315,8 +355,10 @@ def parse_options(argv=None):
     if opts.is_train is False:
         opts.eval = True
     check_options(parser, opts)
-    if (opts.eval or opts.predict or opts.export) and "image_size" not in explicit:
-        opts.image_size = None  # the size the checkpoint was trained at (inference.load_trained)
+    opts.image_size = input_size_option(opts.image_size)
+    if opts.eval or opts.predict or opts.export:
+        for key in set(FROM_CHECKPOINT) - explicit:
+            setattr(opts, key, None)  # what the checkpoint was trained with (inference.load_trained)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.demo:
@@ -335,12 +377,14 @@ def run_eval(opts):
     from inference import load_trained, with_flip
     from utils import write_json_atomic
 
-    model, size, device = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
+    model, size, device, trained_depth = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
     model = with_flip(model, opts.flip)
+    depth = {k: trained_depth[k] if getattr(opts, k) is None else getattr(opts, k) for k in trained_depth}
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet)
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet,
+                                    max_pixels=opts.max_pixels, **depth)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
     if opts.metrics_out:
@@ -357,7 +401,8 @@ def load_predictor_of(opts):
     """--predict's model of --ckpt: inference.load_predictor with the options that choose how it runs."""
     from inference import load_predictor
 
-    return load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size, opts.channels_last, opts.flip)
+    trained = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size, opts.channels_last, opts.flip)
+    return trained, opts.max_depth or trained.depth["max_depth"]
 
 
 def run_predict(opts):
@@ -370,11 +415,13 @@ def run_predict(opts):
     if opts.npy:
         raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    model, size, device = load_predictor_of(opts)
+    (model, size, device, _), max_depth = load_predictor_of(opts)
     out = opts.out or "out"
     written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     size=size, cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
-                                     quiet=opts.quiet)
+                                     size=size, max_depth=max_depth, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
+                                     hfov_deg=opts.fov, quiet=opts.quiet, max_pixels=opts.max_pixels)
+    if len(paths) == 1 and skipped:
+        raise UserError(skipped[0][1])
     print(f"wrote the depth of {written} image(s) to {out}")
     if skipped:
         raise UserError(f"{len(skipped)} of {len(paths)} image(s) could not be read and were skipped (see above)")
@@ -386,29 +433,33 @@ def run_predict_video(opts):
 
     if opts.png16 or opts.ply:
         raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
-    model, size, device = load_predictor_of(opts)
+    (model, size, device, _), max_depth = load_predictor_of(opts)
     out = opts.out or "out"
     frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
-                                          cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet)
+                                          max_depth=max_depth, cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet,
+                                          max_pixels=opts.max_pixels)
     written = video_output_paths(opts.predict, out)
     print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
           + (f" and {written['npy']}" if opts.npy else ""))
 
 
 def run_export(opts):
+    from dataset import input_hw
     from export import export_model
     from inference import load_trained
 
-    model, s, _ = load_trained(opts.ckpt, "cpu", opts.image_size)
+    model, size, _, _ = load_trained(opts.ckpt, "cpu", opts.image_size)
     out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
-    diff = export_model(model, opts.export, out, size=s)
-    print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {s}, {s}) -> depth in metres (B, 1, {s}, {s}); "
+    diff = export_model(model, opts.export, out, size=size)
+    h, w = input_hw(size)
+    print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {h}, {w}) -> depth in metres (B, 1, {h}, {w}); "
           f"max |exported - eager| on random input: {diff:.2e}")
 
 
 def run_train(opts):
     from distributed import close_distributed
     from train import Trainer
+    from utils import stop_status
 
     try:
         trainer = Trainer(opts)
@@ -417,14 +468,14 @@ def run_train(opts):
         close_distributed()
     # Stopped by a signal: exit as a killed process would (130, 143), though last.pt is
     # written, so that `python main.py && python main.py --eval ...` does not go on.
-    return 128 + signal.Signals[trainer.stop_signal].value if trainer.stop_signal else 0
+    return stop_status(trainer.stop_signal) if trainer.stop_signal else 0
 
 
 
 
 
 def main(argv=None):
-    from utils import print_user_error, raise_interrupt
+    from utils import print_user_error, raise_interrupt, stop_status
 
     # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
@@ -433,7 +484,7 @@ def main(argv=None):
         if opts.demo:
             from demo import run_demo
 
-            run_demo(opts)
+            return run_demo(opts)
         elif opts.eval:
             run_eval(opts)
         elif opts.predict:
@@ -444,9 +495,9 @@ def main(argv=None):
             return run_train(opts)
     except Exception as err:
         return print_user_error(err)
-    except KeyboardInterrupt:
-        print("error: interrupted; checkpoints already written are intact", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print("error: interrupted; files already written are intact, none is left half-written", file=sys.stderr)
+        return stop_status(stop)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     return 0

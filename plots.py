@@ -11,6 +11,19 @@ from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from utils import atomic_path  # noqa: E402
 
+# Where the ground truth has no measurement: a mid grey, which no depth colour map here uses for a depth.
+HOLE_COLOUR = (0.55, 0.55, 0.55)
+
+
+def with_holes(depth, min_depth):
+    """`depth` as a masked array whose unmeasured pixels (≤ min_depth) draw in HOLE_COLOUR; None: no mask."""
+    return depth if min_depth is None else np.ma.masked_where(np.asarray(depth) <= min_depth, depth)
+
+
+def hole_cmap(cmap):
+    """The colour map `cmap`, drawing masked (unmeasured) pixels in HOLE_COLOUR."""
+    return matplotlib.colormaps[cmap].with_extremes(bad=HOLE_COLOUR)
+
 
 def colorize_depth(depth, vmin, vmax, cmap="magma"):
     """HW depth → HWC uint8 colour image, [vmin, vmax] spanning the colour map."""
@@ -25,14 +38,15 @@ def to_numpy_image(t):
     return t.permute(1, 2, 0).numpy() if t.shape[0] == 3 else t[0].numpy()
 
 
-def visualize_img(rgb, gt, pred, path, title=None, cmap="magma"):
-    """Save RGB | ground truth | prediction, both depths on one colour scale with a colour bar."""
+def visualize_img(rgb, gt, pred, path, title=None, cmap="magma", min_depth=None):
+    """Save RGB | ground truth | prediction, both depths on one colour scale with a colour bar; with
+    min_depth, the ground truth's unmeasured pixels in HOLE_COLOUR."""
     rgb, gt, pred = to_numpy_image(rgb), to_numpy_image(gt), to_numpy_image(pred)
     vmax = float(max(gt.max(), pred.max(), 1e-3))
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), constrained_layout=True)
     axes[0].imshow(np.clip(rgb, 0, 1))
     axes[0].set_title("RGB")
-    axes[1].imshow(gt, cmap=cmap, vmin=0, vmax=vmax)
+    axes[1].imshow(with_holes(gt, min_depth), cmap=hole_cmap(cmap), vmin=0, vmax=vmax)
     axes[1].set_title("ground truth")
     im = axes[2].imshow(pred, cmap=cmap, vmin=0, vmax=vmax)
     axes[2].set_title("prediction")
@@ -53,26 +67,28 @@ def save_figure(fig, path):
         plt.close(fig)
 
 
-def plot_prediction_grid(samples, path, max_depth, cmap="magma", error_cmap="viridis"):
+def plot_prediction_grid(samples, path, max_depth, cmap="magma", min_depth=None, error_cmap="viridis"):
     """One row per (title, rgb HWC, gt HW, pred HW): RGB | ground truth | prediction | |error|.
 
     Depths share one fixed scale [0, max_depth] so rows compare; errors share one scale too.
+    With min_depth, unmeasured ground truth and its error show in HOLE_COLOUR.
     """
     if not samples:
         raise ValueError("plot_prediction_grid needs at least one sample")
     height, width = samples[0][2].shape
     panel_w = float(np.clip(width / 110, 2.0, 3.0))  # at 100 dpi a 256-pixel-wide image shows at about its own size
     panel_h = panel_w * height / width
-    errors = [np.abs(pred - gt) for _, _, gt, pred in samples]
-    err_max = float(max(max(e.max() for e in errors), 1e-3))
+    errors = [with_holes(np.abs(pred - gt), None) if min_depth is None
+              else np.ma.masked_where(gt <= min_depth, np.abs(pred - gt)) for _, _, gt, pred in samples]
+    err_max = float(max(max(float(e.max()) if e.count() else 0.0 for e in map(np.ma.asarray, errors)), 1e-3))
     n = len(samples)
     fig = plt.figure(figsize=(4 * panel_w + 0.5, n * (panel_h + 0.25) + 1.0), constrained_layout=True)
     # The colour bars get a row of their own, so every image row keeps the same layout.
     grid = fig.add_gridspec(n + 1, 4, height_ratios=[panel_h] * n + [0.12])
     for row, ((title, rgb, gt, pred), err) in enumerate(zip(samples, errors)):
-        panels = [(rgb, {}), (gt, {"cmap": cmap, "vmin": 0, "vmax": max_depth}),
+        panels = [(rgb, {}), (with_holes(gt, min_depth), {"cmap": hole_cmap(cmap), "vmin": 0, "vmax": max_depth}),
                   (pred, {"cmap": cmap, "vmin": 0, "vmax": max_depth}),
-                  (err, {"cmap": error_cmap, "vmin": 0, "vmax": err_max})]
+                  (err, {"cmap": hole_cmap(error_cmap), "vmin": 0, "vmax": err_max})]
         for col, (image, style) in enumerate(panels):
             ax = fig.add_subplot(grid[row, col])
             shown = ax.imshow(image, **style)

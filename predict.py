@@ -1,7 +1,7 @@
 """Depth from image files with a trained model, and the files written for each image.
 
 Every image, whatever its size and mode (RGB, RGBA, grayscale), is preprocessed as in
-training (docs/design.md §5: resized to the model's square input), and the prediction is resized
+training (docs/design.md §5: resized to the model's input size), and the prediction is resized
 back to the image's own height × width and clamped to [0, max_depth], as the standard
 evaluation protocol does (docs/design.md §8). Per input NAME.ext the output folder gets:
   NAME.npy     float32 depth in metres
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import MAX_DEPTH, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
+from dataset import MAX_DEPTH, MAX_PIXELS, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
 from inference import predict_depth
 from plots import colorize_depth
 from utils import UserError, atomic_path, make_output_folder, output_paths
@@ -68,15 +68,15 @@ class ImageFiles(Dataset):
     file in a folder is reported and skipped while the rest are still predicted.
     """
 
-    def __init__(self, paths, size, keep_rgb=False):
-        self.paths, self.size, self.keep_rgb = paths, size, keep_rgb
+    def __init__(self, paths, size, keep_rgb=False, max_pixels=MAX_PIXELS):
+        self.paths, self.size, self.keep_rgb, self.max_pixels = paths, size, keep_rgb, max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            rgb = read_rgb(self.paths[index])
+            rgb = read_rgb(self.paths[index], self.max_pixels)
         except DataError as err:
             return index, None, None, None, str(err)
         return index, to_model_input(rgb, self.size), rgb.shape[:2], rgb if self.keep_rgb else None, None
@@ -142,7 +142,8 @@ def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
 
 
 def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, amp_dtype=None, size=224,
-                  max_depth=MAX_DEPTH, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False):
+                  max_depth=MAX_DEPTH, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False,
+                  max_pixels=MAX_PIXELS):
     """Predict every image in `paths` in batches and write its files to `out_dir`.
 
     Returns (number written, [(path, message)] of the files skipped because they could not be read).
@@ -152,13 +153,14 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
     model.eval()
     # Worker processes cost a start-up and pay off only when reading overlaps with predicting.
     num_workers = num_workers if len(paths) > batch_size else 0
-    loader = DataLoader(ImageFiles(paths, size, keep_rgb=ply), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_images, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageFiles(paths, size, keep_rgb=ply, max_pixels=max_pixels), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_images, pin_memory=device.type == "cuda")
     written, skipped = 0, []
     with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True, disable=quiet) as bar:
         for inputs, indices, sizes, rgbs, failed in loader:
             for index, message in failed:
-                tqdm.write(f"skipped: {message}", file=sys.stderr)
+                if len(paths) > 1:  # one file that cannot be read is the error itself (main.run_predict)
+                    tqdm.write(f"skipped: {message}", file=sys.stderr)
                 skipped.append((paths[index], message))
             if inputs is not None:
                 depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)

@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -618,14 +619,45 @@ def _write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def pair_paths(split, index, form):
+    """(RGB path, depth path) relative to the output root of one pair, in the layout that `form` chooses."""
+    if form.lists:  # as users of BTS and Monodepth2 name their files: any names, listed in SPLIT.txt
+        return f"images/{split}/scene_{index:05d}.jpg", f"depth/{split}/scene_{index:05d}.png"
+    depth_ext = "png" if form.png16 else "npy"
+    return f"rgb/{split}/{index}.jpeg", f"depth/{split}/{index}.{depth_ext}"
+
+
+def drop_measurements(depth, rng, holes, holes_top):
+    """The depth a sensor with gaps would record: 0 (no measurement) in the top `holes_top` of the rows, which a
+    LiDAR's beams never reach, and in a random `holes` fraction of the other pixels."""
+    depth = depth.copy()
+    depth[: int(round(holes_top * depth.shape[0]))] = 0.0
+    if holes > 0:
+        depth[rng.random(depth.shape) < holes] = 0.0
+    return depth
+
+
+def write_png16(fh, depth, depth_scale):
+    """Depth in metres as a 16-bit PNG of depth × depth_scale; what does not fit (the sky's 100 m in millimetres)
+    is written as 0, no measurement, as a depth sensor records the sky."""
+    scaled = np.round(depth.astype(np.float64) * depth_scale)
+    scaled[scaled > np.iinfo(np.uint16).max] = 0
+    Image.fromarray(scaled.astype(np.uint16)).save(fh, format="PNG")
+
+
 def _render_and_write(task):
-    out, split, index, seed, style, height, width = task
+    out, split, index, seed, style, height, width, form = task
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     rgb, depth = render_scene(rng, style, height, width)
+    if form.holes or form.holes_top:
+        depth = drop_measurements(depth, rng, form.holes, form.holes_top)
+    rgb_path, depth_path = (os.path.join(out, p) for p in pair_paths(split, index, form))
     # Fixed quality and no optimisation passes keep the JPEG bytes reproducible.
-    _write_atomic(os.path.join(out, "rgb", split, f"{index}.jpeg"),
-                  lambda fh: Image.fromarray(rgb).save(fh, format="JPEG", quality=JPEG_QUALITY))
-    _write_atomic(os.path.join(out, "depth", split, f"{index}.npy"), lambda fh: np.save(fh, depth))
+    _write_atomic(rgb_path, lambda fh: Image.fromarray(rgb).save(fh, format="JPEG", quality=JPEG_QUALITY))
+    if form.png16 or form.lists:
+        _write_atomic(depth_path, lambda fh: write_png16(fh, depth, form.depth_scale))
+    else:
+        _write_atomic(depth_path, lambda fh: np.save(fh, depth))
     return split
 
 
@@ -644,9 +676,9 @@ def _check_args(counts, styles, seed, workers, height, width):
         raise ValueError(f"image size must be at least 8 x 8, got {height} x {width}")
 
 
-def _prepare_dirs(out):
+def _prepare_dirs(out, form):
     try:
-        for kind in ("rgb", "depth"):
+        for kind in ("images", "depth") if form.lists else ("rgb", "depth"):
             for split in SPLITS:
                 os.makedirs(os.path.join(out, kind, split), exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -659,7 +691,7 @@ def _prepare_dirs(out):
 
 def ensure_dataset(out, n_train, n_val, n_test, seed=0, progress=True):
     """Generate a data set into `out` unless it already holds a training split (then it is used as it is)."""
-    if os.path.isdir(os.path.join(out, "rgb", "train")):
+    if os.path.isdir(os.path.join(out, "rgb", "train")) or os.path.isfile(os.path.join(out, "train.txt")):
         print(f"using the data set in {out}")
         return
     print(f"synthesising {n_train}/{n_val}/{n_test} train/val/test scenes into {out}")
@@ -667,15 +699,33 @@ def ensure_dataset(out, n_train, n_val, n_test, seed=0, progress=True):
                      progress=progress)
 
 
+class OwnDataForm(NamedTuple):
+    """How to write the scenes when they stand in for a user's own data set (the defaults: DepthEstimationUnreal's
+    layout, float .npy depth, every pixel measured).
+
+    lists: files with free names listed in ROOT/SPLIT.txt (implies png16); png16: depth as 16-bit PNG of
+    metres × depth_scale; holes: the fraction of pixels left unmeasured (0) at random; holes_top: the
+    fraction of rows at the top never measured, as a LiDAR's."""
+
+    lists: bool = False
+    png16: bool = False
+    depth_scale: float = 1000.0
+    holes: float = 0.0
+    holes_top: float = 0.0
+
+
 def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test_style="street",
-                     workers=1, height=144, width=256, progress=True):
+                     workers=1, height=144, width=256, progress=True, form=None):
     """Render a synthetic DepthEstimationUnreal-style data set into `out`; returns its meta."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     styles = {"train": "street", "val": val_style, "test": test_style}
     _check_args(counts, styles, seed, workers, height, width)
+    form = form or OwnDataForm()
+    if not (0 <= form.holes < 1 and 0 <= form.holes_top < 1 and form.depth_scale > 0):
+        raise ValueError(f"holes and holes_top must be in [0, 1) and depth_scale positive, got {form}")
     out = os.fspath(out)
-    _prepare_dirs(out)
-    tasks = [(out, split, i, int(seed), styles[split], height, width)
+    _prepare_dirs(out, form)
+    tasks = [(out, split, i, int(seed), styles[split], height, width, form)
              for split in SPLITS for i in range(counts[split])]
     with tqdm(total=len(tasks), desc="synthesising", unit="pair", disable=not progress) as bar:
         if workers == 1 or len(tasks) < 2:
@@ -686,11 +736,16 @@ def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for _ in pool.imap_unordered(_render_and_write, tasks, chunksize=4):
                     bar.update(1)
+    if form.lists:
+        for split in SPLITS:
+            lines = "".join(" ".join(pair_paths(split, i, form)) + "\n" for i in range(counts[split]))
+            header = f"# {split} split: RGB_PATH DEPTH_PATH, relative to this folder\n"
+            _write_atomic(os.path.join(out, f"{split}.txt"), lambda fh, text=header + lines: fh.write(text.encode()))
     meta = {"generator": "synthetic.py", "generator_version": GENERATOR_VERSION, "seed": int(seed),
             "counts": counts, "styles": styles, "val_style": val_style, "test_style": test_style,
             "height": height, "width": width, "sky_depth_m": SKY_DEPTH,
             "depth": "planar z-depth along the optical axis, metres, float32",
-            "rgb": f"JPEG quality {JPEG_QUALITY}", "camera_ranges": CAMERA_RANGES}
+            "rgb": f"JPEG quality {JPEG_QUALITY}", "camera_ranges": CAMERA_RANGES, **form._asdict()}
     _write_atomic(os.path.join(out, "meta.json"),
                   lambda fh: fh.write((json.dumps(meta, indent=2) + "\n").encode()))
     return meta
@@ -719,10 +774,23 @@ def main(argv=None):
                         help="processes; the output is identical for any number (default: the cores, up to 8)")
     parser.add_argument("--height", type=_positive_int, default=144)
     parser.add_argument("--width", type=_positive_int, default=256)
+    own = parser.add_argument_group("writing the scenes as a user's own data set might be (see the README's "
+                                    "'Your own data')")
+    own.add_argument("--lists", action="store_true",
+                     help="free file names (images/SPLIT/scene_N.jpg, depth/SPLIT/scene_N.png) listed in SPLIT.txt; "
+                          "implies --png16")
+    own.add_argument("--png16", action="store_true",
+                     help="depth as 16-bit PNG of metres x --depth-scale; the sky, beyond 65 m, as 0 (no measurement)")
+    own.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit PNG units per metre (default: 1000, mm)")
+    own.add_argument("--holes", type=float, default=0.0,
+                     help="fraction of the pixels left unmeasured (0) at random (default: 0)")
+    own.add_argument("--holes-top", type=float, default=0.0,
+                     help="fraction of the rows at the top never measured, as a LiDAR's (default: 0)")
     args = parser.parse_args(argv)
+    form = OwnDataForm(args.lists, args.png16 or args.lists, args.depth_scale, args.holes, args.holes_top)
     try:
         meta = generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.val_style,
-                                args.test_style, args.workers, args.height, args.width)
+                                args.test_style, args.workers, args.height, args.width, form=form)
     except ValueError as err:
         raise SystemExit(f"synthetic.py: error: {err}") from None
     print(f"wrote {sum(meta['counts'].values())} pairs to {args.out}")

@@ -7,10 +7,12 @@ a non-finite loss is skipped on the device by fused Adam and read back only ever
 """
 import contextlib
 import copy
+import glob
 import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from checkpoint import load_resumable, model_args, remove_checkpoint_temps, training_checkpoint
 from checkpoint import save_checkpoint as write_checkpoint
-from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair, epoch_seed
+from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair, depth_conventions, epoch_seed
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
 from hardware import autocast, select_amp_dtype, select_device, skip_update_unless_finite
@@ -32,6 +34,43 @@ from model import DepthNet, count_parameters, load_weights
 from plots import plot_training_curves, visualize_img
 from tblog import TensorBoardLog
 from utils import CheckpointError, UserError, rng_state, seed_everything, set_rng_state, write_json_atomic
+
+# What a run writes into its folder (RUN_FILE_PATTERNS besides): the files a fresh run there removes.
+# Nothing else in the folder is touched.
+RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "train_log.jsonl", "curves.png",
+             "demo_results.json", "demo_results.md", "vis", "tb")
+RUN_FILE_PATTERNS = ("report_*_grid.png", "report_*_per_image.csv")
+
+
+def claim_run_dir(run_dir, fresh, replace):
+    """Make sure training can write to run_dir, and that a fresh run there does not mix with another.
+
+    One run per folder: train_log.jsonl, metrics.jsonl, vis/ and tb/ of two runs would make one
+    set of curves. A fresh run in a folder holding another run's checkpoints refuses to start,
+    naming --resume and --run-dir, unless `replace` (--demo, whose folder runs/demo is its own);
+    otherwise the other run's files are removed, and the run says so in one line.
+    """
+    old = sorted(n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n)))
+    old += sorted(os.path.basename(p) for pattern in RUN_FILE_PATTERNS
+                  for p in glob.glob(os.path.join(run_dir, pattern)))
+    if fresh and old:
+        checkpoints = [n for n in old if n.endswith(".pt")]
+        if checkpoints and not replace:
+            raise UserError(f"--run-dir {run_dir} holds another run ({', '.join(checkpoints)}): continue it with "
+                            f"--resume {os.path.join(run_dir, 'last.pt')}, or start this one in another --run-dir")
+        for name in old:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"{run_dir}: removed an earlier run's {', '.join(old)}")
+    try:
+        os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
+        probe = os.path.join(run_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f"cannot write to run directory {run_dir}: {err.strerror}; choose another with "
+                              "--run-dir") from None
 
 
 class TrainStep(NamedTuple):
@@ -61,9 +100,15 @@ class Trainer:
     train_set, val_set, cache, step, epoch, batch_in_epoch, optimizer, scheduler, run_dir.
     """
 
+    # A fresh run in a folder holding another run's checkpoints refuses to start; subclasses whose
+    # folders are their own (the ablation's variants) replace them.
+    replaces_old_runs = False
+
     def __init__(self, opts):
         self.opts = opts
         self._setup_processes()
+        if self.dist.is_main:  # before any data work: a folder it cannot use is reported at once
+            claim_run_dir(opts.run_dir, fresh=not opts.resume, replace=opts.demo or self.replaces_old_runs)
         self._open_data()
         ckpt = load_resumable(opts.resume) if opts.resume else None
         self._build_model(model_args(ckpt)["init_depth"] if ckpt else None, weights=None if ckpt else opts.weights)
@@ -102,10 +147,11 @@ class Trainer:
         opts = self.opts
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
+        conventions = {**depth_conventions(opts), "max_pixels": opts.max_pixels}
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
-                                               progress=self._progress)
+                                               progress=self._progress, **conventions)
         self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
-                                              progress=self._progress)
+                                              progress=self._progress, **conventions)
                         if opts.eval_every > 0 else None)
         self.cache = self._open_cache() if opts.cache == "auto" else None
         self._batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
@@ -117,17 +163,25 @@ class Trainer:
         """The DepthNet on the device; its output bias starts at init_depth, else at the mean training depth."""
         opts = self.opts
         if init_depth is None:
-            init_depth = (self.cache if self.cache is not None else self.train_set).mean_depth
+            init_depth = self._train_stats.mean_depth
         self.init_depth = init_depth
         self.model = DepthNet(weights=weights, init_depth=init_depth, encoder=opts.encoder, skips=opts.skips)
         if self.dist.active:  # before the optimiser takes the parameters: the conversion makes new ones
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)
 
+    @property
+    def _train_stats(self):
+        """What the training split's check found (mean measured depth, holes): from the cache when there is one."""
+        return self.cache if self.cache is not None else self.train_set
+
     def _build_optimiser(self):
-        """The loss (summed across processes under torchrun), Adam, triangular2 CyclicLR, the fp16 GradScaler."""
+        """The loss (summed across processes under torchrun; masked when the training depth has holes), Adam,
+        triangular2 CyclicLR, the fp16 GradScaler."""
         opts = self.opts
-        self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks)
+        self._holes = self._train_stats.has_holes
+        self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks,
+                                  min_depth=opts.min_depth if self._holes else None, max_depth=opts.max_depth)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -277,7 +331,8 @@ class Trainer:
             if done is not None and done.checked and self.dist.is_main:
                 if self._vis_due():
                     vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
-                    visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}")
+                    visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}",
+                                  min_depth=self.opts.min_depth if self._holes else None)
                     if self.tb:
                         self.tb.picture("vis/train", vis_path, self.step)
                 if self._log_due():
@@ -381,7 +436,7 @@ class Trainer:
         # Under torchrun each process draws its own (seed, step, rank) stream: the same draws on
         # every process would give the i-th image of each process the same flip and zoom.
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
-        return augment_pair(rgb, depth, generator)
+        return augment_pair(rgb, depth, generator, min_depth=self.opts.min_depth if self._holes else None)
 
     def _skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
@@ -516,26 +571,15 @@ class Trainer:
         return metrics
 
     def _prepare_run_dir(self):
-        try:
-            os.makedirs(os.path.join(self.run_dir, "vis"), exist_ok=True)
-            probe = os.path.join(self.run_dir, ".write_test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as err:
-            raise CheckpointError(f"cannot write to run directory {self.run_dir}: {err.strerror}; choose another with "
-                                  "--run-dir") from None
         remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
-        metrics_log = os.path.join(self.run_dir, "metrics.jsonl")
-        if not self.opts.resume and os.path.exists(metrics_log):
-            os.remove(metrics_log)  # a fresh run in an old folder starts a fresh log
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self, metrics=None):
         position = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                     "best_rmse": self.best_rmse}
-        return training_checkpoint(self.model.model_args, self.opts.image_size, self.model, self.ema, self.optimizer,
+        return training_checkpoint(self.model.model_args, self.opts.image_size, depth_conventions(self.opts),
+                                   self.model, self.ema, self.optimizer,
                                    self.scheduler, self.scaler, position, vars(self.opts), metrics, rng_state())
 
     def save_checkpoint(self, name, metrics=None):

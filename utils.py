@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 
@@ -27,7 +28,7 @@ def user_error_message(err):
             text = text.splitlines()[-1].split(": ", 1)[-1]  # "dataset.DataError: <our message>"
         return text
     if isinstance(err, OSError) and err.filename is not None:  # full disk, permissions, a vanished file
-        return f"{err.filename}: {err.strerror}; checkpoints already written are intact"
+        return f"{err.filename}: {err.strerror}"
     return None
 
 
@@ -42,9 +43,25 @@ def print_user_error(err):
     return 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with the signal's number, so that the program exits as that signal's would (130, 143)."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
 def raise_interrupt(signum, frame):
-    """A signal handler that makes SIGTERM stop a program as Ctrl-C does."""
-    raise KeyboardInterrupt
+    """A signal handler that makes SIGTERM stop a program as Ctrl-C does (with its own exit status)."""
+    raise Interrupted(signum)
+
+
+def stop_status(interrupt):
+    """The exit status of a program stopped by `interrupt` (a KeyboardInterrupt, an Interrupted, or a signal
+    name such as the Trainer's stop_signal): 128 + the signal's number, as a shell reports a killed process."""
+    if isinstance(interrupt, str):
+        return 128 + signal.Signals[interrupt].value
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 def make_output_folder(path, option="--out"):
@@ -168,6 +185,8 @@ def atomic_path(path):
     The temporary name keeps the extension, so writers that choose the format from it
     (savefig, PIL, np.save) still do.
     """
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give the path of a file to write")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"

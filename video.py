@@ -3,7 +3,7 @@ and with --npy NAME_depth.npy, every frame's depth in metres as one float16 (fra
 
 Optional: needs imageio with imageio-ffmpeg (pip install -r requirements-video.txt), which
 ships its own ffmpeg, so any video that ffmpeg reads works. Each frame is predicted exactly
-as --predict predicts an image (predict.predict_depth: the model's square input, the
+as --predict predicts an image (inference.predict_depth: the model's input size, the
 prediction resized back to the frame's size and clamped to [0, max_depth]), in batches of
 --batch-size. The clip is streamed: one batch of frames is in memory at a time, however
 long the clip. The colour scale is the fixed [0, max_depth] of --predict's PNGs, so a
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import MAX_DEPTH, to_model_input
+from dataset import MAX_DEPTH, MAX_PIXELS, to_model_input
 from inference import predict_depth
 from plots import colorize_depth
 from utils import UserError, atomic_path, make_output_folder, output_paths
@@ -47,8 +47,9 @@ def import_imageio():
     return imageio
 
 
-def open_video(imageio, path):
-    """(streaming frame reader, frames per second, estimated frame count or None) of a video file."""
+def open_video(imageio, path, max_pixels=MAX_PIXELS):
+    """(streaming frame reader, frames per second, estimated frame count or None) of a video file whose frames
+    have at most max_pixels pixels (read from its header, before a frame is decoded)."""
     if not os.path.isfile(path):
         raise UserError(f"--predict {path}: no such file")
     try:
@@ -56,6 +57,11 @@ def open_video(imageio, path):
         meta = reader.get_meta_data()
     except (OSError, RuntimeError) as err:
         raise UserError(f"cannot read video {path}: {str(err).strip().splitlines()[0]}") from None
+    width, height = meta.get("size") or (0, 0)
+    if width * height > max_pixels:
+        reader.close()
+        raise UserError(f"{path} has frames of {width} × {height} pixels ({width * height / 1e6:.1f} MP), more than "
+                        f"--max-pixels {max_pixels} allows: downscale the video, or raise --max-pixels")
     fps = float(meta.get("fps") or 0) or 25.0
     duration = meta.get("duration")
     estimate = round(duration * fps) if duration and math.isfinite(duration) else None
@@ -96,7 +102,7 @@ def write_npy_from_frames(frames_path, npy_path, count, height, width):
 
 
 def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=MAX_DEPTH, cmap="magma", npy=False,
-                  quiet=False):
+                  quiet=False, max_pixels=MAX_PIXELS):
     """Write NAME_depth.mp4 (and NAME_depth.npy with `npy`) for video `path`; returns (frames, height, width).
 
     Nothing is left at the output paths unless the whole clip was written.
@@ -105,7 +111,7 @@ def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=M
     paths = video_output_paths(path, out_dir)
     if os.path.realpath(paths["mp4"]) == os.path.realpath(path):
         raise UserError(f"writing {paths['mp4']} would overwrite the input video; choose another --out folder")
-    reader, fps, estimate = open_video(imageio, path)
+    reader, fps, estimate = open_video(imageio, path, max_pixels)
     try:
         make_output_folder(out_dir)
     except UserError:

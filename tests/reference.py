@@ -6,6 +6,7 @@ float64, so a shared mistake cannot make both sides agree.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
@@ -38,6 +39,30 @@ def template_ssim(x, y, dtype=torch.float64):
     return float(m.mean())
 
 
+def masked_ssim(x, y, mask, data_range, padding="valid", coverage=0.5):
+    """SSIM of one HW image over its measured pixels (docs/design.md §6): every window statistic a
+    mask-weighted Gaussian mean, the windows whose measured pixels carry at least `coverage` of the
+    weight they have inside the image averaged; None when no window counts."""
+    x, y, m = (np.asarray(a, np.float64) for a in (x, y, mask))
+    r = np.arange(11) - 5
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    kernel = np.outer(g, g) / np.outer(g, g).sum()
+
+    def blur(a):
+        out = ndimage.correlate(a, kernel, mode="constant")
+        return out if padding == "same" else out[5:-5, 5:-5]
+
+    w = blur(m)
+    safe = np.maximum(w, 1e-6)
+    mu_x, mu_y = blur(m * x) / safe, blur(m * y) / safe
+    var_x, var_y = blur(m * x * x) / safe - mu_x**2, blur(m * y * y) / safe - mu_y**2
+    cov = blur(m * x * y) / safe - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    counted = w >= coverage * blur(np.ones_like(m))
+    return float(s[counted].mean()) if counted.any() else None
+
+
 def skimage_ssim(a, b, data_range):
     """scikit-image's SSIM with the settings docs/design.md §6 names for the standard metric."""
     return structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64), gaussian_weights=True,
@@ -45,7 +70,7 @@ def skimage_ssim(a, b, data_range):
 
 
 def standard_metrics(gt, pred_square):
-    """The standard metrics of one image (docs/design.md §8).
+    """The standard metrics of one image (docs/design.md §8), over its measured pixels (gt > 1 mm).
 
     gt: HW raw depth (clipped here to [0, 20]); pred_square: the network's S × S output, resized
     bilinearly (half-pixel centres, no antialiasing) to the gt's size, then clamped.
@@ -53,8 +78,11 @@ def standard_metrics(gt, pred_square):
     gt = np.clip(np.asarray(gt, np.float64), 0, MAX_DEPTH)
     pred = resize(np.asarray(pred_square, np.float64), gt.shape, order=1, mode="edge", anti_aliasing=False)
     pred = np.clip(pred, 0, MAX_DEPTH)
-    out = {"rmse": np.sqrt(np.mean((gt - pred) ** 2)), "ssim": skimage_ssim(pred, gt, MAX_DEPTH)}
     valid = gt > MIN_DEPTH
+    if valid.all():  # every pixel measured: the plain RMSE and SSIM
+        out = {"rmse": np.sqrt(np.mean((gt - pred) ** 2)), "ssim": skimage_ssim(pred, gt, MAX_DEPTH)}
+    else:  # holes (gt at or below MIN_DEPTH) count nowhere
+        out = {"rmse": np.sqrt(np.mean((gt - pred)[valid] ** 2)), "ssim": masked_ssim(pred, gt, valid, MAX_DEPTH)}
     g, p = gt[valid], np.clip(pred[valid], MIN_DEPTH, MAX_DEPTH)
     out["abs_rel"] = np.mean(np.abs(g - p) / g)
     out["sq_rel"] = np.mean((g - p) ** 2 / g)

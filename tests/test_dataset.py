@@ -379,7 +379,7 @@ def data(tmp_path):
 
 
 def cache_files(directory):
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "train-224-*.pt")))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "train-224x224-*.pt")))
 
 
 def forbid_building(monkeypatch):
@@ -427,7 +427,7 @@ def test_unwritable_data_folder_falls_back_to_the_user_cache(data, tmp_path, mon
     open(os.path.join(data, ".cache"), "w").close()  # a file where the cache folder would go
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
     built = SplitCache.open(DepthEstimationUnreal(data, "train"))
-    assert len(glob.glob(str(tmp_path / "user" / "depthnet" / "*" / "train-224-*.pt"))) == 1
+    assert len(glob.glob(str(tmp_path / "user" / "depthnet" / "*" / "train-224x224-*.pt"))) == 1
     forbid_building(monkeypatch)
     loaded = SplitCache.open(DepthEstimationUnreal(data, "train"))
     assert torch.equal(loaded.rgb, built.rgb) and torch.equal(loaded.depth, built.depth)

@@ -14,7 +14,7 @@ from conftest import make_dataset
 from dataset import DepthEstimationUnreal
 from evaluate import METRIC_KEYS, compute_errors, evaluate, format_metrics
 from main import main
-from reference import standard_metrics, template_ssim
+from reference import masked_ssim, standard_metrics
 
 N_IMAGES = 35  # two challenge batches: 32, then 3
 NATIVE = (24, 32)
@@ -76,14 +76,19 @@ def test_both_protocols_match_independent_computation(eval_data):
     assert model.next == N_IMAGES and model.training  # every image once; training mode restored
 
     # Challenge protocol: 224 × 224 targets, batches of 32 then 3, raw predictions, batch means averaged.
+    # Images 0, 5 and 33 have holes: in their batches only measured pixels and windows count.
     targets = torch.stack([dataset[i][1] for i in range(N_IMAGES)])
+    measured = targets > 1e-3
+    assert not measured[[0, 5, 33]].all() and measured[[1, 2, 34]].all()
     batches = [slice(0, 32), slice(32, N_IMAGES)]
-    batch_rmse = [math.sqrt(float(((preds[b].double() - targets[b].double()) ** 2).mean())) for b in batches]
-    batch_ssim = [template_ssim(preds[b], targets[b], dtype=torch.float32) for b in batches]
+    batch_rmse = [math.sqrt(float(((preds[b].double() - targets[b].double()) ** 2)[measured[b]].mean()))
+                  for b in batches]
+    batch_ssim = [np.mean([masked_ssim(preds[i, 0], targets[i, 0], measured[i, 0], 1.0, "same")
+                           for i in range(N_IMAGES)[b]]) for b in batches]
     assert metrics["challenge_rmse"] == pytest.approx(np.mean(batch_rmse), abs=1e-4)
     assert metrics["challenge_ssim"] == pytest.approx(np.mean(batch_ssim), abs=1e-4)
     # A pooled mean over all 35 images would differ: the batch structure is really used.
-    pooled = math.sqrt(float(((preds.double() - targets.double()) ** 2).mean()))
+    pooled = math.sqrt(float(((preds.double() - targets.double()) ** 2)[measured].mean()))
     assert abs(pooled - np.mean(batch_rmse)) > 1e-3
 
     # Standard protocol: native resolution, per image, then averaged.
@@ -103,12 +108,15 @@ def test_a_model_at_another_input_size_is_scored_at_224_by_the_challenge_protoco
     # Reference: the ground truth as the 224 × 224 protocol preprocesses it, the prediction upsampled to it.
     targets = torch.stack([sample[1] for sample in DepthEstimationUnreal(eval_data, "val", size=224)])
     upsampled = torch.nn.functional.interpolate(small, size=(224, 224), mode="bilinear", align_corners=False)
+    measured = targets > 1e-3  # images 0, 5 and 33 have holes, which count nowhere
     batches = [slice(0, 32), slice(32, N_IMAGES)]
-    batch_rmse = [math.sqrt(float(((upsampled[b].double() - targets[b].double()) ** 2).mean())) for b in batches]
+    batch_rmse = [math.sqrt(float(((upsampled[b].double() - targets[b].double()) ** 2)[measured[b]].mean()))
+                  for b in batches]
     assert metrics["challenge_rmse"] == pytest.approx(np.mean(batch_rmse), abs=1e-4)
     # An upsampled prediction is smooth: float32's rounding of E[x²] − μ² (known_predictions) moves SSIM ~3e-4.
     assert metrics["challenge_ssim"] == pytest.approx(
-        np.mean([template_ssim(upsampled[b], targets[b], dtype=torch.float32) for b in batches]), abs=1e-3)
+        np.mean([np.mean([masked_ssim(upsampled[i, 0], targets[i, 0], measured[i, 0], 1.0, "same")
+                          for i in range(N_IMAGES)[b]]) for b in batches]), abs=1e-3)
 
 
 def test_images_of_different_sizes_are_scored_at_their_own_size(tmp_path):
@@ -129,11 +137,13 @@ def test_images_of_different_sizes_are_scored_at_their_own_size(tmp_path):
 
 def test_compute_errors_on_a_hand_made_case():
     gt = torch.full((1, 1, 12, 12), 4.0)
-    gt[..., :6, :] = 0.0  # invalid half: ignored by the ratio and log metrics
+    gt[..., :6, :] = 0.0  # the top half not measured: counted by no metric
     pred = torch.full_like(gt, 5.0)
     m = compute_errors(gt, pred)
-    # RMSE uses every pixel: half the errors are 5 m, half 1 m.
-    assert float(m["rmse"]) == pytest.approx(math.sqrt((25 + 1) / 2))
+    # RMSE over the measured half only, where every error is 1 m (the holes' 5 m errors do not count).
+    assert float(m["rmse"]) == pytest.approx(1.0)
+    full = compute_errors(torch.full((1, 1, 12, 12), 4.0), torch.full((1, 1, 12, 12), 5.0))
+    assert float(full["rmse"]) == pytest.approx(1.0) and float(full["ssim"]) < 1.0
     assert float(m["abs_rel"]) == pytest.approx(0.25)
     assert float(m["sq_rel"]) == pytest.approx(0.25)
     assert float(m["rmse_log"]) == pytest.approx(math.log(5 / 4))

@@ -139,7 +139,7 @@ def test_cache_off_reads_each_depth_file_once_for_the_check_and_the_output_bias(
 
     reads = []
     real_read_depth = dataset.read_depth
-    monkeypatch.setattr(dataset, "read_depth", lambda path: reads.append(path) or real_read_depth(path))
+    monkeypatch.setattr(dataset, "read_depth", lambda path, *args: reads.append(path) or real_read_depth(path, *args))
     trainer = make_trainer(tiny_data, tmp_path / "run", "--cache", "off")
     assert sorted(reads) == sorted(depth for _, _, depth in trainer.train_set.pairs)
     files = [np.load(depth) for _, _, depth in trainer.train_set.pairs]
