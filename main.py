@@ -15,7 +15,7 @@ import time
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
                  "predict", "export", "out", "cmap", "png16", "ply", "flip", "fov", "npy", "report", "report_images",
-                 "compile"}
+                 "compile", "cuda_graphs"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
 ENCODER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
@@ -189,6 +189,10 @@ def build_parser():
                     help="NHWC memory layout (faster convolutions on CPU and GPU)")
     hw.add_argument("--compile", action="store_true",
                     help="torch.compile the model (a minute of compiling, then faster steps)")
+    hw.add_argument("--cuda-graphs", action="store_true",
+                    help="capture the training step in a CUDA graph and replay it, so that the GPU does not wait for "
+                         "kernel launches (one process on CUDA, fp32 or bf16; an epoch's last, smaller batch is "
+                         "skipped)")
     hw.add_argument("--seed", type=int, default=0, help="seed for weights, data order and every RNG")
     hw.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
     return p
@@ -307,6 +311,10 @@ def check_options(parser, opts):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
     check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
+    if opts.cuda_graphs and opts.compile:
+        parser.error("choose one of --cuda-graphs and --compile (each removes the launch overhead its own way)")
+    if opts.cuda_graphs and opts.amp == "fp16":
+        parser.error("--cuda-graphs runs in fp32 or bf16: fp16's GradScaler changes its scale on the host")
     if opts.flip and not (opts.eval or opts.predict):
         parser.error("--flip is for --eval and --predict (training and --export run the model once per image)")
     if opts.tensorboard:

@@ -25,9 +25,18 @@ from tqdm import tqdm
 
 from checkpoint import load_resumable, model_args, remove_checkpoint_temps, training_checkpoint
 from checkpoint import save_checkpoint as write_checkpoint
-from dataset import DepthEstimationUnreal, EpochBatches, SplitCache, augment_pair, depth_conventions, epoch_seed
+from dataset import (
+    DepthEstimationUnreal,
+    EpochBatches,
+    SplitCache,
+    augment_pair,
+    depth_conventions,
+    epoch_seed,
+    input_hw,
+)
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
+from graphstep import GraphedStep
 from hardware import autocast, select_amp_dtype, select_device, skip_update_unless_finite
 from losses import DepthLoss
 from model import DepthNet, count_parameters, load_weights
@@ -60,7 +69,10 @@ def claim_run_dir(run_dir, fresh, replace):
                             f"--resume {os.path.join(run_dir, 'last.pt')}, or start this one in another --run-dir")
         for name in old:
             path = os.path.join(run_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         print(f"{run_dir}: removed an earlier run's {', '.join(old)}")
     try:
         os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
@@ -118,6 +130,7 @@ class Trainer:
         if ckpt:
             self._load_state(ckpt)
         self._net = self._wrap_model()
+        self._build_graphed_step()
         self.run_dir = opts.run_dir
         self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
         if self.dist.is_main:
@@ -133,6 +146,10 @@ class Trainer:
         self.dist = init_distributed(self.device.type == "cuda")
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if opts.cuda_graphs and self.device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device (--device cuda); the CPU trains eagerly")
+        if opts.cuda_graphs and self.dist.active:
+            raise UserError("--cuda-graphs trains on one process: under torchrun, leave it out")
         if opts.batch_size % self.dist.world_size:
             raise UserError(f"--batch-size {opts.batch_size} is the global batch and must be divisible by the "
                             f"{self.dist.world_size} processes")
@@ -180,7 +197,9 @@ class Trainer:
         triangular2 CyclicLR, the fp16 GradScaler."""
         opts = self.opts
         self._holes = self._train_stats.has_holes
-        self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=sum_across_ranks,
+        # One process adds up nothing, and a loss without the collective is one that torch.compile traces whole.
+        reduce = sum_across_ranks if self.dist.active else None
+        self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=reduce,
                                   min_depth=opts.min_depth if self._holes else None, max_depth=opts.max_depth)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
@@ -355,6 +374,11 @@ class Trainer:
         """
         if self.opts.augment:
             rgb, depth = self._augment_batch(rgb, depth)
+        if self._graphed is not None:
+            if rgb.shape[0] != self.opts.batch_size:  # a graph replays one shape: the epoch's last batch is skipped
+                self.batch_in_epoch += 1
+                return None
+            return self._graphed_train_step(rgb, depth)
         loss, parts, pred = self._forward_backward_update(rgb, depth)
         self.batch_in_epoch += 1
         if not self._count_step(loss):
@@ -401,6 +425,42 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), parts, pred.detach()
+
+    def _build_graphed_step(self):
+        """--cuda-graphs: the step as graphstep.GraphedStep, captured in a CUDA graph after a few steps."""
+        self._graphed, self._graph, self._graph_out, self._warmup_left = None, None, None, 3
+        if self.opts.cuda_graphs:
+            batch_shape = (self.opts.batch_size, *input_hw(self.opts.image_size))
+            self._graphed = GraphedStep(self.model, self._loss_fn, self.optimizer, self.scheduler, self.amp_dtype,
+                                        self.opts.channels_last, batch_shape, self.ema, self.opts.ema)
+
+    def _graphed_train_step(self, rgb, depth):
+        """train_step under --cuda-graphs: the batch copied into the static buffers, then the graph replayed
+        (the first steps run eagerly on a side stream, as capture needs; capture records, replay runs)."""
+        g = self._graphed
+        g.rgb.copy_(rgb, non_blocking=True)
+        g.depth.copy_(depth, non_blocking=True)
+        if self._graph is None and self._warmup_left > 0:
+            self._warmup_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = g.step(g.rgb, g.depth)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            if self._graph is None:
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph):
+                    self._graph_out = g.step(g.rgb, g.depth)
+            self._graph.replay()
+            out = self._graph_out
+        loss, parts, pred = out
+        self.batch_in_epoch += 1
+        # The graph's outputs are overwritten by the next replay: keep this step's loss for the check.
+        self._unchecked_losses.append(loss.clone())
+        self.step += 1  # the graph counts, averages and schedules on the device; un-counted in settle_steps
+        checked = self._exact_step_needed() and self.settle_steps()
+        return TrainStep(g.rgb, g.depth, pred, parts, checked)
 
     def _count_step(self, loss):
         """Count an optimiser step: the step number, the moving average and the schedule move on together.
@@ -540,8 +600,9 @@ class Trainer:
     def _log_step(self, parts, bar, rate):
         """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
         values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
+        lr, beta1 = self._lr_and_beta1()
         record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self._batches_per_epoch(),
-                  "lr": self.scheduler.get_last_lr()[0], "beta1": self.optimizer.param_groups[0]["betas"][0],
+                  "lr": lr, "beta1": beta1,
                   **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -549,6 +610,12 @@ class Trainer:
             self.tb.train_step(record)
         bar.set_postfix(loss=f"{values['loss']:.4f}", rmse=f"{values['rmse']:.3f}", lr=f"{record['lr']:.2e}",
                         img_s=f"{rate:.1f}")
+
+    def _lr_and_beta1(self):
+        """The learning rate and Adam's beta1 of the next step: the schedule's, on the device under --cuda-graphs."""
+        if self._graphed is not None:
+            return tuple(float(v) for v in self._graphed.schedule.at(self._graphed.applied))
+        return self.scheduler.get_last_lr()[0], self.optimizer.param_groups[0]["betas"][0]
 
     def validate(self):
         """Both protocols on val; append to metrics.jsonl, keep best.pt on the lowest standard RMSE.
@@ -558,8 +625,7 @@ class Trainer:
         """
         metrics = evaluate(self.scored_model, self.val_set, self.device, amp_dtype=None,
                            num_workers=self.opts.workers)
-        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self.scheduler.get_last_lr()[0],
-                  **metrics}
+        record = {"epoch": self.epoch, "step": self.step, "split": "val", "lr": self._lr_and_beta1()[0], **metrics}
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb:
@@ -585,6 +651,8 @@ class Trainer:
     def save_checkpoint(self, name, metrics=None):
         """Write the whole training state to RUN_DIR/name (rank 0; every rank settles its step count first)."""
         self.settle_steps()
+        if self._graphed is not None:  # Adam's state and the schedule's position live on the device while graphed
+            self._graphed.write_back(self.optimizer, self.scheduler)
         if not self.dist.is_main:
             return
         self._saving = True  # training stops right after this save anyway if a signal came: let it finish
