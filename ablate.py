@@ -37,7 +37,7 @@ from model import count_parameters
 from plots import plot_ablation
 from synthetic import ensure_dataset
 from train import Trainer
-from utils import Interrupted, UserError, atomic_path, raise_interrupt, stop_status, write_json_atomic
+from utils import Interrupted, atomic_path, run_as_program, write_json_atomic
 
 # Each single change, as the main.py options that turn it on ({...}: filled from ablate's options).
 SINGLES = {
@@ -271,19 +271,11 @@ def run_ablation(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)  # a stop between variants, as Ctrl-C
-    try:
+
+    def ablation():
         run_ablation(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as stop:
-        print("error: interrupted; the variants finished before are in their run folders, no report was written",
-              file=sys.stderr)
-        return stop_status(stop)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-    return 0
+
+    return run_as_program(ablation, "the variants finished before are in their run folders, no report was written")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 """
 import argparse
 import os
-import signal
 import sys
 import time
 
@@ -482,33 +481,29 @@ def run_train(opts):
 
 
 
-def main(argv=None):
-    from utils import print_user_error, raise_interrupt, stop_status
+def run(argv):
+    """Parse the options and do what they say; returns the exit status."""
+    opts = parse_options(argv)
+    if opts.demo:
+        from demo import run_demo
 
-    # Until training installs its own handler, SIGTERM ends the program as Ctrl-C does: with a message.
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        opts = parse_options(argv)
-        if opts.demo:
-            from demo import run_demo
-
-            return run_demo(opts)
-        elif opts.eval:
-            run_eval(opts)
-        elif opts.predict:
-            run_predict(opts)
-        elif opts.export:
-            run_export(opts)
-        else:
-            return run_train(opts)
-    except Exception as err:
-        return print_user_error(err)
-    except KeyboardInterrupt as stop:
-        print("error: interrupted; files already written are intact, none is left half-written", file=sys.stderr)
-        return stop_status(stop)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        return run_demo(opts)
+    if opts.eval:
+        run_eval(opts)
+    elif opts.predict:
+        run_predict(opts)
+    elif opts.export:
+        run_export(opts)
+    else:
+        return run_train(opts)
     return 0
+
+
+def main(argv=None):
+    from utils import run_as_program
+
+    # Training installs its own handlers, which finish the step and write last.pt first.
+    return run_as_program(lambda: run(argv), "files already written are intact, none is left half-written")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,24 @@ def stop_status(interrupt):
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
+def run_as_program(work, stopped):
+    """Run work() as an entry point's whole program and return its exit status (work's own, else 0).
+
+    SIGTERM stops it as Ctrl-C does; a mistake the user can fix ends in one `error:` line and status 1
+    (a bug keeps its traceback); a stop ends in one line saying `stopped` and status 130 or 143.
+    """
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return work() or 0
+    except Exception as err:
+        return print_user_error(err)
+    except KeyboardInterrupt as stop:
+        print(f"error: interrupted; {stopped}", file=sys.stderr)
+        return stop_status(stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
 def make_output_folder(path, option="--out"):
     """os.makedirs, or a one-line UserError naming the option that chose the folder."""
     try:

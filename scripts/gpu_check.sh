@@ -13,17 +13,7 @@ OUT=$1
 PY=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-420}
 mkdir -p "$OUT"
-start=$(date +%s)
-elapsed() { echo $(( $(date +%s) - start )); }
-run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, never stop the script
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name ($(elapsed) s elapsed): $*" | tee -a "$OUT/summary.txt"
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "   exit $rc after $(elapsed) s" | tee -a "$OUT/summary.txt"
-    tail -n 15 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
-}
+source "$(dirname "$0")/run_logged.sh"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

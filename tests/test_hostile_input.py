@@ -73,6 +73,17 @@ CASES = sorted(["zero_bytes.jpg", "truncated_jpeg.jpg", "truncated_png.png", "te
                 "folder.jpg", "dangling.jpg"])
 
 
+def copy_case(path, target):
+    """A case under another name: a folder stays a folder, a dangling symlink a dangling symlink."""
+    if os.path.isdir(path):
+        os.mkdir(target)
+    elif os.path.islink(path):
+        os.symlink(os.readlink(path), target)
+    else:
+        target.write_bytes(open(path, "rb").read())
+    return target
+
+
 def one_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return len(lines) == 1 and "Traceback" not in text
@@ -114,13 +125,7 @@ def test_data_loader(case, bad_files, tmp_path):
     os.makedirs(root / "rgb" / "train")
     os.makedirs(root / "depth" / "train")
     ext = os.path.splitext(case)[1]
-    target = root / "rgb" / "train" / f"0{ext}"
-    if os.path.isdir(path):
-        os.mkdir(target)
-    elif os.path.islink(path):
-        os.symlink(os.readlink(path), target)
-    else:
-        target.write_bytes(open(path, "rb").read())
+    copy_case(path, root / "rgb" / "train" / f"0{ext}")
     np.save(root / "depth" / "train" / "0.npy", np.full(expected or GOOD, 5.0, np.float32))
     if expected is None:
         with pytest.raises(DataError) as caught:
@@ -173,13 +178,7 @@ def test_predict_on_a_video(case, bad_files, checkpoint, tmp_path, capsys):
     animated GIF) a whole clip of depth."""
     pytest.importorskip("imageio_ffmpeg", reason="needs: pip install -r requirements-video.txt")
     path, _ = bad_files[case]
-    clip = tmp_path / "clip.mp4"
-    if os.path.isdir(path):
-        os.mkdir(clip)
-    elif os.path.islink(path):
-        os.symlink(os.readlink(path), clip)
-    else:
-        clip.write_bytes(open(path, "rb").read())
+    clip = copy_case(path, tmp_path / "clip.mp4")
     out = tmp_path / "out"
     code, streams = run(capsys, "--predict", clip, "--ckpt", checkpoint, "--out", out, "--device", "cpu", "--quiet")
     if code == 0:
@@ -348,3 +347,34 @@ def test_a_fresh_clone_without_data_is_told_how_to_get_it(tmp_path, capsys, monk
     code, streams = run(capsys, "--device", "cpu")
     assert code == 1 and one_line(streams.err) and "python get_data.py" in streams.err
     assert "synthetic.py --out data/DepthEstimationUnreal" not in streams.err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_predict_on_a_video_stops_at_a_signal_with_nothing_half_written(checkpoint, tmp_path, capsys, monkeypatch,
+                                                                       signum):
+    imageio = pytest.importorskip("imageio.v2", reason="needs: pip install -r requirements-video.txt")
+    pytest.importorskip("imageio_ffmpeg", reason="needs: pip install -r requirements-video.txt")
+    import video
+
+    clip = tmp_path / "clip.mp4"
+    imageio.mimwrite(clip, [np.full((48, 64, 3), 10 * i, np.uint8) for i in range(8)], fps=5, macro_block_size=1)
+    frames = []
+    real = video.side_by_side
+
+    def side_by_side_then_signal(*args):
+        frames.append(1)
+        if len(frames) == 3:
+            os.kill(os.getpid(), signum)
+        return real(*args)
+
+    monkeypatch.setattr(video, "side_by_side", side_by_side_then_signal)
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = tmp_path / "out"
+        code, streams = run(capsys, "--predict", clip, "--ckpt", checkpoint, "--out", out, "--device", "cpu",
+                            "--quiet", "--npy", "--batch-size", "2")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 128 + signum and "interrupted" in streams.err and len(frames) == 3
+    assert os.listdir(out) == []  # no clip_depth.mp4, no .npy, no temporary file
