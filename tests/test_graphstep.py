@@ -107,7 +107,7 @@ def test_the_step_compiles_whole_without_a_graph_break(data, tmp_path):
     trainer = make_trainer(data, tmp_path / "run", "--encoder", "resnet18", "--ema", "0.9")
     trainer.model.train()
     step = graphed(trainer)
-    compiled = torch.compile(step.step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step.step, fullgraph=True, backend="eager")  # Dynamo alone finds graph breaks
     rgb, depth = next(iter(trainer.epoch_batches()))
     step.rgb.copy_(rgb)
     step.depth.copy_(depth)

@@ -234,7 +234,7 @@ def test_own_data_trains_evaluates_and_predicts_at_its_own_sizes(tmp_path):
 def test_holes_are_never_learned_as_targets(tmp_path):
     """The top rows are never measured: training must not pull the prediction there towards their 0."""
     data = own_dataset(tmp_path / "data", {"train": [(64, 64)] * 8}, holes=0.3, holes_top=0.25)
-    trainer = Trainer(entry.parse_options(train_args(data, tmp_path / "run", "--image-size", "64", "--max-steps", "30",
+    trainer = Trainer(entry.parse_options(train_args(data, tmp_path / "run", "--image-size", "64", "--max-steps", "12",
                                                      "--eval-every", "0", "--batch-size", "4")))
     assert trainer._loss_fn.min_depth == pytest.approx(1e-3), "a data set with holes trains on the masked loss"
     trainer.fit()
