@@ -198,11 +198,11 @@ def read_rgb(path, max_pixels=MAX_PIXELS):
         raise ImageError(path, reason, "Re-export or remove the file") from None
 
 
-def read_depth(path, depth_scale=DEPTH_SCALE):
+def read_depth(path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
     """HW float32 depth in metres from .npy (metres) or a 16-bit PNG (value / depth_scale); rejects wrong
     shapes, non-numeric dtypes, 8-bit or colour PNGs and NaN/inf."""
     if os.path.splitext(path)[1].lower() == ".png":
-        return read_png_depth(path, depth_scale)
+        return read_png_depth(path, depth_scale, max_pixels)
     try:
         depth = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -221,10 +221,10 @@ def read_depth(path, depth_scale=DEPTH_SCALE):
     return depth
 
 
-def read_png_depth(path, depth_scale):
+def read_png_depth(path, depth_scale, max_pixels=MAX_PIXELS):
     """A single-channel 16-bit PNG as float32 metres (value / depth_scale); 0 stays 0, "not measured"."""
     try:
-        with open_image(path, ("PNG",), MAX_PIXELS) as im:
+        with open_image(path, ("PNG",), max_pixels) as im:
             if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
                 raise DataError(f"depth {path} is an 8-bit or colour picture (PNG mode {im.mode}), not depth: a depth "
                                 "PNG is single-channel 16-bit, read as value / --depth-scale metres")
@@ -236,7 +236,7 @@ def read_png_depth(path, depth_scale):
 
 def read_pair(rgb_path, depth_path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
     """(rgb HWC uint8, depth HW float32) of one pair; DataError if a file is bad or their sizes disagree."""
-    rgb, depth = read_rgb(rgb_path, max_pixels), read_depth(depth_path, depth_scale)
+    rgb, depth = read_rgb(rgb_path, max_pixels), read_depth(depth_path, depth_scale, max_pixels)
     if rgb.shape[:2] != depth.shape:
         raise DataError(f"{rgb_path} is {rgb.shape[1]}×{rgb.shape[0]} but {depth_path} is "
                         f"{depth.shape[1]}×{depth.shape[0]}; "
@@ -288,7 +288,7 @@ def split_stats(total, measured, count, pairs):
 def clip_depth(depth, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
     """Depth clipped to [0, max_depth], the pixels at or below min_depth (not measured) set to 0."""
     clipped = np.clip(depth, 0.0, max_depth)
-    return np.where(clipped > min_depth, clipped, np.float32(0.0)) if (clipped <= min_depth).any() else clipped
+    return np.where(clipped > min_depth, clipped, np.float32(0.0))
 
 
 def depth_sum(clipped, min_depth=MIN_DEPTH):
@@ -336,8 +336,13 @@ def resize_depth(depth, size, min_depth=MIN_DEPTH):
     if bool(measured.all()):
         return resize_to(depth, size)
     both = resize_to(torch.cat([depth * measured, measured.to(depth.dtype)]), size)
-    value, weight = both[:1], both[1:]
-    return torch.where(weight > 1e-3, value / weight.clamp_min(1e-3), torch.zeros_like(value))
+    return masked_mean(both[:1], both[1:])
+
+
+def masked_mean(weighted, weight):
+    """Resampled depth · mask over resampled mask: the mean of the measured depths under each output pixel,
+    0 (a hole) where (almost) none was measured."""
+    return torch.where(weight > 1e-3, weighted / weight.clamp_min(1e-3), torch.zeros_like(weighted))
 
 
 def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2, min_depth=None):
@@ -380,8 +385,7 @@ def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0
     both = F.grid_sample(both, grid, mode="bilinear", padding_mode="border", align_corners=False)
     rgb, depth = both[:, :3], both[:, 3:4]
     if min_depth is not None:
-        weight = both[:, 4:]
-        depth = torch.where(weight > 1e-3, depth / weight.clamp_min(1e-3), torch.zeros_like(depth))
+        depth = masked_mean(depth, both[:, 4:])
     if jitter > 0:
         factors = (1 + jitter * (2 * u[:, 4:7] - 1)).to(device=rgb.device, dtype=torch.float32, non_blocking=True)
         rgb = jitter_colour(rgb, *factors.view(b, 3, 1, 1, 1).unbind(1))

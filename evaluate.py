@@ -15,7 +15,16 @@ from torch.utils.data import DataLoader
 
 from dataset import MAX_DEPTH, clip_depth, read_depth, resize_depth, to_model_input
 from inference import predict_batch, predict_depth
-from losses import MIN_DEPTH, masked_ssim_per_image, rmse, squared_error_sums, ssim, ssim_map, ssim_sums
+from losses import (
+    MIN_DEPTH,
+    loss_data_range,
+    masked_ssim_per_image,
+    rmse,
+    squared_error_sums,
+    ssim,
+    ssim_map,
+    ssim_sums,
+)
 from plots import plot_prediction_grid, plot_training_curves
 from utils import atomic_path
 
@@ -117,7 +126,7 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
 def challenge_scores(pred, gt, max_depth, min_depth):
     """(RMSE, loss SSIM) of one batch under the challenge protocol, over its measured pixels when it has
     holes; (None, None) for a batch with nothing measured. The SSIM's data range is the loss's."""
-    data_range = max_depth / 20.0
+    data_range = loss_data_range(max_depth)
     measured = gt > min_depth
     if bool(measured.all()):
         return rmse(pred, gt), ssim(pred, gt, data_range=data_range, padding="same")

@@ -70,16 +70,26 @@ def ssim_map(x, y, data_range=1.0, padding="same"):
     # even when the network runs under bf16/fp16 autocast.
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = at_least_fp32(x), at_least_fp32(y)
-        c1 = (0.01 * data_range) ** 2
-        c2 = (0.03 * data_range) ** 2
         stats = gaussian_blur_maps(torch.cat([x, y, x * x, y * y, x * y], dim=1), padding)
-        mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(1, dim=1)
-        var_x = e_xx - mu_x * mu_x
-        var_y = e_yy - mu_y * mu_y
-        cov = e_xy - mu_x * mu_y
-        num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-        den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-        return num / den
+        return ssim_from_moments(*stats.split(1, dim=1), data_range)
+
+
+def ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy, data_range):
+    """SSIM from each window's local means of x, y, x², y² and xy (C1 = (0.01·range)², C2 = (0.03·range)²)."""
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    var_x = e_xx - mu_x * mu_x
+    var_y = e_yy - mu_y * mu_y
+    cov = e_xy - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    return num / den
+
+
+def loss_data_range(max_depth):
+    """The data range of the loss's SSIM: the paper's constants C1 = 0.01², C2 = 0.03² on metres at its 20 m
+    range (data range 1), scaled with another range."""
+    return max_depth / 20.0
 
 
 def count_like(t, n):
@@ -119,10 +129,7 @@ def masked_ssim_per_image(x, y, mask, data_range=1.0, padding="same", coverage=0
         weight, s_x, s_y, s_xx, s_yy, s_xy, window = stats.split(1, dim=1)
         counts = weight >= coverage * window
         w = weight.clamp_min(1e-6)
-        mu_x, mu_y = s_x / w, s_y / w
-        var_x, var_y, cov = s_xx / w - mu_x * mu_x, s_yy / w - mu_y * mu_y, s_xy / w - mu_x * mu_y
-        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-        smap = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+        smap = ssim_from_moments(s_x / w, s_y / w, s_xx / w, s_yy / w, s_xy / w, data_range)
         windows = counts.to(x.dtype).sum(dim=(1, 2, 3))
         total = torch.where(counts, smap, torch.zeros_like(smap)).sum(dim=(1, 2, 3))
         return total / windows.clamp_min(1), windows > 0
@@ -229,9 +236,7 @@ class DepthLoss(nn.Module):
         # min_depth: the target's pixels at or below it are not measured and count nowhere (a data set
         # with holes); None: every pixel counts, as in the paper.
         self.min_depth = min_depth
-        # The paper's SSIM constants are C1 = 0.01², C2 = 0.03² on metres at its 20 m range (data_range 1);
-        # another range scales them with it.
-        self.data_range = max_depth / 20.0
+        self.data_range = loss_data_range(max_depth)
         self.alpha = alpha
         self.beta = beta
         self.grad_weight = grad_weight

@@ -386,7 +386,7 @@ def run_eval(opts):
 
     model, size, device, trained_depth = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
     model = with_flip(model, opts.flip)
-    depth = {k: trained_depth[k] if getattr(opts, k) is None else getattr(opts, k) for k in trained_depth}
+    depth = typed_or_trained(opts, trained_depth)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
@@ -409,7 +409,13 @@ def load_predictor_of(opts):
     from inference import load_predictor
 
     trained = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size, opts.channels_last, opts.flip)
-    return trained, opts.max_depth or trained.depth["max_depth"]
+    return trained, typed_or_trained(opts, trained.depth)["max_depth"]
+
+
+def typed_or_trained(opts, trained_depth):
+    """The depth conventions to use with a checkpoint: each typed option, else what the checkpoint was trained
+    with (parse_options leaves the untyped ones None)."""
+    return {k: trained_depth[k] if getattr(opts, k) is None else getattr(opts, k) for k in trained_depth}
 
 
 def run_predict(opts):

@@ -196,11 +196,13 @@ class Trainer:
         """The loss (summed across processes under torchrun; masked when the training depth has holes), Adam,
         triangular2 CyclicLR, the fp16 GradScaler."""
         opts = self.opts
-        self._holes = self._train_stats.has_holes
+        # The depth at or below which targets count nowhere: only for a data set with unmeasured pixels, so
+        # that DepthEstimationUnreal trains on the paper's unmasked loss.
+        self._hole_depth = opts.min_depth if self._train_stats.has_holes else None
         # One process adds up nothing, and a loss without the collective is one that torch.compile traces whole.
         reduce = sum_across_ranks if self.dist.active else None
         self._loss_fn = DepthLoss(opts.alpha, opts.beta, opts.grad_weight, opts.silog_weight, reduce=reduce,
-                                  min_depth=opts.min_depth if self._holes else None, max_depth=opts.max_depth)
+                                  min_depth=self._hole_depth, max_depth=opts.max_depth)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
@@ -351,7 +353,7 @@ class Trainer:
                 if self._vis_due():
                     vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
                     visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}",
-                                  min_depth=self.opts.min_depth if self._holes else None)
+                                  min_depth=self._hole_depth)
                     if self.tb:
                         self.tb.picture("vis/train", vis_path, self.step)
                 if self._log_due():
@@ -496,7 +498,7 @@ class Trainer:
         # Under torchrun each process draws its own (seed, step, rank) stream: the same draws on
         # every process would give the i-th image of each process the same flip and zoom.
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
-        return augment_pair(rgb, depth, generator, min_depth=self.opts.min_depth if self._holes else None)
+        return augment_pair(rgb, depth, generator, min_depth=self._hole_depth)
 
     def _skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
