@@ -345,14 +345,15 @@ def masked_mean(weighted, weight):
     return torch.where(weight > 1e-3, weighted / weight.clamp_min(1e-3), torch.zeros_like(weighted))
 
 
-def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2, min_depth=None):
+def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0.2, min_depth=None, scale_depth=False):
     """Paired training augmentation (--augment) of (3, H, W) + (1, H, W) tensors, or of a batch
     (B, 3, H, W) + (B, 1, H, W) on any device, each image with its own random draw.
 
     Geometry, identical for RGB and depth: a horizontal flip (p = 0.5 when `flip`), then a
     zoom by s ∈ [1, max_scale] about a random point, cropped back to H × W. Because s ≥ 1 the
     crop always lies inside the image: no black borders. Depth values are kept (a zoom is a
-    narrower field of view, not a closer camera). Both are resampled bilinearly, as the
+    narrower field of view), or with `scale_depth` divided by s (a camera s times closer, as
+    Eigen et al., 2014, scale their training pairs). Both are resampled bilinearly, as the
     paper's resize treats both. Colour, RGB only: brightness, contrast and saturation, each
     scaled by a factor in [1 − jitter, 1 + jitter], then clipped to [0, 1]. With `min_depth`
     (a data set with unmeasured pixels) depth is resampled as resize_depth does: the
@@ -386,10 +387,41 @@ def augment_pair(rgb, depth, generator=None, flip=True, max_scale=1.25, jitter=0
     rgb, depth = both[:, :3], both[:, 3:4]
     if min_depth is not None:
         depth = masked_mean(depth, both[:, 4:])
+    if scale_depth:
+        depth = depth * inv_scale.to(device=depth.device, dtype=depth.dtype, non_blocking=True).view(b, 1, 1, 1)
     if jitter > 0:
         factors = (1 + jitter * (2 * u[:, 4:7] - 1)).to(device=rgb.device, dtype=torch.float32, non_blocking=True)
         rgb = jitter_colour(rgb, *factors.view(b, 3, 1, 1, 1).unbind(1))
     return (rgb[0], depth[0]) if single else (rgb, depth)
+
+
+def paste_patches(rgb, depth, generator=None, prob=0.5, min_side=0.25, max_side=0.5):
+    """Copy-paste between the images of a batch (--paste): with probability `prob` each image gets a
+    rectangle of its neighbour's in the batch (image i takes from image i - 1), RGB and depth together,
+    cut at one random place and pasted at another.
+
+    The street scenes teach the network that depth follows the height in the picture (near at the
+    bottom, far above the horizon); a pasted patch puts near objects with their true depth anywhere,
+    so only what the patch looks like tells its depth. Sides are `min_side` … `max_side` of the
+    image's, drawn separately for height and width. Seven uniforms per image, on the CPU, from
+    `generator` (torch's global RNG when None), in a fixed order: a seed repeats on every device.
+    Returns new tensors; a batch of one is returned unchanged.
+    """
+    b, _, h, w = rgb.shape
+    u = torch.rand(b, 7, generator=generator, dtype=torch.float64)
+    if b < 2:
+        return rgb, depth
+    out_rgb, out_depth = rgb.clone(), depth.clone()
+    for i in torch.nonzero(u[:, 0] < prob).flatten().tolist():
+        ph = max(1, round(h * (min_side + (max_side - min_side) * float(u[i, 1]))))
+        pw = max(1, round(w * (min_side + (max_side - min_side) * float(u[i, 2]))))
+        # Source and target corners drawn independently: the patch moves, up or down as often as sideways.
+        sy, sx = int(u[i, 3] * (h - ph + 1)), int(u[i, 4] * (w - pw + 1))
+        ty, tx = int(u[i, 5] * (h - ph + 1)), int(u[i, 6] * (w - pw + 1))
+        source = i - 1
+        out_rgb[i, :, ty:ty + ph, tx:tx + pw] = rgb[source, :, sy:sy + ph, sx:sx + pw]
+        out_depth[i, :, ty:ty + ph, tx:tx + pw] = depth[source, :, sy:sy + ph, sx:sx + pw]
+    return out_rgb, out_depth
 
 
 def jitter_colour(rgb, brightness, contrast, saturation):

@@ -44,6 +44,8 @@ class GraphedStep:
         self.buffers = dict(model.named_buffers())
         group = optimizer.param_groups[0]
         self.weight_decay, self.eps, self.beta2 = group["weight_decay"], group["eps"], group["betas"][1]
+        # AdamW shrinks the weights by lr·decay apart from the moments; Adam adds decay·p to the gradient.
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW)
         self.schedule = cyclic_schedule_of(scheduler)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -74,7 +76,8 @@ class GraphedStep:
         step = self.applied + 1
         with torch.no_grad():
             for name, p in self.params.items():
-                g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+                coupled = self.weight_decay and not self.decoupled
+                g = grads[name] + self.weight_decay * p if coupled else grads[name]
                 m = torch.where(ok, self.exp_avg[name] * beta1 + g * (1 - beta1), self.exp_avg[name])
                 v = torch.where(ok, self.exp_avg_sq[name] * self.beta2 + g * g * (1 - self.beta2),
                                 self.exp_avg_sq[name])
@@ -83,7 +86,8 @@ class GraphedStep:
                 bias1 = 1 - beta1 ** step
                 bias2 = 1 - self.beta2 ** step
                 update = (lr / bias1) * m / (v.sqrt() / bias2.sqrt() + self.eps)
-                p.copy_(torch.where(ok, p - update, p))
+                kept = p * (1 - lr * self.weight_decay) if self.decoupled else p
+                p.copy_(torch.where(ok, kept - update, p))
             if self.ema_pairs is not None:
                 # min(DECAY, (1 + n) / (10 + n)) after n applied steps, as Trainer._update_weight_average.
                 decay = torch.clamp((1 + self.applied) / (10 + self.applied), max=self.ema_decay)

@@ -99,13 +99,21 @@ def build_parser():
                                   "unchanged)")
     beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,
                         help="torchvision encoder; the decoder adapts to its channels and its stem stays frozen")
-    beyond.add_argument("--skips", action="store_true",
+    beyond.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False,
                         help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
                              "are concatenated into the decoder")
-    beyond.add_argument("--augment", action="store_true",
-                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to x1.25, no "
+    beyond.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                        help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to --max-zoom, no "
                              "borders) on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB "
                              "only")
+    beyond.add_argument("--max-zoom", type=float, default=1.25,
+                        help="--augment's largest zoom; larger moves the horizon and the objects further")
+    beyond.add_argument("--zoom-closer", action="store_true",
+                        help="--augment's zoom by s divides the depth by s (a camera s times closer) instead of "
+                             "keeping it (a narrower field of view)")
+    beyond.add_argument("--paste", type=float, default=0.0, metavar="PROB",
+                        help="copy-paste: with this probability a training image gets a rectangle of another one, "
+                             "RGB and depth together, moved to a random place; 0: off")
     beyond.add_argument("--grad-weight", type=float, default=0.0,
                         help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
     beyond.add_argument("--silog-weight", type=float, default=0.0,
@@ -124,6 +132,8 @@ def build_parser():
     optim.add_argument("--step-size-down", type=int, default=2000,
                        help="CyclicLR optimiser steps from max back to base lr")
     optim.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
+    optim.add_argument("--adamw", action="store_true",
+                       help="AdamW: --weight-decay shrinks the weights apart from the gradient (decoupled)")
     optim.add_argument("--alpha", type=float, default=1.0, help="weight of RMSE in the loss")
     optim.add_argument("--beta", type=float, default=1.0, help="weight of (1 - SSIM) in the loss")
     optim.add_argument("--max-steps", type=int, default=None,
@@ -147,10 +157,11 @@ def build_parser():
                      help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
                           "(needs: pip install -r requirements-tensorboard.txt)")
 
-    demo = p.add_argument_group("the --demo preset (same model, loss and optimiser as the paper, sized for a CPU)")
+    demo = p.add_argument_group("the --demo preset (the paper's loss and optimiser, its model with skips, "
+                                "augmentation and copy-paste, sized for a CPU)")
     demo.add_argument("--demo-steps", type=int, default=None,
-                      help="optimiser steps (default: 600 on CPU, 3000 on CUDA); the CyclicLR cycle is scaled to fit, "
-                           "and the learning rates to the batch (× batch / 32)")
+                      help="optimiser steps (default: 1500 on CPU, at 128 x 128; 3000 on CUDA); the CyclicLR cycle is "
+                           "scaled to fit, and the learning rates to the batch (× batch / 32)")
     demo.add_argument("--demo-train", type=int, default=1000, help="synthetic training scenes to generate if absent")
     demo.add_argument("--demo-val", type=int, default=50,
                       help="synthetic validation scenes (a different kind of place)")
@@ -296,6 +307,10 @@ def check_options(parser, opts):
         parser.error(f"--max-pixels must be positive, got {opts.max_pixels}")
     if not opts.depth_scale > 0:
         parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
+    if not opts.max_zoom >= 1:
+        parser.error(f"--max-zoom must be at least 1 (1: no zoom), got {opts.max_zoom}")
+    if not 0 <= opts.paste <= 1:
+        parser.error(f"--paste is a probability from 0 to 1, got {opts.paste}")
     if not 0 <= opts.ema < 1:
         parser.error(f"--ema must be at least 0 and below 1 (0: off), got {opts.ema}")
     if opts.max_lr < opts.lr:

@@ -33,6 +33,7 @@ from dataset import (
     depth_conventions,
     epoch_seed,
     input_hw,
+    paste_patches,
 )
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
@@ -206,7 +207,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Fused Adam takes a found_inf flag and then leaves weights and moments untouched on
         # the device: that is how a non-finite step is skipped without waiting for the GPU.
-        self.optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
+        adam = torch.optim.AdamW if opts.adamw else torch.optim.Adam
+        self.optimizer = adam(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
         # CyclicLR's default cycle_momentum=True stays, as in the author's code: with Adam it
         # cycles beta1 between 0.9 (at base lr) and 0.8 (at max lr).
         self.scheduler = torch.optim.lr_scheduler.CyclicLR(
@@ -374,7 +376,7 @@ class Trainer:
         is read back only when host work needs the exact step count (_exact_step_needed), so a
         bad step may return a TrainStep with checked=False, to be un-counted by settle_steps.
         """
-        if self.opts.augment:
+        if self.opts.augment or self.opts.paste:
             rgb, depth = self._augment_batch(rgb, depth)
         if self._graphed is not None:
             if rgb.shape[0] != self.opts.batch_size:  # a graph replays one shape: the epoch's last batch is skipped
@@ -486,7 +488,8 @@ class Trainer:
         return True
 
     def _augment_batch(self, rgb, depth):
-        """--augment: dataset.augment_pair on the device, one random draw per image.
+        """--augment and --paste: dataset.augment_pair, then dataset.paste_patches, on the device, one random
+        draw per image.
 
         Done here rather than in the Dataset so it is the same whatever loads the data, and
         runs where the batch will be used. The draws come from (seed, step), as EpochSampler's
@@ -498,7 +501,12 @@ class Trainer:
         # Under torchrun each process draws its own (seed, step, rank) stream: the same draws on
         # every process would give the i-th image of each process the same flip and zoom.
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
-        return augment_pair(rgb, depth, generator, min_depth=self._hole_depth)
+        if self.opts.augment:
+            rgb, depth = augment_pair(rgb, depth, generator, max_scale=self.opts.max_zoom, min_depth=self._hole_depth,
+                                      scale_depth=self.opts.zoom_closer)
+        if self.opts.paste:
+            rgb, depth = paste_patches(rgb, depth, generator, prob=self.opts.paste)
+        return rgb, depth
 
     def _skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""

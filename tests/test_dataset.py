@@ -19,6 +19,7 @@ from dataset import (
     augment_pair,
     check_files,
     list_pairs,
+    paste_patches,
     read_depth,
     read_rgb,
 )
@@ -300,6 +301,22 @@ def test_zoom_and_flip_move_rgb_and_depth_together_without_borders():
     torch.testing.assert_close(zoomed_rgb, const_rgb)
 
 
+def test_a_closer_camera_divides_the_depth_by_the_zoom():
+    """A red ramp from 0 to 1 across the picture spans 1 / s of that after a zoom by s: the depth, 10 m
+    everywhere, must come out as 10 / s, the same s."""
+    b, w = 8, 200
+    rgb = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(b, 3, 8, w).contiguous()
+    depth = torch.full((b, 1, 8, w), 10.0)
+    kept_rgb, kept = augment_pair(rgb, depth, torch.Generator().manual_seed(6), max_scale=1.5, jitter=0.0)
+    closer_rgb, closer = augment_pair(rgb, depth, torch.Generator().manual_seed(6), max_scale=1.5, jitter=0.0,
+                                      scale_depth=True)
+    assert torch.equal(closer_rgb, kept_rgb) and torch.allclose(kept, depth)
+    inv_zoom = (closer_rgb[:, 0, 4, -1] - closer_rgb[:, 0, 4, 0]).abs()
+    assert float(inv_zoom.min()) < 0.9 and float(inv_zoom.max()) <= 1  # some zoomed, none shrunk
+    torch.testing.assert_close(closer[:, 0, 4, :], 10 * inv_zoom[:, None].expand(b, w), atol=0.1, rtol=0)
+    assert float(closer.amax(dim=(1, 2, 3)).sub(closer.amin(dim=(1, 2, 3))).max()) < 1e-4  # still one depth each
+
+
 def test_colour_jitter_changes_rgb_only():
     rgb, depth = asymmetric_pair()
     plain_rgb, plain_depth = augment_pair(rgb, depth, torch.Generator().manual_seed(4), jitter=0.0)
@@ -318,6 +335,46 @@ def test_augmentation_is_deterministic_and_takes_single_samples():
     torch.manual_seed(9)
     c = augment_pair(rgb[0], depth[0])  # the global RNG, as the Trainer uses it
     assert torch.equal(a[0], c[0])
+
+
+def changed_box(before, after):
+    """(top, left, height, width) of the pixels where two (C, H, W) images differ; None when none differs."""
+    rows, cols = torch.nonzero((before != after).any(0), as_tuple=True)
+    if len(rows) == 0:
+        return None
+    top, left = int(rows.min()), int(cols.min())
+    return top, left, int(rows.max()) - top + 1, int(cols.max()) - left + 1
+
+
+def test_paste_moves_a_rectangle_of_the_neighbour_with_its_depth():
+    rgb, depth = asymmetric_pair(b=6, h=24, w=40)
+    out_rgb, out_depth = paste_patches(rgb, depth, torch.Generator().manual_seed(0), prob=1.0)
+    torch.testing.assert_close(out_depth, 20 * out_rgb[:, :1])  # RGB and depth moved together
+    moved = 0
+    for i in range(len(rgb)):
+        top, left, ph, pw = changed_box(rgb[i], out_rgb[i])
+        assert 6 <= ph <= 12 and 10 <= pw <= 20  # a quarter to a half of each side
+        patch = out_rgb[i, :, top:top + ph, left:left + pw]
+        assert (patch != rgb[i, :, top:top + ph, left:left + pw]).any(0).all()  # the whole box replaced
+        # The patch is found in the previous image (the last one for the first), at some place.
+        source = rgb[i - 1].unfold(1, ph, 1).unfold(2, pw, 1)  # (3, H - ph + 1, W - pw + 1, ph, pw)
+        found = torch.nonzero((source == patch[:, None, None]).flatten(3).all(3).all(0))
+        assert len(found) == 1
+        moved += tuple(found[0].tolist()) != (top, left)
+    assert moved >= len(rgb) - 1  # cut at one place, pasted at another
+
+
+def test_paste_probability_and_determinism():
+    rgb, depth = asymmetric_pair(b=64, h=12, w=12)
+    same = paste_patches(rgb, depth, torch.Generator().manual_seed(3), prob=0.0)
+    assert torch.equal(same[0], rgb) and torch.equal(same[1], depth)
+    half_a = paste_patches(rgb, depth, torch.Generator().manual_seed(3), prob=0.5)
+    half_b = paste_patches(rgb, depth, torch.Generator().manual_seed(3), prob=0.5)
+    assert torch.equal(half_a[0], half_b[0]) and torch.equal(half_a[1], half_b[1])
+    pasted = sum(changed_box(rgb[i], half_a[0][i]) is not None for i in range(len(rgb)))
+    assert 16 <= pasted <= 48
+    one = paste_patches(rgb[:1], depth[:1], torch.Generator().manual_seed(3), prob=1.0)
+    assert torch.equal(one[0], rgb[:1])  # nothing to paste from
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
