@@ -387,6 +387,10 @@ def parse_options(argv=None):
         from demo import demo_preset
 
         vars(opts).update(demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size")))
+    # After the demo preset, which may turn --augment on: without it these two would change nothing, silently.
+    for name, typed in (("--max-zoom", "max_zoom" in explicit), ("--zoom-closer", opts.zoom_closer)):
+        if typed and not opts.augment and not (opts.eval or opts.predict or opts.export):
+            parser.error(f"{name} changes --augment's zoom: add --augment")
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts

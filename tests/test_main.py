@@ -114,6 +114,8 @@ def test_is_train_parses_as_a_real_boolean():
     (["--ema", "1"], "--ema"),
     (["--max-zoom", "0.5"], "--max-zoom"),
     (["--paste", "2"], "--paste"),
+    (["--zoom-closer"], "--zoom-closer"),
+    (["--demo", "--no-augment", "--max-zoom", "2"], "--max-zoom"),
 ])
 def test_bad_options_exit_with_one_line_naming_the_option(args, option):
     result = run_main(*args, timeout=60)
