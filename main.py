@@ -369,7 +369,8 @@ def parse_options(argv=None):
     """
     parser = build_parser()
     opts = parser.parse_args(argv)
-    explicit = typed_options(argv)  # which options the user typed, so that presets and resumes never override them
+    typed = typed_options(argv)
+    explicit = set(typed)  # the options typed or inherited, so that presets and resumes never override them
     if opts.resume:
         inherited = inherited_options(opts, explicit)
         vars(opts).update(inherited)
@@ -388,8 +389,8 @@ def parse_options(argv=None):
 
         vars(opts).update(demo_preset(opts, explicit, paper_batch_size=parser.get_default("batch_size")))
     # After the demo preset, which may turn --augment on: without it these two would change nothing, silently.
-    for name, typed in (("--max-zoom", "max_zoom" in explicit), ("--zoom-closer", opts.zoom_closer)):
-        if typed and not opts.augment and not (opts.eval or opts.predict or opts.export):
+    for name, given in (("--max-zoom", "max_zoom" in typed), ("--zoom-closer", opts.zoom_closer)):
+        if given and not opts.augment and not (opts.eval or opts.predict or opts.export):
             parser.error(f"{name} changes --augment's zoom: add --augment")
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
