@@ -190,7 +190,7 @@ class DepthNet(nn.Module):
     module tree, parameter names and forward pass are the paper's (docs/design.md §1-§4).
     """
 
-    def __init__(self, weights=None, init_depth=0.0, encoder="resnet34", skips=False):
+    def __init__(self, weights=None, init_depth=0.0, encoder="resnet34", skips=False, train_stem=False):
         super().__init__()
         spec = encoder_spec(encoder)
         self.encoder_name, self.skips = encoder, bool(skips)
@@ -204,9 +204,12 @@ class DepthNet(nn.Module):
         self.stem_children, self.skip_taps = spec.stem, spec.taps
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        for p in self.stem.parameters():
-            p.requires_grad_(False)
-        self.stem.eval()  # frozen from the start: a fresh model is in training mode, its stem never is
+        # Not part of model_args: a trained stem changes how the network trains, not what it is.
+        self.frozen_stem = not train_stem
+        if self.frozen_stem:
+            for p in self.stem.parameters():
+                p.requires_grad_(False)
+            self.stem.eval()  # frozen from the start: a fresh model is in training mode, its stem never is
         # Without this the output starts near 0 m and Adam needs hundreds of steps
         # (about lr per step) just to reach the data's scale.
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))
@@ -227,8 +230,8 @@ class DepthNet(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        # "Frozen" means the stem's BatchNorm statistics stay fixed too.
-        self.stem.eval()
+        if self.frozen_stem:  # "frozen" means the stem's BatchNorm statistics stay fixed too
+            self.stem.eval()
         return self
 
     def forward(self, rgb):

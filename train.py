@@ -183,7 +183,8 @@ class Trainer:
         if init_depth is None:
             init_depth = self._train_stats.mean_depth
         self.init_depth = init_depth
-        self.model = DepthNet(weights=weights, init_depth=init_depth, encoder=opts.encoder, skips=opts.skips)
+        self.model = DepthNet(weights=weights, init_depth=init_depth, encoder=opts.encoder, skips=opts.skips,
+                              train_stem=opts.train_stem)
         if self.dist.active:  # before the optimiser takes the parameters: the conversion makes new ones
             convert_batchnorm(self.model)
         self.model.to(self.device, memory_format=torch.channels_last if opts.channels_last else torch.contiguous_format)

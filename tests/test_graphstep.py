@@ -34,7 +34,7 @@ def max_difference(a, b):
     return max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("extra", [("--ema", "0.9"), ("--adamw", "--weight-decay", "0.1")])
+@pytest.mark.parametrize("extra", [("--ema", "0.9"), ("--adamw", "--weight-decay", "0.1", "--train-stem")])
 def test_graphed_steps_equal_eager_steps(data, tmp_path, extra):
     """4 steps (two epochs, through the peak of the cyclic schedule), from the same weights and batches.
 

@@ -137,6 +137,22 @@ def test_stem_frozen_and_everything_else_trainable():
     assert not torch.equal(model.decoder[0][0].weight, dec_before)
 
 
+def test_train_stem_trains_conv1_and_moves_bn1_statistics():
+    torch.manual_seed(0)
+    model = DepthNet(weights=None, init_depth=5.0, train_stem=True)
+    conv1, bn1 = model.encoder[0], model.encoder[1]
+    assert all(p.requires_grad for p in model.parameters())
+    weight_before, mean_before = conv1.weight.clone(), bn1.running_mean.clone()
+    model.eval().train()
+    assert bn1.training
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 64, 64)).mean().backward()
+    opt.step()
+    assert not torch.equal(conv1.weight, weight_before)
+    assert not torch.equal(bn1.running_mean, mean_before)
+    assert set(model.model_args) == {"encoder", "skips", "init_depth"}, "the same network: its checkpoint is unchanged"
+
+
 def test_stem_stays_in_eval_mode_after_eval_then_train(net):
     net.eval()
     net.train()

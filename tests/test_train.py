@@ -178,13 +178,14 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
     opts = main.parse_options([
         "--data-dir", small_data, "--run-dir", str(tmp_path / "run"), "--weights", "none", "--encoder", "resnet18",
         "--skips", "--augment", "--max-zoom", "2", "--zoom-closer", "--paste", "1", "--adamw", "--grad-weight", "0.5",
-        "--silog-weight", "2", "--image-size", str(SIZE),
+        "--silog-weight", "2", "--train-stem", "--image-size", str(SIZE),
         "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--vis-every", "2", "--workers", "0",
         "--amp", "off", "--quiet"])
     trainer = Trainer(opts)
     rgb, depth = next(iter(trainer._make_loader()))
     assert rgb.shape == (2, 3, SIZE, SIZE)
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.model.encoder[0].weight.requires_grad  # --train-stem
     augmented = trainer._augment_batch(rgb, depth)
     assert torch.equal(trainer._augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
     trainer.step = 1
