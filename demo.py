@@ -8,10 +8,18 @@ import math
 import os
 import time
 
-from dataset import DepthEstimationUnreal, depth_conventions, input_hw, list_pairs, split_exists
+from dataset import (
+    IMAGE_FORMATS,
+    DepthEstimationUnreal,
+    depth_conventions,
+    input_hw,
+    list_pairs,
+    open_image,
+    split_exists,
+)
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights_path
-from synthetic import ensure_dataset
+from synthetic import IMAGE_HW, ensure_dataset
 from train import Trainer
 from utils import atomic_path, stop_status, write_json_atomic
 
@@ -38,10 +46,11 @@ def epochs_for_steps(steps, train_pairs, batch_size):
 DEMO_RECIPE = {"skips": True, "augment": True, "paste": 0.5}
 # The recipe's learning rates: half the paper's, after scaling them to the batch.
 DEMO_LR_FACTOR = 0.5
-# Input size and steps on a CPU: at 128 × 128 a step costs half of one at 224 × 224, and val gains more from
-# the steps than it loses from the resolution (docs/real.md); 1,300 steps keep the whole demo on the real set
-# (training, evaluations, baselines) within ten minutes of 2 cores. A GPU keeps the paper's 224 × 224.
-CPU_SIZE, CPU_STEPS, GPU_STEPS = 128, 1300, 3000
+# Input and steps on a CPU: about 128 × 128 pixels (a step costs half of one at 224 × 224, and val gains more
+# from the steps than it loses from the resolution), shaped like the training images (cpu_input_size; docs/real.md);
+# 1,600 steps at 96 × 160 take about the time of 1,300 at 128 × 128. A GPU keeps the paper's 224 × 224.
+CPU_SIZE, CPU_STEPS, GPU_STEPS = 128, 1600, 3000
+
 
 
 def demo_preset(opts, explicit, paper_batch_size):
@@ -65,7 +74,7 @@ def demo_preset(opts, explicit, paper_batch_size):
               "step_size_down": step_size_down, "eval_every": 2, "vis_every": max(1, steps // 6),
               "run_dir": os.path.join("runs", "demo"), **DEMO_RECIPE}
     if not cuda:
-        preset["image_size"] = CPU_SIZE
+        preset["image_size"] = cpu_input_size(opts)
     preset = {k: v for k, v in preset.items() if k not in explicit}
     batch_size, max_steps = preset.get("batch_size", opts.batch_size), preset.get("max_steps", opts.max_steps)
     for key in ("lr", "max_lr"):
@@ -80,6 +89,20 @@ def demo_preset(opts, explicit, paper_batch_size):
     return preset
 
 
+def cpu_input_size(opts):
+    """[H, W], multiples of 32, of about CPU_SIZE² pixels in the shape of the first training image: 96 × 160 for
+    DepthEstimationUnreal's 144 × 256, 128 × 128 for square images. Squashing 144 × 256 into a square would
+    give the network shapes it never meets in a real picture, and the pixels cost the same."""
+    if split_exists(opts.data_dir, "train"):
+        _, rgb_path, _ = list_pairs(opts.data_dir, "train")[0]
+        with open_image(rgb_path, IMAGE_FORMATS, opts.max_pixels) as im:
+            width, height = im.size
+    else:
+        height, width = IMAGE_HW  # the scenes the demo will synthesise
+    shape = math.sqrt(height / width)
+    return [32 * max(1, round(CPU_SIZE * shape / 32)), 32 * max(1, round(CPU_SIZE / shape / 32))]
+
+
 def recipe_line(opts):
     """What the demo trained, in one line, and where the paper's own preset is."""
     additions = [name for name, on in (("skips", opts.skips), ("augmentation", opts.augment),
@@ -92,7 +115,7 @@ def recipe_line(opts):
 
 def training_scenes(opts):
     """How many training pairs the demo will train on: those in --data-dir, or those it will synthesise there."""
-    if os.path.isdir(os.path.join(opts.data_dir, "rgb", "train")):
+    if split_exists(opts.data_dir, "train"):
         return len(list_pairs(opts.data_dir, "train"))
     return opts.demo_train
 

@@ -43,6 +43,8 @@ SKY_DEPTH = 100.0
 SPLITS = ("train", "val", "test")
 STYLES = ("street", "yard")
 JPEG_QUALITY = 95
+# The rendered size, (height, width): DepthEstimationUnreal's.
+IMAGE_HW = (144, 256)
 # Camera distribution, recorded verbatim in meta.json (angles in degrees).
 CAMERA_RANGES = {"height_m": [1.2, 2.5], "pitch_deg": [-8.0, 5.0],
                  "roll_deg": [-3.0, 3.0], "hfov_deg": [60.0, 90.0]}
@@ -324,7 +326,7 @@ def _shadowed(scene, corners, points, sun):
     return blocked
 
 
-def render(scene, camera, height=144, width=256):
+def render(scene, camera, height=IMAGE_HW[0], width=IMAGE_HW[1]):
     """Ray-cast `scene` through `camera`; returns (rgb uint8 HxWx3, depth float32 HxW).
 
     Pixel (row v, column u) samples its centre; with rotation-free camera its
@@ -484,7 +486,7 @@ def _open_lot(rng, side, edge, far, prims):
             _car(rng, x, z, rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.3), 0.0, prims)
 
 
-def street_scene(rng, width=256):
+def street_scene(rng, width=IMAGE_HW[1]):
     """City street canyon: road, curbs, facades or open lots, trees, lamp posts, parked cars, traffic."""
     road, pave = rng.uniform(3.0, 6.5), rng.uniform(1.5, 4.0)
     far = rng.uniform(60, 220)
@@ -537,7 +539,7 @@ def street_scene(rng, width=256):
     return _lighting(rng, prims), cam
 
 
-def yard_scene(rng, width=256):
+def yard_scene(rng, width=IMAGE_HW[1]):
     """Junkyard: dirt ground, fences, sheds, scattered and stacked cars, poles and wires."""
     prims = [GroundPlane(_material(rng, "noise", (0.45, 0.38, 0.3), (0.3, 0.27, 0.22), rng.uniform(0.3, 1.2)))]
     fence = _material(rng, "stripes", (0.55, 0.55, 0.58), (0.4, 0.4, 0.42), rng.uniform(0.15, 0.4))
@@ -598,7 +600,7 @@ def yard_scene(rng, width=256):
 _BUILDERS = {"street": street_scene, "yard": yard_scene}
 
 
-def render_scene(rng, style, height=144, width=256):
+def render_scene(rng, style, height=IMAGE_HW[0], width=IMAGE_HW[1]):
     """Sample a random scene of `style` from `rng` and render it."""
     if style not in _BUILDERS:
         raise ValueError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
@@ -715,7 +717,7 @@ class OwnDataForm(NamedTuple):
 
 
 def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test_style="street",
-                     workers=1, height=144, width=256, progress=True, form=None):
+                     workers=1, height=IMAGE_HW[0], width=IMAGE_HW[1], progress=True, form=None):
     """Render a synthetic DepthEstimationUnreal-style data set into `out`; returns its meta."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     styles = {"train": "street", "val": val_style, "test": test_style}
@@ -772,8 +774,8 @@ def main(argv=None):
     parser.add_argument("--test-style", choices=STYLES, default="street")
     parser.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes; the output is identical for any number (default: the cores, up to 8)")
-    parser.add_argument("--height", type=_positive_int, default=144)
-    parser.add_argument("--width", type=_positive_int, default=256)
+    parser.add_argument("--height", type=_positive_int, default=IMAGE_HW[0])
+    parser.add_argument("--width", type=_positive_int, default=IMAGE_HW[1])
     own = parser.add_argument_group("writing the scenes as a user's own data set might be (see the README's "
                                     "'Your own data')")
     own.add_argument("--lists", action="store_true",

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 import main
@@ -18,16 +19,29 @@ PREDICTORS = {"model", "constant mean", "per-row mean", "mean map"}
 
 def test_demo_preset_scales_the_recipe_to_a_cpu():
     opts = main.parse_options(["--demo", "--device", "cpu"])
-    assert (opts.batch_size, opts.max_steps, opts.data_dir) == (8, 1300, os.path.join("data", "synthetic"))
-    assert (opts.image_size, opts.skips, opts.augment, opts.paste) == (128, True, True, 0.5)
+    assert (opts.batch_size, opts.max_steps, opts.data_dir) == (8, 1600, os.path.join("data", "synthetic"))
+    assert (opts.image_size, opts.skips, opts.augment, opts.paste) == ([96, 160], True, True, 0.5)
     assert recipe_line(opts).startswith("trained: paper model (ResNet-34) + skips + augmentation + copy-paste "
-                                        "(p = 0.5) at 128 × 128, 1300 steps of batch 8, learning rates 0.000125 … "
+                                        "(p = 0.5) at 96 × 160, 1600 steps of batch 8, learning rates 0.000125 … "
                                         "0.000625")
     # Two triangular2 cycles with the paper's 1 : 2 rise/fall, ending at (or within 5 steps of) the base lr.
     assert 0 <= opts.max_steps - 2 * (opts.step_size_up + opts.step_size_down) < 6
     assert abs(2 * opts.step_size_up - opts.step_size_down) <= 1  # 1 : 2, to a step
     # Learning rates scale with the batch against the paper's 32, then the recipe halves them.
     assert math.isclose(opts.lr, 1e-3 * 8 / 32 / 2) and math.isclose(opts.max_lr, 5e-3 * 8 / 32 / 2)
+
+
+@pytest.mark.parametrize("image_hw, input_hw", [((144, 256), [96, 160]), ((50, 50), [128, 128]),
+                                                ((375, 1242), [64, 224]), ((256, 144), [160, 96])])
+def test_demo_preset_shapes_the_cpu_input_like_the_training_images(tmp_path, image_hw, input_hw):
+    """About 128 × 128 pixels in the images' own shape, on 32's multiples: DepthEstimationUnreal, square
+    images, KITTI's shape and a portrait one."""
+    root = make_dataset(tmp_path, {"train": 1}, size=image_hw)
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", root])
+    assert opts.image_size == input_hw
+    height, width = input_hw
+    assert abs(math.log(height / width) - math.log(image_hw[0] / image_hw[1])) < 0.25
+    assert 0.6 < height * width / 128 ** 2 <= 1.0
 
 
 def test_demo_preset_gives_way_to_typed_options():
