@@ -164,7 +164,8 @@ def build_parser():
                                 "augmentation and copy-paste, sized for a CPU)")
     demo.add_argument("--demo-steps", type=int, default=None,
                       help="optimiser steps (default: 1600 on CPU, at about 128 x 128 pixels in the images' shape; "
-                           "3000 on CUDA); the CyclicLR cycle is scaled to fit, and the learning rates to the batch and halved (× batch / 64)")
+                           "3000 on CUDA); the CyclicLR cycle is scaled to fit, and the learning rates to the batch "
+                           "and halved (× batch / 64)")
     demo.add_argument("--demo-train", type=int, default=1000, help="synthetic training scenes to generate if absent")
     demo.add_argument("--demo-val", type=int, default=50,
                       help="synthetic validation scenes (a different kind of place)")
