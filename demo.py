@@ -52,12 +52,11 @@ DEMO_LR_FACTOR = 0.5
 CPU_SIZE, CPU_STEPS, GPU_STEPS = 128, 1600, 3000
 
 
-
 def demo_preset(opts, explicit, paper_batch_size):
     """{option: value} that size a short run on whatever device there is; `explicit`: the options typed,
     which the preset never overrides.
 
-    The paper's model, loss and optimiser, with DEMO_RECIPE's additions, at CPU_SIZE on a CPU. The
+    The paper's model, loss and optimiser, with DEMO_RECIPE's additions, at cpu_input_size on a CPU. The
     CyclicLR cycle is scaled to the run (scaled_cycle). Both learning rates scale linearly with
     the batch against the paper's (Goyal et al., 2017): at the CPU's batch of 8 the paper's 1e-3 …
     5e-3 makes the from-scratch network's validation score swing by 0.5 m between evaluations;
