@@ -99,12 +99,12 @@ def build_parser():
                                   "unchanged)")
     beyond.add_argument("--encoder", default="resnet34", choices=ENCODER_NAMES,
                         help="torchvision encoder; the decoder adapts to its channels and its stem stays frozen")
-    beyond.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False,
-                        help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
-                             "are concatenated into the decoder")
     beyond.add_argument("--train-stem", action="store_true",
                         help="train the encoder's stem too (a ResNet's conv1 and bn1), which the paper freezes: "
                              "frozen, a stem of --weights none stays a random filter bank")
+    beyond.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False,
+                        help="U-Net-style skip connections: the encoder's 1/16, 1/8, 1/4 and 1/2-resolution features "
+                             "are concatenated into the decoder")
     beyond.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                         help="paired training augmentation: horizontal flip and zoom-and-crop (x1 to --max-zoom, no "
                              "borders) on RGB and depth alike, brightness/contrast/saturation jitter (+-20%%) on RGB "
