@@ -8,15 +8,7 @@ import math
 import os
 import time
 
-from dataset import (
-    IMAGE_FORMATS,
-    DepthEstimationUnreal,
-    depth_conventions,
-    input_hw,
-    list_pairs,
-    open_image,
-    split_exists,
-)
+from dataset import DepthEstimationUnreal, depth_conventions, input_hw, list_pairs, read_rgb, split_exists
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights_path
 from synthetic import IMAGE_HW, ensure_dataset
@@ -72,15 +64,18 @@ def demo_preset(opts, explicit, paper_batch_size):
     preset = {"batch_size": 32 if cuda else 8, "max_steps": steps, "step_size_up": step_size_up,
               "step_size_down": step_size_down, "eval_every": 2, "vis_every": max(1, steps // 6),
               "run_dir": os.path.join("runs", "demo"), **DEMO_RECIPE}
-    if not cuda:
-        preset["image_size"] = cpu_input_size(opts)
+    # Listed once: the CPU's input shape and the epoch count both come from the training split.
+    pairs = list_pairs(opts.data_dir, "train") if split_exists(opts.data_dir, "train") else None
+    if not cuda and "image_size" not in explicit:
+        preset["image_size"] = cpu_input_size(pairs, opts.max_pixels)
     preset = {k: v for k, v in preset.items() if k not in explicit}
     batch_size, max_steps = preset.get("batch_size", opts.batch_size), preset.get("max_steps", opts.max_steps)
     for key in ("lr", "max_lr"):
         if key not in explicit:
             preset[key] = getattr(opts, key) * batch_size / paper_batch_size * DEMO_LR_FACTOR
     if "epochs" not in explicit:
-        preset["epochs"] = epochs_for_steps(max_steps, training_scenes(opts), batch_size)
+        scenes = len(pairs) if pairs is not None else opts.demo_train  # those it has, or those it will synthesise
+        preset["epochs"] = epochs_for_steps(max_steps, scenes, batch_size)
     if opts.weights == "imagenet" and not imagenet_weights_cached(opts.encoder):
         print(f"ImageNet weights for {encoder_spec(opts.encoder).title} are not cached and this may be offline: "
               "the demo starts from random weights")
@@ -88,16 +83,14 @@ def demo_preset(opts, explicit, paper_batch_size):
     return preset
 
 
-def cpu_input_size(opts):
+def cpu_input_size(pairs, max_pixels):
     """[H, W], multiples of 32, of about CPU_SIZE² pixels in the shape of the first training image: 96 × 160 for
     DepthEstimationUnreal's 144 × 256, 128 × 128 for square images. Squashing 144 × 256 into a square would
-    give the network shapes it never meets in a real picture, and the pixels cost the same."""
-    if split_exists(opts.data_dir, "train"):
-        _, rgb_path, _ = list_pairs(opts.data_dir, "train")[0]
-        with open_image(rgb_path, IMAGE_FORMATS, opts.max_pixels) as im:
-            width, height = im.size
-    else:
-        height, width = IMAGE_HW  # the scenes the demo will synthesise
+    give the network shapes it never meets in a real picture, and the pixels cost the same.
+
+    pairs: list_pairs of the training split, or None for the scenes the demo will synthesise. The image is
+    read as training reads it (upright by its EXIF orientation; a damaged file is an ImageError naming it)."""
+    height, width = read_rgb(pairs[0][1], max_pixels).shape[:2] if pairs else IMAGE_HW
     shape = math.sqrt(height / width)
     return [32 * max(1, round(CPU_SIZE * shape / 32)), 32 * max(1, round(CPU_SIZE / shape / 32))]
 
@@ -110,13 +103,6 @@ def recipe_line(opts):
     model = " + ".join([f"paper model ({encoder_spec(opts.encoder).title})", *additions])
     return (f"trained: {model} at {size}, {opts.max_steps} steps of batch {opts.batch_size}, learning rates "
             f"{opts.lr:.3g} … {opts.max_lr:.3g}; `python main.py` trains the paper's own preset")
-
-
-def training_scenes(opts):
-    """How many training pairs the demo will train on: those in --data-dir, or those it will synthesise there."""
-    if split_exists(opts.data_dir, "train"):
-        return len(list_pairs(opts.data_dir, "train"))
-    return opts.demo_train
 
 
 def imagenet_weights_cached(encoder="resnet34"):

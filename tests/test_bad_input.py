@@ -114,6 +114,18 @@ def test_corrupt_jpeg(capsys, tmp_path, data, damage):
     assert_one_error_line(code, err, "cannot read image", path)
 
 
+
+def test_demo_with_a_damaged_first_training_image(capsys, tmp_path, data):
+    """--demo reads the first training image for its input shape, before training starts: the same one line."""
+    path = os.path.join(data, "rgb", "train", "0.jpeg")
+    with open(path, "wb") as f:
+        f.write(b"not a picture")
+    run_dir = tmp_path / "run"
+    code, err = run_main(capsys, "--demo", "--data-dir", data, "--device", "cpu", "--run-dir", run_dir, "--quiet")
+    assert_one_error_line(code, err, path)
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("array, expected", [
     (np.zeros((48, 64, 3), np.float32), "shape (48, 64, 3)"),
     (np.zeros(48 * 64, np.float32), "shape (3072,)"),

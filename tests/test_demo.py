@@ -44,6 +44,17 @@ def test_demo_preset_shapes_the_cpu_input_like_the_training_images(tmp_path, ima
     assert 0.6 < height * width / 128 ** 2 <= 1.0
 
 
+def test_demo_preset_takes_the_shape_of_a_photo_upright_as_training_reads_it(tmp_path):
+    """A phone photo stored 144 × 256 with EXIF "rotate 90°" trains upright, 256 × 144: so is its input shaped."""
+    root = make_dataset(tmp_path, {"train": 1}, size=(144, 256))
+    path = os.path.join(root, "rgb", "train", "0.jpeg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(path).save(path, exif=exif)
+    opts = main.parse_options(["--demo", "--device", "cpu", "--data-dir", root])
+    assert opts.image_size == [160, 96]
+
+
 def test_demo_preset_gives_way_to_typed_options():
     opts = main.parse_options(["--demo", "--device", "cpu", "--batch-size", "16", "--lr", "2e-3",
                                "--demo-steps", "60", "--run-dir", "elsewhere", "--no-skips", "--no-augment", "--paste",
