@@ -424,6 +424,27 @@ def paste_patches(rgb, depth, generator=None, prob=0.5, min_side=0.25, max_side=
     return out_rgb, out_depth
 
 
+def random_crops(rgb, depth, size, generator=None):
+    """An (h, w) window of each image of a batch (B, C, H, W), RGB and depth alike, at a place drawn for each image
+    (--crop): two uniforms per image, on the CPU, from `generator` (torch's global RNG when None).
+
+    A window keeps the pictures' scale, so a network trained on windows sees objects at the size it will
+    meet them in the whole picture, where a zoom enlarges them; and it moves the horizon up and down by up to
+    H - h rows, so height in the picture says less about depth.
+    """
+    b, _, height, width = rgb.shape
+    h, w = size
+    if h > height or w > width:
+        raise ValueError(f"a {h} x {w} crop does not fit in a {height} x {width} input: --crop must fit in "
+                         "--image-size")
+    u = torch.rand(b, 2, generator=generator, dtype=torch.float64)
+    tops = (u[:, 0] * (height - h + 1)).long().tolist()
+    lefts = (u[:, 1] * (width - w + 1)).long().tolist()
+    rgb = torch.stack([rgb[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(tops, lefts))])
+    depth = torch.stack([depth[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(tops, lefts))])
+    return rgb, depth
+
+
 def jitter_colour(rgb, brightness, contrast, saturation):
     """Brightness, contrast and saturation of (B, 3, H, W) in [0, 1] by per-image factors (B, 1, 1, 1)."""
     # Built on the CPU, then copied without blocking: torch.tensor(..., device="cuda") would wait for the GPU.

@@ -35,7 +35,7 @@ def epochs_for_steps(steps, train_pairs, batch_size):
 
 # The best recipe measured for ten minutes of 2 CPU cores on the real set (docs/real.md, chosen on one half of
 # its val): options beyond the paper's model that --demo turns on unless typed, on any data set and device.
-DEMO_RECIPE = {"skips": True, "augment": True, "paste": 0.5}
+DEMO_RECIPE = {"skips": True, "augment": True, "paste": 0.5, "silog_weight": 0.5}
 # The recipe's learning rates: half the paper's, after scaling them to the batch.
 DEMO_LR_FACTOR = 0.5
 # Input and steps on a CPU: about 128 × 128 pixels (a step costs half of one at 224 × 224, and val gains more
@@ -98,7 +98,11 @@ def cpu_input_size(pairs, max_pixels):
 def recipe_line(opts):
     """What the demo trained, in one line, and where the paper's own preset is."""
     additions = [name for name, on in (("skips", opts.skips), ("augmentation", opts.augment),
-                                       (f"copy-paste (p = {opts.paste:g})", opts.paste)) if on]
+                                       (f"copy-paste (p = {opts.paste:g})", opts.paste),
+                                       (f"SILog (weight {opts.silog_weight:g})", opts.silog_weight),
+                                       (f"edge loss (weight {opts.grad_weight:g})", opts.grad_weight)) if on]
+    if opts.crop:
+        additions.append("{} × {} windows".format(*opts.crop))
     size = "{} × {}".format(*input_hw(opts.image_size))
     model = " + ".join([f"paper model ({encoder_spec(opts.encoder).title})", *additions])
     return (f"trained: {model} at {size}, {opts.max_steps} steps of batch {opts.batch_size}, learning rates "

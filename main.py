@@ -117,6 +117,9 @@ def build_parser():
     beyond.add_argument("--paste", type=float, default=0.0, metavar="PROB",
                         help="copy-paste: with this probability a training image gets a rectangle of another one, "
                              "RGB and depth together, moved to a random place; 0: off")
+    beyond.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="train on random H x W windows of the --image-size input (multiples of 32); val, test "
+                             "and prediction see the whole input, objects at the size training saw them")
     beyond.add_argument("--grad-weight", type=float, default=0.0,
                         help="weight of the image-gradient (edge) loss: L1 of the depth maps' x/y finite differences")
     beyond.add_argument("--silog-weight", type=float, default=0.0,
@@ -160,8 +163,8 @@ def build_parser():
                      help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
                           "(needs: pip install -r requirements-tensorboard.txt)")
 
-    demo = p.add_argument_group("the --demo preset (the paper's loss and optimiser, its model with skips, "
-                                "augmentation and copy-paste, sized for a CPU)")
+    demo = p.add_argument_group("the --demo preset (the paper's model, loss and optimiser with skips, "
+                                "augmentation, copy-paste and a SILog term, sized for a CPU)")
     demo.add_argument("--demo-steps", type=int, default=None,
                       help="optimiser steps (default: 1600 on CPU, at about 128 x 128 pixels in the images' shape; "
                            "3000 on CUDA); the CyclicLR cycle is scaled to fit, and the learning rates to the batch "
@@ -313,6 +316,8 @@ def check_options(parser, opts):
         parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
     if not opts.max_zoom >= 1:
         parser.error(f"--max-zoom must be at least 1 (1: no zoom), got {opts.max_zoom}")
+    if opts.crop is not None and any(v < 32 or v % 32 for v in opts.crop):
+        parser.error(f"--crop must be two positive multiples of 32 (H W), got {' '.join(map(str, opts.crop))}")
     if not 0 <= opts.paste <= 1:
         parser.error(f"--paste is a probability from 0 to 1, got {opts.paste}")
     if not 0 <= opts.ema < 1:
@@ -396,6 +401,9 @@ def parse_options(argv=None):
     for name, given in (("--max-zoom", "max_zoom" in typed), ("--zoom-closer", opts.zoom_closer)):
         if given and not opts.augment and not (opts.eval or opts.predict or opts.export):
             parser.error(f"{name} changes --augment's zoom: add --augment")
+    size = [opts.image_size] * 2 if isinstance(opts.image_size, int) else opts.image_size
+    if opts.crop and size is not None and any(c > s for c, s in zip(opts.crop, size)):
+        parser.error("--crop {} {} must fit in --image-size {} {}".format(*opts.crop, *size))
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts

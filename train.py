@@ -34,6 +34,7 @@ from dataset import (
     epoch_seed,
     input_hw,
     paste_patches,
+    random_crops,
 )
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
@@ -377,7 +378,7 @@ class Trainer:
         is read back only when host work needs the exact step count (_exact_step_needed), so a
         bad step may return a TrainStep with checked=False, to be un-counted by settle_steps.
         """
-        if self.opts.augment or self.opts.paste:
+        if self.opts.augment or self.opts.paste or self.opts.crop:
             rgb, depth = self._augment_batch(rgb, depth)
         if self._graphed is not None:
             if rgb.shape[0] != self.opts.batch_size:  # a graph replays one shape: the epoch's last batch is skipped
@@ -435,7 +436,7 @@ class Trainer:
         """--cuda-graphs: the step as graphstep.GraphedStep, captured in a CUDA graph after a few steps."""
         self._graphed, self._graph, self._graph_out, self._warmup_left = None, None, None, 3
         if self.opts.cuda_graphs:
-            batch_shape = (self.opts.batch_size, *input_hw(self.opts.image_size))
+            batch_shape = (self.opts.batch_size, *(self.opts.crop or input_hw(self.opts.image_size)))
             self._graphed = GraphedStep(self.model, self._loss_fn, self.optimizer, self.scheduler, self.amp_dtype,
                                         self.opts.channels_last, batch_shape, self.ema, self.opts.ema)
 
@@ -489,8 +490,8 @@ class Trainer:
         return True
 
     def _augment_batch(self, rgb, depth):
-        """--augment and --paste: dataset.augment_pair, then dataset.paste_patches, on the device, one random
-        draw per image.
+        """--augment, --crop and --paste: dataset.augment_pair, dataset.random_crops, then dataset.paste_patches,
+        on the device, one random draw per image.
 
         Done here rather than in the Dataset so it is the same whatever loads the data, and
         runs where the batch will be used. The draws come from (seed, step), as EpochSampler's
@@ -505,6 +506,8 @@ class Trainer:
         if self.opts.augment:
             rgb, depth = augment_pair(rgb, depth, generator, max_scale=self.opts.max_zoom, min_depth=self._hole_depth,
                                       scale_depth=self.opts.zoom_closer)
+        if self.opts.crop:
+            rgb, depth = random_crops(rgb, depth, self.opts.crop, generator)
         if self.opts.paste:
             rgb, depth = paste_patches(rgb, depth, generator, prob=self.opts.paste)
         return rgb, depth

@@ -35,7 +35,7 @@ t "cuda tests exit $?: $(tail -n 1 "$R/pytest_cuda.log")"
 snap
 
 t "demo, real data"
-timeout "${DEMO_TIMEOUT_S:-240}" "$PY" main.py --demo --data-dir "$REAL" --workers 8 --no-skips --no-augment --paste 0 --lr 1e-3 --max-lr 5e-3 --run-dir "$WORK/demo_real" \
+timeout "${DEMO_TIMEOUT_S:-240}" "$PY" main.py --demo --data-dir "$REAL" --workers 8 --no-skips --no-augment --paste 0 --silog-weight 0 --lr 1e-3 --max-lr 5e-3 --run-dir "$WORK/demo_real" \
     --quiet > "$R/demo_real.log" 2>&1
 t "demo exit $?"
 cp "$WORK"/demo_real/demo_results.json "$R/demo_real_results.json" 2>/dev/null

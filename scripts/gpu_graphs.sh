@@ -34,7 +34,7 @@ run profile_b32_eager 60 "$PY" bench.py --device cuda --profile 50 --batch-size 
 run profile_b32_graphs 60 "$PY" bench.py --device cuda --profile 50 --batch-size 32 --warmup 30 --cuda-graphs \
     --out "$OUT/profile_b32_graphs.json"
 if [ -n "$REAL" ]; then
-    run demo_real_graphs 240 "$PY" main.py --demo --data-dir "$REAL" --workers 8 --no-skips --no-augment --paste 0 --lr 1e-3 --max-lr 5e-3 --cuda-graphs \
+    run demo_real_graphs 240 "$PY" main.py --demo --data-dir "$REAL" --workers 8 --no-skips --no-augment --paste 0 --silog-weight 0 --lr 1e-3 --max-lr 5e-3 --cuda-graphs \
         --run-dir "$OUT/demo_real_graphs" --quiet
 fi
 echo "done after $(elapsed) s" | tee -a "$OUT/summary.txt"

@@ -20,6 +20,7 @@ from dataset import (
     check_files,
     list_pairs,
     paste_patches,
+    random_crops,
     read_depth,
     read_rgb,
 )
@@ -375,6 +376,27 @@ def test_paste_probability_and_determinism():
     assert 16 <= pasted <= 48
     one = paste_patches(rgb[:1], depth[:1], torch.Generator().manual_seed(3), prob=1.0)
     assert torch.equal(one[0], rgb[:1])  # nothing to paste from
+
+
+def test_crops_cut_rgb_and_depth_at_one_place_per_image():
+    rgb, depth = asymmetric_pair(b=32, h=24, w=40)
+    out_rgb, out_depth = random_crops(rgb, depth, (8, 16), torch.Generator().manual_seed(0))
+    assert out_rgb.shape == (32, 3, 8, 16) and out_depth.shape == (32, 1, 8, 16)
+    places = set()
+    for i in range(len(rgb)):
+        windows = rgb[i].unfold(1, 8, 1).unfold(2, 16, 1)  # (3, 17, 25, 8, 16): every 8 x 16 window
+        found = torch.nonzero((windows == out_rgb[i][:, None, None]).flatten(3).all(3).all(0))
+        assert len(found) == 1
+        top, left = found[0].tolist()
+        assert torch.equal(out_depth[i], depth[i, :, top:top + 8, left:left + 16])  # the same window of the depth
+        places.add((top, left))
+    assert len(places) > 16  # drawn for each image
+    again = random_crops(rgb, depth, (8, 16), torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out_rgb)
+    whole = random_crops(rgb, depth, (24, 40), torch.Generator().manual_seed(0))
+    assert torch.equal(whole[0], rgb) and torch.equal(whole[1], depth)
+    with pytest.raises(ValueError, match="does not fit"):
+        random_crops(rgb, depth, (32, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,10 +20,11 @@ PREDICTORS = {"model", "constant mean", "per-row mean", "mean map"}
 def test_demo_preset_scales_the_recipe_to_a_cpu():
     opts = main.parse_options(["--demo", "--device", "cpu"])
     assert (opts.batch_size, opts.max_steps, opts.data_dir) == (8, 1600, os.path.join("data", "synthetic"))
-    assert (opts.image_size, opts.skips, opts.augment, opts.paste) == ([96, 160], True, True, 0.5)
+    assert (opts.image_size, opts.skips, opts.augment, opts.paste, opts.silog_weight) == ([96, 160], True, True, 0.5,
+                                                                                         0.5)
     assert recipe_line(opts).startswith("trained: paper model (ResNet-34) + skips + augmentation + copy-paste "
-                                        "(p = 0.5) at 96 × 160, 1600 steps of batch 8, learning rates 0.000125 … "
-                                        "0.000625")
+                                        "(p = 0.5) + SILog (weight 0.5) at 96 × 160, 1600 steps of batch 8, learning "
+                                        "rates 0.000125 … 0.000625")
     # Two triangular2 cycles with the paper's 1 : 2 rise/fall, ending at (or within 5 steps of) the base lr.
     assert 0 <= opts.max_steps - 2 * (opts.step_size_up + opts.step_size_down) < 6
     assert abs(2 * opts.step_size_up - opts.step_size_down) <= 1  # 1 : 2, to a step
@@ -58,10 +59,11 @@ def test_demo_preset_takes_the_shape_of_a_photo_upright_as_training_reads_it(tmp
 def test_demo_preset_gives_way_to_typed_options():
     opts = main.parse_options(["--demo", "--device", "cpu", "--batch-size", "16", "--lr", "2e-3",
                                "--demo-steps", "60", "--run-dir", "elsewhere", "--no-skips", "--no-augment", "--paste",
-                               "0", "--image-size", "96", "160"])
+                               "0", "--silog-weight", "0", "--image-size", "128", "224", "--crop", "96", "160"])
     assert (opts.batch_size, opts.max_steps, opts.run_dir) == (16, 60, "elsewhere")
-    assert (opts.image_size, opts.skips, opts.augment, opts.paste) == ([96, 160], False, False, 0)
-    assert "trained: paper model (ResNet-34) at 96 × 160" in recipe_line(opts)
+    assert (opts.image_size, opts.skips, opts.augment) == ([128, 224], False, False)
+    assert (opts.paste, opts.silog_weight, opts.crop) == (0, 0, [96, 160])
+    assert "trained: paper model (ResNet-34) + 96 × 160 windows at 128 × 224" in recipe_line(opts)
     assert math.isclose(opts.lr, 2e-3), "a typed --lr is never rescaled"
     assert math.isclose(opts.max_lr, 5e-3 * 16 / 32 / 2)
     assert (opts.step_size_up, opts.step_size_down) == (10, 20)

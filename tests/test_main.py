@@ -114,6 +114,8 @@ def test_is_train_parses_as_a_real_boolean():
     (["--ema", "1"], "--ema"),
     (["--max-zoom", "0.5"], "--max-zoom"),
     (["--paste", "2"], "--paste"),
+    (["--crop", "96", "100"], "--crop"),
+    (["--image-size", "128", "--crop", "96", "160"], "--crop"),
     (["--zoom-closer"], "--zoom-closer"),
     (["--demo", "--no-augment", "--max-zoom", "2"], "--max-zoom"),
 ])

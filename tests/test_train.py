@@ -178,7 +178,7 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
     opts = main.parse_options([
         "--data-dir", small_data, "--run-dir", str(tmp_path / "run"), "--weights", "none", "--encoder", "resnet18",
         "--skips", "--augment", "--max-zoom", "2", "--zoom-closer", "--paste", "1", "--adamw", "--grad-weight", "0.5",
-        "--silog-weight", "2", "--train-stem", "--image-size", str(SIZE),
+        "--silog-weight", "2", "--train-stem", "--image-size", str(SIZE), "--crop", "32", "64",
         "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--vis-every", "2", "--workers", "0",
         "--amp", "off", "--quiet"])
     trainer = Trainer(opts)
@@ -187,18 +187,20 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.model.encoder[0].weight.requires_grad  # --train-stem
     augmented = trainer._augment_batch(rgb, depth)
+    assert augmented[0].shape == (2, 3, 32, SIZE) and augmented[1].shape == (2, 1, 32, SIZE)  # --crop
     assert torch.equal(trainer._augment_batch(rgb, depth)[0], augmented[0])  # a function of (seed, step): resumable
     trainer.step = 1
     assert not torch.equal(trainer._augment_batch(rgb, depth)[0], augmented[0])
     trainer.step = 0
     _, parts, pred = trainer._forward_backward_update(*augmented)
     assert set(parts) == {"loss", "rmse", "ssim", "grad", "silog"}
-    assert pred.shape == (2, 1, SIZE, SIZE)
+    assert pred.shape == (2, 1, 32, SIZE)
     trainer.fit()
     assert trainer.step == 2
     assert os.path.isfile(tmp_path / "run" / "vis" / "train_step000002.png")
     ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert ckpt["config"]["encoder"] == "resnet18" and ckpt["config"]["skips"] is True
+    assert ckpt["input_size"] == SIZE  # the whole input, which prediction uses; the crop is training's alone
     model, _ = DepthNet.from_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert model.encoder_name == "resnet18" and model.skips
 
