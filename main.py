@@ -279,10 +279,15 @@ def input_size_option(values):
     return values[0] if len(values) == 1 else list(values)
 
 
+def off_the_32_grid(sides):
+    """True if a side is not a positive multiple of 32, which the encoder's five halvings need."""
+    return any(v < 32 or v % 32 for v in sides)
+
+
 def check_model_options(parser, opts, cmap):
     """--image-size, --fov and (when `cmap`, which costs a matplotlib import) --cmap, for main.py and app.py."""
     sides = [opts.image_size] if isinstance(opts.image_size, int) else opts.image_size
-    if sides is not None and (len(sides) > 2 or any(v < 32 or v % 32 for v in sides)):
+    if sides is not None and (len(sides) > 2 or off_the_32_grid(sides)):
         parser.error("--image-size must be a positive multiple of 32 (the encoder downsamples by 32), S or H W; got "
                      f"{' '.join(map(str, sides))}")
     if not 0 < opts.fov < 180:
@@ -316,7 +321,7 @@ def check_options(parser, opts):
         parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
     if not opts.max_zoom >= 1:
         parser.error(f"--max-zoom must be at least 1 (1: no zoom), got {opts.max_zoom}")
-    if opts.crop is not None and any(v < 32 or v % 32 for v in opts.crop):
+    if opts.crop is not None and off_the_32_grid(opts.crop):
         parser.error(f"--crop must be two positive multiples of 32 (H W), got {' '.join(map(str, opts.crop))}")
     if not 0 <= opts.paste <= 1:
         parser.error(f"--paste is a probability from 0 to 1, got {opts.paste}")
@@ -401,9 +406,12 @@ def parse_options(argv=None):
     for name, given in (("--max-zoom", "max_zoom" in typed), ("--zoom-closer", opts.zoom_closer)):
         if given and not opts.augment and not (opts.eval or opts.predict or opts.export):
             parser.error(f"{name} changes --augment's zoom: add --augment")
-    size = [opts.image_size] * 2 if isinstance(opts.image_size, int) else opts.image_size
-    if opts.crop and size is not None and any(c > s for c, s in zip(opts.crop, size)):
-        parser.error("--crop {} {} must fit in --image-size {} {}".format(*opts.crop, *size))
+    if opts.crop and opts.image_size is not None:
+        from dataset import input_hw  # torch, imported only when a crop must be checked against the input
+
+        size = input_hw(opts.image_size)
+        if any(c > s for c, s in zip(opts.crop, size)):
+            parser.error("--crop {} {} must fit in --image-size {} {}".format(*opts.crop, *size))
     if opts.run_dir is None:
         opts.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return opts
