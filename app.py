@@ -165,6 +165,12 @@ def colour_bar_html(cmap, max_depth, ticks=5):
             f'<div class="ticks">{labels}</div><div style="text-align:center;font-size:12px">depth (m)</div>')
 
 
+def checkpoints_named(paths):
+    """The page's words for its model: one checkpoint's file name, or an ensemble's."""
+    names = ", ".join(f"`{os.path.basename(p)}`" for p in paths)
+    return f"Checkpoint {names}" if len(paths) == 1 else f"Checkpoints {names} (their depth averaged)"
+
+
 def build_page(page, gr):
     """The Gradio Blocks of the page, wired to `page` (a DepthPage); (blocks, theme)."""
 
@@ -178,7 +184,7 @@ def build_page(page, gr):
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"## Monocular depth estimation\n"
-                    f"Checkpoint `{os.path.basename(opts.ckpt)}`, input {' × '.join(map(str, input_hw(page.size)))}, "
+                    f"{checkpoints_named(opts.ckpt)}, input {' × '.join(map(str, input_hw(page.size)))}, "
                     f"on {page.device}. "
                     f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), "
                     "or pick an example.")
@@ -241,7 +247,7 @@ def main(argv=None):
         blocks.launch(server_name=opts.host, server_port=opts.port, max_file_size=f"{opts.max_upload_mb:g}mb",
                       allowed_paths=[page.workdir], theme=theme, css=CSS, footer_links=[], quiet=True,
                       prevent_thread_lock=True)
-        print(f"serving {opts.ckpt} on http://{opts.host}:{opts.port} (Ctrl-C stops)", flush=True)
+        print(f"serving {' + '.join(opts.ckpt)} on http://{opts.host}:{opts.port} (Ctrl-C stops)", flush=True)
         blocks.block_thread()  # until Ctrl-C or SIGTERM, which close the server
     except OSError as err:  # Gradio's words for a port in use name its own API: say it with our options
         print(f"error: cannot serve on {opts.host}:{opts.port} ({str(err).split('. ')[0]}); choose another --port "

@@ -234,7 +234,7 @@ def depth_sums(train_set, cache=None, chunk=256):
 def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=None, grid_rows=6, cmap="magma"):
     """The reports of --eval, into out_dir: report_SPLIT_per_image.csv (`rows` of evaluate(..., per_image=True)),
     report_SPLIT_grid.png (`grid_rows` images spread evenly over the split, 0: none) and curves.png, the
-    training curves of run_dir (the checkpoint's run) when it has logs."""
+    training curves of run_dir (the checkpoint's run; None: none) when it has logs."""
     split = dataset.split
     csv_path = os.path.join(out_dir, f"report_{split}_per_image.csv")
     write_per_image_csv(rows, csv_path)
@@ -251,6 +251,8 @@ def write_eval_report(model, dataset, rows, device, out_dir, run_dir, amp_dtype=
         grid_path = os.path.join(out_dir, f"report_{split}_grid.png")
         plot_prediction_grid(samples, grid_path, dataset.max_depth, cmap, dataset.min_depth)
         print(f"prediction grid: {grid_path}")
+    if run_dir is None:
+        return
     curves_path = os.path.join(out_dir, "curves.png")
     if plot_training_curves(run_dir, curves_path):
         print(f"training curves: {curves_path}")

@@ -3,8 +3,10 @@
 --eval, --predict (images and video), the web page and --export all get their model here, so
 that they cannot drift apart. Everything about the network comes from the checkpoint (its
 architecture, input size and weights, the moving average under --ema): nothing is typed again.
+Several checkpoints make one model, their Ensemble, wherever one can be used except --export.
 """
 import copy
+import os
 from typing import NamedTuple
 
 import torch
@@ -12,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import input_size, trained_depth
-from dataset import MAX_DEPTH, to_model_input
+from dataset import MAX_DEPTH, input_hw, to_model_input
 from hardware import autocast, select_amp_dtype, select_device
 from model import DepthNet
+from utils import UserError
 
 
 class Trained(NamedTuple):
@@ -27,26 +30,55 @@ class Trained(NamedTuple):
     depth: dict
 
 
-def load_trained(path, device="auto", size=None, channels_last=True):
-    """Trained(DepthNet of checkpoint `path` in eval mode on its device, input size, device, depth conventions).
+def load_trained(paths, device="auto", size=None, channels_last=True):
+    """Trained(DepthNet of checkpoint `paths` in eval mode on its device, input size, device, depth conventions).
 
-    size: the input size to feed it; None: the size it was trained at. channels_last or
-    contiguous: --eval takes training's layout, so that it computes exactly what the
-    validation during training did.
+    paths: one checkpoint, or several whose depth maps are averaged (an Ensemble). size: the input
+    size to feed it; None: the size it was trained at. channels_last or contiguous: --eval takes
+    training's layout, so that it computes exactly what the validation during training did.
     """
-    device = select_device(device) if isinstance(device, str) else device
-    model, ckpt = DepthNet.from_checkpoint(path)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return Trained(model, size or input_size(ckpt), device, trained_depth(ckpt))
+    members = load_members(paths, device, size, channels_last)
+    return members[0]._replace(model=averaged([m.model for m in members]))
 
 
-def load_predictor(path, device="auto", amp="auto", size=None, channels_last=True, flip=False):
+def load_predictor(paths, device="auto", amp="auto", size=None, channels_last=True, flip=False):
     """load_trained for --predict, video and the web page: the fast path, an InferenceModel whose weights are
     cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs from
     fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
-    trained = load_trained(path, device, size, channels_last)
-    model = InferenceModel(trained.model, select_amp_dtype(amp, trained.device), channels_last=channels_last)
-    return trained._replace(model=with_flip(model, flip))
+    members = load_members(paths, device, size, channels_last)
+    dtype = select_amp_dtype(amp, members[0].device)
+    model = averaged([InferenceModel(m.model, dtype, channels_last=channels_last) for m in members])
+    return members[0]._replace(model=with_flip(model, flip))
+
+
+def load_members(paths, device, size, channels_last):
+    """A Trained for each checkpoint in `paths` (one path or several), each on `device` in eval mode.
+
+    Several are averaged pixel by pixel, so they must agree on what a pixel means: the same input size
+    (unless `size` feeds them all one) and the same depth conventions; otherwise a UserError names both.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    device = select_device(device) if isinstance(device, str) else device
+    members = []
+    for path in paths:
+        model, ckpt = DepthNet.from_checkpoint(path)
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+        members.append(Trained(model, size or input_size(ckpt), device, trained_depth(ckpt)))
+    first = members[0]
+    for path, member in zip(paths[1:], members[1:]):
+        if input_hw(member.size) != input_hw(first.size):
+            raise UserError(f"{path} was trained at {' x '.join(map(str, input_hw(member.size)))} and {paths[0]} at "
+                            f"{' x '.join(map(str, input_hw(first.size)))}: checkpoints averaged together need one "
+                            "input size (--image-size feeds them all one)")
+        if member.depth != first.depth:
+            raise UserError(f"{path} was trained with the depth conventions {member.depth} and {paths[0]} with "
+                            f"{first.depth}: checkpoints averaged together must agree")
+    return members
+
+
+def averaged(models):
+    """The one model, or the Ensemble of several."""
+    return models[0] if len(models) == 1 else Ensemble(models)
 
 
 def with_flip(model, flip):
@@ -116,6 +148,22 @@ class InferenceModel(nn.Module):
 
     def forward(self, rgb):
         return self.net(rgb.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
+
+
+class Ensemble(nn.Module):
+    """The mean depth map of several trained models (--ckpt A.pt B.pt ...): one forward pass per model.
+
+    Networks trained from different seeds make partly different errors, and their mean is the
+    simplest ensemble (the Kaggle-style average of runs). docs/real.md measures what it gains here:
+    little, because the runs share most of their errors.
+    """
+
+    def __init__(self, models):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, rgb):
+        return torch.stack([member(rgb) for member in self.members]).mean(0)
 
 
 class FlipAveraged(nn.Module):

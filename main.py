@@ -154,8 +154,9 @@ def build_parser():
                      help="save a visualisation every N steps (0: never)")
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
-    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH",
-                     help="checkpoint to evaluate, predict with or export")
+    run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", nargs="+",
+                     help="checkpoint to evaluate, predict with or export; several (--eval, --predict): an ensemble, "
+                          "their depth maps averaged")
     run.add_argument("--metrics-out", default=None, metavar="PATH",
                      help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -219,7 +220,8 @@ def build_parser():
 # The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
 # build_parser), with the page's own words for each.
 APP_HELP = {
-    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt)",
+    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt); several: "
+            "their depth averaged",
     "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
     "device": "where the model runs; auto: CUDA when there is one",
     "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",
@@ -338,6 +340,11 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+    if opts.ckpt and len(opts.ckpt) > 1 and not (opts.eval or opts.predict):
+        parser.error("several --ckpt are averaged by --eval and --predict; --export writes one checkpoint's model")
+    if opts.eval and opts.ckpt and len(opts.ckpt) > 1 and opts.report and not opts.out:
+        parser.error("--eval of several --ckpt writes its reports to --out DIR (or add --no-report): "
+                     "no one run's folder is theirs")
     check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
     if opts.cuda_graphs and opts.compile:
         parser.error("choose one of --cuda-graphs and --compile (each removes the launch overhead its own way)")
@@ -433,12 +440,14 @@ def run_eval(opts):
     dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet,
                                     max_pixels=opts.max_pixels, **depth)
     metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
-    print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, checkpoint {opts.ckpt}"))
+    named = f"checkpoint {opts.ckpt[0]}" if len(opts.ckpt) == 1 else f"the mean of checkpoints {', '.join(opts.ckpt)}"
+    print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, {named}"))
     if opts.metrics_out:
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
-        run_dir = os.path.dirname(os.path.abspath(opts.ckpt))
+        # An ensemble's reports go to --out, and no one run's training curves are theirs.
+        run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
         write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir,
                           amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
@@ -502,7 +511,7 @@ def run_export(opts):
     from inference import load_trained
 
     model, size, _, _ = load_trained(opts.ckpt, "cpu", opts.image_size)
-    out = opts.out or os.path.splitext(opts.ckpt)[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
+    out = opts.out or os.path.splitext(opts.ckpt[0])[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
     diff = export_model(model, opts.export, out, size=size)
     h, w = input_hw(size)
     print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {h}, {w}) -> depth in metres (B, 1, {h}, {w}); "

@@ -87,13 +87,17 @@ TRAINED_SIZE = 64  # the checkpoint's --image-size: small, so that the tests run
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A randomly initialised DepthNet saved as a training run at --image-size 64 would: RUN/best.pt."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", seed=0)
+
+
+def save_random_checkpoint(path, seed, image_size=TRAINED_SIZE):
+    """A DepthNet initialised from `seed`, saved at `path` as a training run at `image_size` would save it."""
     from checkpoint import save_checkpoint
     from model import DepthNet
 
-    path = tmp_path_factory.mktemp("run") / "best.pt"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = DepthNet(weights=None, init_depth=10.0)
-    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": TRAINED_SIZE},
+    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": image_size},
                      "metrics": {}}, str(path))
     return path
 

@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import make_dataset, save_random_checkpoint
 from dataset import DepthEstimationUnreal
 from evaluate import METRIC_KEYS, compute_errors, evaluate, format_metrics
+from inference import load_trained
 from main import main
 from reference import masked_ssim, standard_metrics
+from utils import UserError
 
 N_IMAGES = 35  # two challenge batches: 32, then 3
 NATIVE = (24, 32)
@@ -199,3 +201,40 @@ def test_eval_writes_grid_per_image_csv_and_curves(checkpoint, tmp_path, capsys)
         for name in ("metrics.jsonl", "train_log.jsonl", "report_val_grid.png", "report_val_per_image.csv",
                      "curves.png"):
             (run_dir / name).unlink(missing_ok=True)
+
+
+class MeanOf(nn.Module):
+    """The mean of two networks' outputs, written here apart from inference.Ensemble."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, rgb):
+        return (self.a(rgb) + self.b(rgb)) / 2
+
+
+def test_eval_of_several_checkpoints_scores_their_mean_and_reports_to_out(checkpoint, tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, {"val": 3}, ext=".png", size=(48, 64))
+    other = save_random_checkpoint(tmp_path / "other.pt", seed=1)
+    out, metrics_path = tmp_path / "report", tmp_path / "metrics.json"
+    assert main(["--eval", "--ckpt", str(checkpoint), str(other), "--data-dir", str(data), "--workers", "0",
+                 "--quiet", "--report-images", "2", "--out", str(out), "--metrics-out", str(metrics_path)]) == 0
+    got = json.loads(metrics_path.read_text())
+    a, b = (load_trained(str(p), "cpu").model for p in (checkpoint, other))
+    dataset = DepthEstimationUnreal(str(data), "val", size=64, native=True, progress=False)
+    expected = evaluate(MeanOf(a, b), dataset, torch.device("cpu"))
+    alone = evaluate(a, dataset, torch.device("cpu"))
+    assert abs(alone["rmse"] - expected["rmse"]) > 1e-3  # the second network changed the result
+    for key in ("rmse", "ssim", "abs_rel", "challenge_rmse"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5)
+    assert sorted(os.listdir(out)) == ["report_val_grid.png", "report_val_per_image.csv"]  # no one run's curves
+    assert not (checkpoint.parent / "report_val_per_image.csv").exists()
+
+
+def test_checkpoints_trained_at_different_sizes_are_not_averaged(checkpoint, tmp_path):
+    other = save_random_checkpoint(tmp_path / "wide.pt", seed=1, image_size=[64, 96])
+    with pytest.raises(UserError, match="one input size"):
+        load_trained([str(checkpoint), str(other)], "cpu")
+    assert load_trained([str(checkpoint), str(other)], "cpu", size=64).size == 64  # fed one size, they average

@@ -111,6 +111,8 @@ def test_is_train_parses_as_a_real_boolean():
     (["--workers", "-1"], "--workers"),
     (["--is_train", "maybe"], "--is_train"),
     (["--flip"], "--flip"),
+    (["--export", "onnx", "--ckpt", "a.pt", "b.pt"], "--ckpt"),
+    (["--eval", "--ckpt", "a.pt", "b.pt"], "--out"),
     (["--ema", "1"], "--ema"),
     (["--max-zoom", "0.5"], "--max-zoom"),
     (["--paste", "2"], "--paste"),

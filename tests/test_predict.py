@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import hardware
-from conftest import TRAINED_SIZE
+from conftest import TRAINED_SIZE, save_random_checkpoint
 from inference import predict_depth
 from main import main
 from model import DepthNet
@@ -131,6 +131,20 @@ def test_predict_runs_bf16_weights_where_the_hardware_runs_bf16(checkpoint, tmp_
         assert not np.array_equal(auto, fp32) and np.abs(auto - fp32).max() < 0.1
     else:
         np.testing.assert_array_equal(auto, fp32)
+
+
+def test_predict_with_several_checkpoints_writes_the_mean_of_their_depth(checkpoint, tmp_path):
+    """--ckpt A B: an ensemble, each pixel's depth the mean of the two models' (fp32 here)."""
+    other = save_random_checkpoint(tmp_path / "other.pt", seed=1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(folder / "a.png")
+    common = ["--predict", str(folder), "--device", "cpu", "--workers", "0", "--quiet", "--amp", "off"]
+    for name, ckpts in (("one", [checkpoint]), ("other", [other]), ("both", [checkpoint, other])):
+        assert main(common + ["--ckpt", *map(str, ckpts), "--out", str(tmp_path / name)]) == 0
+    one, two = np.load(tmp_path / "one" / "a.npy"), np.load(tmp_path / "other" / "a.npy")
+    assert np.abs(one - two).max() > 0.01  # two different networks
+    np.testing.assert_allclose(np.load(tmp_path / "both" / "a.npy"), 0.5 * (one + two), atol=1e-4)
 
 
 def test_predict_flip_averages_the_image_and_its_mirror(checkpoint, tmp_path):
