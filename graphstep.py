@@ -19,6 +19,8 @@ the torch.optim.Adam and CyclicLR that checkpoints save, and `GraphedStep(...)` 
 those on construction, so --resume works across both kinds of step. fp16 (whose GradScaler
 changes its scale on the host) is not supported.
 """
+import warnings
+
 import torch
 from torch.func import functional_call, grad_and_value
 
@@ -132,7 +134,11 @@ class GraphedStep:
             state["exp_avg_sq"] = self.exp_avg_sq[name].clone()
             state["step"] = torch.tensor(float(applied), device=p.device)
         scheduler.last_epoch = applied - 1
-        scheduler.step()  # sets the param groups' lr and beta1 to the schedule's at this position
+        # The graphed step updates the weights without optimizer.step(), so PyTorch would warn that the
+        # schedule skips its first value; here it is only being positioned, and skips nothing.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()  # sets the param groups' lr and beta1 to the schedule's at this position
 
 
 class CyclicSchedule:
