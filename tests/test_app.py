@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import app  # noqa: E402  (Gradio is imported by app.main and build_page, not here)
-from conftest import make_pair  # noqa: E402
+from conftest import make_pair, save_random_checkpoint  # noqa: E402
 from main import build_app_parser, build_parser, main, parse_app_options  # noqa: E402
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -164,6 +164,22 @@ def test_page_with_flip_shows_the_depth_predict_flip_writes(tiny_checkpoint, tmp
     np.testing.assert_array_equal(flipped, np.load(tmp_path / "ref" / "photo.npy"))
     unflipped = np.load(predict_reference(tiny_checkpoint, photo, tmp_path / "plain")["npy"])
     assert np.abs(flipped - unflipped).max() > 1e-3  # --flip reached the model: the photo is not symmetric
+
+
+def test_page_with_two_checkpoints_shows_what_predict_with_both_writes(tmp_path):
+    a, b = (save_random_checkpoint(tmp_path / f"{name}.pt", seed=seed) for name, seed in (("a", 1), ("b", 2)))
+    photo = write_photo(tmp_path / "photo.png")
+    page = app.DepthPage(parse_app_options(["--ckpt", str(a), str(b), "--device", "cpu"]))
+    try:
+        shown = np.load(page.on_photo(str(photo), 90.0)[3][0])
+    finally:
+        page.close()
+    assert main(["--predict", str(photo), "--ckpt", str(a), str(b), "--out", str(tmp_path / "both"),
+                 "--workers", "0", "--quiet"]) == 0
+    np.testing.assert_array_equal(shown, np.load(tmp_path / "both" / "photo.npy"))
+    alone = np.load(predict_reference(a, photo, tmp_path / "a")["npy"])
+    assert np.abs(shown - alone).max() > 1e-3  # the second checkpoint reached the page's model
+    assert app.checkpoints_named([str(a), str(b)]) == "Checkpoints `a.pt`, `b.pt` (their depth averaged)"
 
 
 def test_page_shows_a_large_photo_as_a_thinner_cloud(page, tmp_path, monkeypatch):
