@@ -54,8 +54,11 @@ def gaussian_blur_maps(maps, padding):
     (torch.backends.cuda.matmul.allow_tf32; off by default).
     """
     h, w = maps.shape[-2:]
-    rows = gaussian_band(h, padding, maps.device, maps.dtype)
-    cols = gaussian_band(w, padding, maps.device, maps.dtype)
+    # Compiled, the bands are built once, into the graph: the cache is for eager steps, and Dynamo
+    # warns (of a risk it has not seen) whenever it traces through one.
+    band = gaussian_band.__wrapped__ if torch.compiler.is_compiling() else gaussian_band
+    rows = band(h, padding, maps.device, maps.dtype)
+    cols = band(w, padding, maps.device, maps.dtype)
     return rows @ maps @ cols.T
 
 
