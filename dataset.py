@@ -438,11 +438,12 @@ def random_crops(rgb, depth, size, generator=None):
         raise ValueError(f"a {h} x {w} crop does not fit in a {height} x {width} input: --crop must fit in "
                          "--image-size")
     u = torch.rand(b, 2, generator=generator, dtype=torch.float64)
-    tops = (u[:, 0] * (height - h + 1)).long().tolist()
-    lefts = (u[:, 1] * (width - w + 1)).long().tolist()
-    rgb = torch.stack([rgb[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(tops, lefts))])
-    depth = torch.stack([depth[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(tops, lefts))])
-    return rgb, depth
+    places = list(zip((u[:, 0] * (height - h + 1)).long().tolist(), (u[:, 1] * (width - w + 1)).long().tolist()))
+
+    def windows(maps):
+        return torch.stack([maps[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(places)])
+
+    return windows(rgb), windows(depth)
 
 
 def jitter_colour(rgb, brightness, contrast, saturation):

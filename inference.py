@@ -68,9 +68,9 @@ def load_members(paths, device, size, channels_last):
     first = members[0]
     for path, member in zip(paths[1:], members[1:]):
         if input_hw(member.size) != input_hw(first.size):
-            raise UserError(f"{path} was trained at {' x '.join(map(str, input_hw(member.size)))} and {paths[0]} at "
-                            f"{' x '.join(map(str, input_hw(first.size)))}: checkpoints averaged together need one "
-                            "input size (--image-size feeds them all one)")
+            raise UserError("{} was trained at {} x {} and {} at {} x {}: checkpoints averaged together need one input "
+                            "size (--image-size feeds them all one)".format(path, *input_hw(member.size), paths[0],
+                                                                            *input_hw(first.size)))
         if member.depth != first.depth:
             raise UserError(f"{path} was trained with the depth conventions {member.depth} and {paths[0]} with "
                             f"{first.depth}: checkpoints averaged together must agree")

@@ -340,11 +340,12 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
-    if opts.ckpt and len(opts.ckpt) > 1 and not (opts.eval or opts.predict):
-        parser.error("several --ckpt are averaged by --eval and --predict; --export writes one checkpoint's model")
-    if opts.eval and opts.ckpt and len(opts.ckpt) > 1 and opts.report and not opts.out:
-        parser.error("--eval of several --ckpt writes its reports to --out DIR (or add --no-report): "
-                     "no one run's folder is theirs")
+    if opts.ckpt and len(opts.ckpt) > 1:
+        if not (opts.eval or opts.predict):
+            parser.error("several --ckpt are averaged by --eval and --predict; --export writes one checkpoint's model")
+        if opts.eval and opts.report and not opts.out:
+            parser.error("--eval of several --ckpt writes its reports to --out DIR (or add --no-report): "
+                         "no one run's folder is theirs")
     check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
     if opts.cuda_graphs and opts.compile:
         parser.error("choose one of --cuda-graphs and --compile (each removes the launch overhead its own way)")
