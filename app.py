@@ -13,6 +13,7 @@ The model is loaded once, at start-up, with the weights_only loading of every ch
 here; requests go through one queue that runs one at a time, as the model has one device.
 A file that is not a readable image gets a message in the page, and the server goes on.
 """
+import argparse
 import os
 import shutil
 import signal
@@ -21,6 +22,9 @@ import tempfile
 import time
 
 import numpy as np
+
+from main import HelpFormatter, check_model_options, input_size_option
+from main import build_parser as build_main_parser
 
 # Gradio reports usage to its authors unless told not to; the page works offline and reports nothing.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -40,16 +44,72 @@ CSS = """
 """
 
 
+# The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
+# build_parser), with the page's own words for each.
+APP_HELP = {
+    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt); several: "
+            "their depth averaged",
+    "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
+    "device": "where the model runs; auto: CUDA when there is one",
+    "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",
+    "cmap": "matplotlib colormap of the depth picture and its colour bar",
+    "fov": "starting value of the page's slider: the horizontal field of view (degrees) of the camera the point "
+           "cloud is back-projected with",
+    "flip": "show the mean of each photo's depth and, mirrored back, its mirror image's (two forward passes)",
+    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding",
+}
+
+
+def build_parser():
+    """Options of app.py, the web page to try a model: how to serve it, then --predict's own."""
+    p = argparse.ArgumentParser(prog="app.py", formatter_class=HelpFormatter,
+                                description="A web page to try a trained model: upload a photo, see its depth and "
+                                            "a 3-D point cloud, download the depth (needs: pip install -r "
+                                            "requirements-app.txt).")
+    serve = p.add_argument_group("serving")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
+    serve.add_argument("--port", type=int, default=7860, help="port to listen on")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0,
+                       help="uploads larger than this many megabytes are refused")
+    shared = p.add_argument_group("the model and what the page does with it")
+    for action in build_main_parser()._actions:
+        if action.dest not in APP_HELP:
+            continue
+        if action.nargs == 0:  # a flag
+            shared.add_argument(*action.option_strings, dest=action.dest, action="store_true",
+                                help=APP_HELP[action.dest])
+        else:
+            # No default size: like --predict, the page feeds the model the size it was trained at unless told.
+            shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
+                                nargs=action.nargs, default=None if action.dest == "image_size" else action.default,
+                                metavar=action.metavar, help=APP_HELP[action.dest], required=action.dest == "ckpt")
+    return p
+
+
+def parse_options(argv=None):
+    """app.py's options, checked as main.py checks those it shares."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if not 0 < opts.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {opts.port}")
+    if not opts.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
+    check_model_options(parser, opts, cmap=True)
+    opts.image_size = input_size_option(opts.image_size)
+    return opts
+
+
 class DepthPage:
     """The model behind the page, and what each request computes with it."""
 
     def __init__(self, opts):
-        from inference import load_predictor
+        from inference import load
 
         self.opts = opts
-        self.model, self.size, self.device, depth = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size,
-                                                                   channels_last=True, flip=opts.flip)
-        self.max_depth = depth["max_depth"]  # the range it was trained on: the scale of every depth picture here
+        self.predictor = load(opts.ckpt, opts.device, opts.amp, flip=opts.flip, size=opts.image_size)
+        # The range it was trained on: the scale of every depth picture here.
+        self.max_depth = self.predictor.conventions.max_depth
         # The examples, and one folder per request, live here until the server stops.
         self.workdir = tempfile.mkdtemp(prefix="depth-app-")
         self.requests = os.path.join(self.workdir, "requests")
@@ -60,9 +120,7 @@ class DepthPage:
 
     def predict(self, rgb):
         """Depth in metres of one HWC uint8 image, at its own size: --predict's computation for a batch of one."""
-        from inference import infer_image
-
-        return infer_image(self.model, rgb, self.size, self.device, self.max_depth)
+        return self.predictor.infer_image(rgb)
 
     def request_folder(self):
         """A fresh folder for one request's files. Gradio copies what a request returns into its own
@@ -231,10 +289,9 @@ def import_gradio():
 
 
 def main(argv=None):
-    from main import parse_app_options
     from utils import print_user_error, raise_interrupt
 
-    opts = parse_app_options(argv)
+    opts = parse_options(argv)
     try:
         gr = import_gradio()
         page = DepthPage(opts)  # a missing, corrupt or unsafe checkpoint stops here, with one line

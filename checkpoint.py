@@ -12,29 +12,29 @@ A checkpoint is one dict of tensors and plain Python types:
   config       the run's options, as its config.json
   metrics      the val metrics this checkpoint scored, when it was written after an evaluation
 """
+import math
 import os
 import pickle
 import warnings
 
 import torch
 
-from dataset import DEPTH_SCALE, MAX_DEPTH, MIN_DEPTH
+from conventions import DepthConventions
 from utils import CheckpointError, atomic_save, first_line
 
 # What --resume needs besides the weights.
 TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "rng")
-# The paper's input side and depth conventions: those of checkpoints that do not record theirs.
+# The paper's input side: that of checkpoints that do not record theirs.
 DEFAULT_INPUT_SIZE = 224
-DEFAULT_DEPTH = {"min_depth": MIN_DEPTH, "max_depth": MAX_DEPTH, "depth_scale": DEPTH_SCALE}
 
 
-def training_checkpoint(model_args, input_size, depth, model, ema, optimizer, scheduler, scaler, position, config,
+def training_checkpoint(model_args, input_size, conventions, model, ema, optimizer, scheduler, scaler, position, config,
                         metrics, rng):
     """The dict that Trainer saves: `position` holds epoch, step, batch_in_epoch and best_rmse."""
     return {
         "model_args": dict(model_args),
         "input_size": input_size if isinstance(input_size, int) else [int(v) for v in input_size],
-        "depth": dict(depth),
+        "depth": conventions.as_dict(),
         "model": model.state_dict(),
         **({"ema": ema.state_dict()} if ema is not None else {}),
         "optimizer": optimizer.state_dict(),
@@ -45,6 +45,26 @@ def training_checkpoint(model_args, input_size, depth, model, ema, optimizer, sc
         "metrics": metrics or {},
         "rng": rng,
     }
+
+
+def restore_training_state(ckpt, source, model, ema, optimizer, scheduler, scaler):
+    """Load a training checkpoint's state into a fresh run's objects (--resume); returns where training stood:
+    (epoch, step, batch_in_epoch, best_rmse). The RNGs are restored too."""
+    from model import load_weights
+    from utils import set_rng_state
+
+    load_weights(model, ckpt["model"], source)
+    if ema is not None:
+        # --ema added on resuming a run that kept no average: the average starts from the weights.
+        load_weights(ema, ckpt.get("ema", ckpt["model"]), source)
+    # Checkpoints store the optimiser's fused/foreach choice; the training loop needs fused Adam.
+    for group in ckpt["optimizer"]["param_groups"]:
+        group.update(fused=True, foreach=None)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt.get("scaler", {}))
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["step"], ckpt.get("batch_in_epoch", 0), ckpt.get("best_rmse", math.inf)
 
 
 def save_checkpoint(obj, path):
@@ -108,9 +128,9 @@ def input_size(ckpt):
     return size if isinstance(size, int) else [int(v) for v in size]
 
 
-def trained_depth(ckpt):
-    """{min_depth, max_depth, depth_scale} the checkpoint was trained with; the paper's for older files."""
-    return {**DEFAULT_DEPTH, **(ckpt.get("depth") or {})}
+def trained_conventions(ckpt):
+    """The DepthConventions the checkpoint was trained with; the paper's for older files."""
+    return DepthConventions.from_dict(ckpt.get("depth"))
 
 
 def network_state(ckpt):

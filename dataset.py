@@ -46,15 +46,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from losses import MIN_DEPTH
+from conventions import PAPER
 from utils import UserError, atomic_save, first_line
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
 DEPTH_EXTENSIONS = (".npy", ".png")
-# Depth is clipped to [0, MAX_DEPTH] metres, as the paper preprocesses it (sky is stored as 100 m).
-MAX_DEPTH = 20.0
-# A 16-bit depth PNG holds depth × DEPTH_SCALE: millimetres, NYU Depth v2's convention (KITTI's is 256).
-DEPTH_SCALE = 1000.0
 # The only formats decoded: other Pillow plugins reach far more code (EPS runs Ghostscript) for
 # pictures no depth data set or camera produces.
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -198,7 +194,7 @@ def read_rgb(path, max_pixels=MAX_PIXELS):
         raise ImageError(path, reason, "Re-export or remove the file") from None
 
 
-def read_depth(path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
+def read_depth(path, depth_scale=PAPER.depth_scale, max_pixels=MAX_PIXELS):
     """HW float32 depth in metres from .npy (metres) or a 16-bit PNG (value / depth_scale); rejects wrong
     shapes, non-numeric dtypes, 8-bit or colour PNGs and NaN/inf."""
     if os.path.splitext(path)[1].lower() == ".png":
@@ -234,7 +230,7 @@ def read_png_depth(path, depth_scale, max_pixels=MAX_PIXELS):
     return depth / np.float32(depth_scale)
 
 
-def read_pair(rgb_path, depth_path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
+def read_pair(rgb_path, depth_path, depth_scale=PAPER.depth_scale, max_pixels=MAX_PIXELS):
     """(rgb HWC uint8, depth HW float32) of one pair; DataError if a file is bad or their sizes disagree."""
     rgb, depth = read_rgb(rgb_path, max_pixels), read_depth(depth_path, depth_scale, max_pixels)
     if rgb.shape[:2] != depth.shape:
@@ -259,8 +255,8 @@ def map_in_threads(fn, items, desc, progress=True):
             raise
 
 
-def check_files(pairs, max_depth=MAX_DEPTH, min_depth=MIN_DEPTH, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS,
-                desc="checking files", progress=True):
+def check_files(pairs, max_depth=PAPER.max_depth, min_depth=PAPER.min_depth, depth_scale=PAPER.depth_scale,
+                max_pixels=MAX_PIXELS, desc="checking files", progress=True):
     """Decode every pair once, in this (the main) process; raises the first pair's DataError in file order.
 
     Returns (mean depth over the measured pixels, clipped to [0, max_depth]; whether any pixel
@@ -285,23 +281,17 @@ def split_stats(total, measured, count, pairs):
     return total / measured, measured < count
 
 
-def clip_depth(depth, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
+def clip_depth(depth, min_depth=PAPER.min_depth, max_depth=PAPER.max_depth):
     """Depth clipped to [0, max_depth], the pixels at or below min_depth (not measured) set to 0."""
     clipped = np.clip(depth, 0.0, max_depth)
     return np.where(clipped > min_depth, clipped, np.float32(0.0))
 
 
-def depth_sum(clipped, min_depth=MIN_DEPTH):
+def depth_sum(clipped, min_depth=PAPER.min_depth):
     """(sum of the measured pixels in float64, measured pixels, all pixels) of a clipped depth map
     (array or tensor): the parts of a split's mean depth."""
     clipped = torch.as_tensor(clipped)
     return float(clipped.double().sum()), int((clipped > min_depth).sum()), clipped.numel()
-
-
-def depth_conventions(opts):
-    """The data set's depth conventions among main.py's options, as DepthEstimationUnreal's keyword arguments:
-    the depth range (--min-depth, --max-depth) and the scale of 16-bit depth PNGs (--depth-scale)."""
-    return {"min_depth": opts.min_depth, "max_depth": opts.max_depth, "depth_scale": opts.depth_scale}
 
 
 def input_hw(size):
@@ -323,7 +313,7 @@ def resize_to(t, size):
     return TF.center_crop(t, [h, w])
 
 
-def resize_depth(depth, size, min_depth=MIN_DEPTH):
+def resize_depth(depth, size, min_depth=PAPER.min_depth):
     """A (1, H, W) depth map resized as resize_to does, with its unmeasured pixels kept out.
 
     A map without holes is resized exactly as the paper does. With holes, bilinear resizing
@@ -446,6 +436,20 @@ def random_crops(rgb, depth, size, generator=None):
     return windows(rgb), windows(depth)
 
 
+def augment_batch(rgb, depth, generator, opts, min_depth=None):
+    """The training augmentation main.py's options ask for, on a batch where it lies (the device): --augment
+    (augment_pair), then --crop (random_crops), then --paste (paste_patches), one random draw per image.
+    Applied per batch by the Trainer rather than in the Dataset: the same whatever loads the data."""
+    if opts.augment:
+        rgb, depth = augment_pair(rgb, depth, generator, max_scale=opts.max_zoom, min_depth=min_depth,
+                                  scale_depth=opts.zoom_closer)
+    if opts.crop:
+        rgb, depth = random_crops(rgb, depth, opts.crop, generator)
+    if opts.paste:
+        rgb, depth = paste_patches(rgb, depth, generator, prob=opts.paste)
+    return rgb, depth
+
+
 def jitter_colour(rgb, brightness, contrast, saturation):
     """Brightness, contrast and saturation of (B, 3, H, W) in [0, 1] by per-image factors (B, 1, 1, 1)."""
     # Built on the CPU, then copied without blocking: torch.tensor(..., device="cuda") would wait for the GPU.
@@ -460,20 +464,22 @@ def jitter_colour(rgb, brightness, contrast, saturation):
 class DepthEstimationUnreal(Dataset):
     """One split of DepthEstimationUnreal, or of any data set in its layout or listed in split files.
 
-    size: the network input, S or (H, W). max_depth, min_depth: the depth range (clipped to
-    [0, max_depth]; at or below min_depth: not measured). depth_scale: what a 16-bit PNG's
-    values are divided by to give metres. native=True adds a third item, the clipped depth at
+    size: the network input, S or (H, W). conventions: the depth range (clipped to [0, max_depth];
+    at or below min_depth: not measured) and what a 16-bit PNG's values are divided by to give
+    metres (conventions.DepthConventions). native=True adds a third item, the clipped depth at
     its own resolution, which the standard evaluation protocol compares against. check=False
     skips decoding every file up front (see the module's docstring); only for files checked
     moments ago. progress=False hides the bar of that check (--quiet).
     """
 
-    def __init__(self, root, split="train", size=224, max_depth=MAX_DEPTH, native=False, check=True, progress=True,
-                 min_depth=MIN_DEPTH, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
+    def __init__(self, root, split="train", size=224, conventions=PAPER, native=False, check=True, progress=True,
+                 max_pixels=MAX_PIXELS):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        self.root, self.split, self.size, self.max_depth, self.native = root, split, size, max_depth, native
-        self.min_depth, self.depth_scale, self.max_pixels = min_depth, depth_scale, max_pixels
+        self.root, self.split, self.size, self.conventions, self.native = root, split, size, conventions, native
+        self.min_depth, self.max_depth, self.depth_scale = conventions.min_depth, conventions.max_depth, \
+            conventions.depth_scale
+        self.max_pixels = max_pixels
         self.progress = progress
         self.pairs = list_pairs(root, split)
         self._stats = self.check() if check else None
@@ -652,9 +658,8 @@ class SplitCache:
     def build(cls, dataset, progress=True):
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
-        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.max_depth, native=True,
-                                       check=False, min_depth=dataset.min_depth, depth_scale=dataset.depth_scale,
-                                       max_pixels=dataset.max_pixels)
+        source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.conventions, native=True,
+                                       check=False, max_pixels=dataset.max_pixels)
         n, (h, w) = len(source), input_hw(source.size)
         rgb = torch.empty(n, 3, h, w, dtype=torch.uint8)
         depth = torch.empty(n, 1, h, w, dtype=torch.float16)

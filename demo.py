@@ -8,7 +8,8 @@ import math
 import os
 import time
 
-from dataset import DepthEstimationUnreal, depth_conventions, input_hw, list_pairs, read_rgb, split_exists
+from conventions import DepthConventions
+from dataset import DepthEstimationUnreal, input_hw, list_pairs, read_rgb, split_exists
 from evaluate import baseline_models, evaluate
 from model import encoder_spec, imagenet_weights_path
 from synthetic import IMAGE_HW, ensure_dataset
@@ -120,7 +121,7 @@ def score_table(model, baselines, opts, device):
     workers = opts.workers
     for split in (s for s in ("val", "test") if split_exists(opts.data_dir, s)):
         dataset = DepthEstimationUnreal(opts.data_dir, split, size=opts.image_size, native=True,
-                                        progress=not opts.quiet, **depth_conventions(opts))
+                                        progress=not opts.quiet, conventions=DepthConventions.of(opts))
         results[split] = {"model": evaluate(model, dataset, device, num_workers=workers)}
         for name, baseline in baselines.items():
             results[split][name] = evaluate(baseline.to(device), dataset, device, num_workers=workers)

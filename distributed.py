@@ -149,3 +149,19 @@ def convert_batchnorm(module):
         else:
             convert_batchnorm(child)
     return module
+
+
+def wrap_for_processes(model, dist_state, device):
+    """The module a training loop calls: `model` itself on one process, inside DDP under torchrun."""
+    if not dist_state.active:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers need no syncing per step: GlobalBatchNorm2d updates them identically on every rank.
+    # Newer PyTorch calls the option forward_sync_buffers, older broadcast_buffers.
+    options = inspect.signature(DistributedDataParallel).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{name: False})

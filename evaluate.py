@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import MAX_DEPTH, clip_depth, read_depth, resize_depth, to_model_input
-from inference import predict_batch, predict_depth
+from conventions import PAPER
+from dataset import clip_depth, read_depth, resize_depth, to_model_input
+from inference import Predictor
 from losses import (
-    MIN_DEPTH,
     loss_data_range,
     masked_ssim_per_image,
     rmse,
@@ -36,7 +36,7 @@ CHALLENGE_BATCH = 32
 CHALLENGE_SIZE = 224
 
 
-def compute_errors(gt, pred, max_depth=MAX_DEPTH, min_depth=MIN_DEPTH):
+def compute_errors(gt, pred, max_depth=PAPER.max_depth, min_depth=PAPER.min_depth):
     """Standard metrics of each image of (B, 1, H, W) gt and pred (same size) as (B,) tensors.
 
     pred is clamped to [0, max_depth] for RMSE/SSIM and to [min_depth, max_depth] for the
@@ -92,12 +92,13 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
     was_training = model.training
     model.eval()
     max_depth, min_depth = dataset.max_depth, dataset.min_depth
+    predictor = Predictor(model, dataset.size, device, dataset.conventions, amp_dtype)
     loader = DataLoader(dataset, batch_size=CHALLENGE_BATCH, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_with_native, pin_memory=device.type == "cuda")
     challenge, per_metric = [], {}
     for rgb, depth, natives in loader:
         rgb, depth = rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
-        pred = predict_batch(model, rgb, amp_dtype)
+        pred = predictor.predict(rgb)
         challenge.append(challenge_scores(*challenge_pair(pred, depth, natives, min_depth), max_depth, min_depth))
         for gt, p in group_by_size(natives, pred, device):
             resized = F.interpolate(p, size=gt.shape[-2:], mode="bilinear", align_corners=False)
@@ -137,7 +138,7 @@ def challenge_scores(pred, gt, max_depth, min_depth):
     return torch.sqrt(total / count), (sim_total / images if images > 0 else None)
 
 
-def challenge_pair(pred, depth, natives, min_depth=MIN_DEPTH):
+def challenge_pair(pred, depth, natives, min_depth=PAPER.min_depth):
     """(prediction, ground truth) at CHALLENGE_SIZE: as they are when the model runs at that size; else
     the ground truth preprocessed at that size from the native depth, and the prediction resized."""
     if tuple(depth.shape[-2:]) == (CHALLENGE_SIZE, CHALLENGE_SIZE):
@@ -178,7 +179,8 @@ def predict_samples(model, dataset, indices, device, amp_dtype=None):
     """(name, rgb, ground truth, prediction) at native resolution for images `indices` of a DepthEstimationUnreal."""
     raws = [dataset.load_raw(i) for i in indices]
     inputs = torch.stack([to_model_input(rgb, dataset.size) for rgb, _ in raws]).to(device)
-    preds = predict_depth(model, inputs, [gt.shape for _, gt in raws], amp_dtype, dataset.max_depth)
+    predictor = Predictor(model, dataset.size, device, dataset.conventions, amp_dtype)
+    preds = predictor.depth_maps(inputs, [gt.shape for _, gt in raws])
     return [(dataset.names[i], rgb, gt, pred) for i, (rgb, gt), pred in zip(indices, raws, preds)]
 
 

@@ -8,10 +8,10 @@ triangular2 CyclicLR's lr and beta1, the skip of a non-finite loss, the --ema av
 
   * gradients come from torch.func.grad_and_value over the network's own tensors (so the step
     is a pure function that torch.compile traces whole, and a CUDA graph captures whole);
-  * the schedule's lr and beta1 are computed on the device from the count of applied steps,
-    never copied from the host;
-  * a non-finite loss leaves weights, Adam's moments, the step count and the average untouched
-    through torch.where, with no branch on a value;
+  * the schedule's lr and beta1 are computed on the device from the count of steps, never
+    copied from the host;
+  * a non-finite loss leaves weights, Adam's moments and Adam's own step count untouched through
+    torch.where, with no branch on a value; the step still counts, as in Trainer.train_step;
   * the batch is read from static input buffers (`rgb`, `depth`), which the caller fills.
 
 Adam's state and the schedule's position live here while it runs; `write_back` puts them into
@@ -51,8 +51,10 @@ class GraphedStep:
         self.schedule = cyclic_schedule_of(scheduler)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        # Optimiser steps applied so far: the position in the schedule and the --ema warm-up. In float64, as
-        # CyclicLR computes on the host: a 0-d tensor does not promote the float32 tensors it scales.
+        # Steps so far (the position in the schedule and the --ema warm-up), and those whose update was applied
+        # (Adam's bias correction). In float64, as CyclicLR computes on the host: a 0-d tensor does not promote
+        # the float32 tensors it scales.
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
         self.applied = torch.zeros((), dtype=torch.float64, device=device)
         self.read_state(optimizer, scheduler)
         self.ema, self.ema_decay = ema, ema_decay
@@ -65,6 +67,31 @@ class GraphedStep:
         dtype = next(iter(self.params.values())).dtype
         self.rgb = torch.zeros(b, 3, h, w, device=device, dtype=dtype)
         self.depth = torch.zeros(b, 1, h, w, device=device, dtype=dtype)
+        # Capture needs a few eager steps first (lazy initialisation, cudnn's choice of algorithms).
+        self.graph, self.graph_out, self.warmup_left = None, None, 3
+
+    def replay(self, rgb, depth):
+        """`step` on a batch through the CUDA graph: the batch copied into the static buffers, the first steps
+        run eagerly on a side stream (as capture needs), the next one captured, every later one replayed.
+        Returns step's outputs; the loss is a copy, since the next replay overwrites the graph's outputs."""
+        self.rgb.copy_(rgb, non_blocking=True)
+        self.depth.copy_(depth, non_blocking=True)
+        device = self.rgb.device
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                loss, parts, pred = self.step(self.rgb, self.depth)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return loss, parts, pred
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_out = self.step(self.rgb, self.depth)
+        self.graph.replay()
+        loss, parts, pred = self.graph_out
+        return loss.clone(), parts, pred
 
     # ---------------------------------------------------------------- the step
     def step(self, rgb, depth):
@@ -72,7 +99,7 @@ class GraphedStep:
 
         A pure function of tensors: no value is read back, no branch depends on one.
         """
-        lr, beta1 = self.schedule.at(self.applied)
+        lr, beta1 = self.schedule.at(self.steps)
         grads, (loss, (parts, pred)) = self._gradients(rgb, depth)
         ok = torch.isfinite(loss)
         step = self.applied + 1
@@ -91,12 +118,12 @@ class GraphedStep:
                 kept = p * (1 - lr * self.weight_decay) if self.decoupled else p
                 p.copy_(torch.where(ok, kept - update, p))
             if self.ema_pairs is not None:
-                # min(DECAY, (1 + n) / (10 + n)) after n applied steps, as Trainer._update_weight_average.
-                decay = torch.clamp((1 + self.applied) / (10 + self.applied), max=self.ema_decay)
-                weight = torch.where(ok, 1 - decay, torch.zeros_like(decay))
+                # min(DECAY, (1 + n) / (10 + n)) after n steps, as Trainer._update_weight_average.
+                weight = 1 - torch.clamp((1 + self.steps) / (10 + self.steps), max=self.ema_decay)
                 for averaged, trained in self.ema_pairs:
                     averaged.copy_(averaged + (trained - averaged) * weight)
             self.applied.copy_(self.applied + ok.to(self.applied.dtype))
+            self.steps.copy_(self.steps + 1)
         return loss.detach(), parts, pred.detach()
 
     def _gradients(self, rgb, depth):
@@ -122,18 +149,19 @@ class GraphedStep:
             if name is not None and "exp_avg" in state:
                 self.exp_avg[name].copy_(state["exp_avg"])
                 self.exp_avg_sq[name].copy_(state["exp_avg_sq"])
-        self.applied.fill_(float(scheduler.last_epoch))
+                self.applied.fill_(float(state["step"]))
+        self.steps.fill_(float(scheduler.last_epoch))
 
     def write_back(self, optimizer, scheduler):
         """Put Adam's moments and step counts and the schedule's position into `optimizer` and `scheduler`,
         so that a checkpoint saves, and an eager step continues, exactly this state (one host sync)."""
-        applied = int(self.applied.item())
+        steps, applied = (int(v) for v in torch.stack([self.steps, self.applied]).tolist())
         for name, p in self.params.items():
             state = optimizer.state[p]
             state["exp_avg"] = self.exp_avg[name].clone()
             state["exp_avg_sq"] = self.exp_avg_sq[name].clone()
             state["step"] = torch.tensor(float(applied), device=p.device)
-        scheduler.last_epoch = applied - 1
+        scheduler.last_epoch = steps - 1
         # The graphed step updates the weights without optimizer.step(), so PyTorch would warn that the
         # schedule skips its first value; here it is only being positioned, and skips nothing.
         with warnings.catch_warnings():
@@ -143,7 +171,7 @@ class GraphedStep:
 
 class CyclicSchedule:
     """torch.optim.lr_scheduler.CyclicLR's triangular2 lr and momentum (Adam's beta1) as tensor functions of
-    the number of steps applied, so the step computes them on the device."""
+    the number of steps, so the step computes them on the device."""
 
     def __init__(self, base_lr, max_lr, up, down, base_momentum, max_momentum, cycle_momentum):
         self.base_lr, self.max_lr, self.total, self.ratio = base_lr, max_lr, float(up + down), up / (up + down)

@@ -1,115 +1,102 @@
-"""A trained model, in one place: load a checkpoint for inference and run it on a batch or an image.
+"""A trained model, in one place: `load` a checkpoint (or several) and run it on a batch or an image.
 
---eval, --predict (images and video), the web page and --export all get their model here, so
-that they cannot drift apart. Everything about the network comes from the checkpoint (its
-architecture, input size and weights, the moving average under --ema): nothing is typed again.
-Several checkpoints make one model, their Ensemble, wherever one can be used except --export.
+--eval, --predict (images and video), the web page and --export all get their model from
+`load`, so that they cannot drift apart. Everything about the network comes from the
+checkpoint (its architecture, input size, depth conventions and weights, the moving average
+under --ema): nothing is typed again. What the user does type (--image-size, --min-depth,
+--max-depth, --depth-scale) replaces the checkpoint's value here, and only here. Several
+checkpoints make one model, their Ensemble, wherever one can be used except --export.
 """
 import copy
 import os
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import input_size, trained_depth
-from dataset import MAX_DEPTH, input_hw, to_model_input
+from checkpoint import input_size, load_checkpoint, model_args, network_state, trained_conventions
+from dataset import input_hw, to_model_input
 from hardware import autocast, select_amp_dtype, select_device
-from model import DepthNet
+from model import DepthNet, load_weights
 from utils import UserError
 
 
-class Trained(NamedTuple):
-    """A trained model ready to run: the network, the input size to feed it (S or (H, W)), its device, and
-    the depth conventions it was trained with ({min_depth, max_depth, depth_scale})."""
+def load(paths, device="auto", dtype=None, flip=False, size=None, conventions=None, channels_last=True):
+    """The Predictor of checkpoint `paths` (one path, or several whose depth maps are averaged: an Ensemble).
 
-    model: nn.Module
-    size: object
-    device: torch.device
-    depth: dict
-
-
-def load_trained(paths, device="auto", size=None, channels_last=True):
-    """Trained(the DepthNet of `paths`, or their Ensemble, in eval mode on its device, input size, device, depth
-    conventions).
-
-    paths: one checkpoint, or several whose depth maps are averaged (an Ensemble). size: the input
-    size to feed it; None: the size it was trained at. channels_last or contiguous: --eval takes
-    training's layout, so that it computes exactly what the validation during training did.
-    """
-    members = load_members(paths, device, size, channels_last)
-    return members[0]._replace(model=averaged([m.model for m in members]))
-
-
-def load_predictor(paths, device="auto", amp="auto", size=None, channels_last=True, flip=False):
-    """load_trained for --predict, video and the web page: the fast path, an InferenceModel whose weights are
-    cast once to the --amp dtype (auto: bf16 where the hardware runs it, else fp32). Depth then differs from
-    fp32 by about a centimetre. flip: averaged with the mirror image's (--flip)."""
-    members = load_members(paths, device, size, channels_last)
-    dtype = select_amp_dtype(amp, members[0].device)
-    model = averaged([InferenceModel(m.model, dtype, channels_last=channels_last) for m in members])
-    return members[0]._replace(model=with_flip(model, flip))
-
-
-def load_members(paths, device, size, channels_last):
-    """A Trained for each checkpoint in `paths` (one path or several), each on `device` in eval mode.
-
-    Several are averaged pixel by pixel, so they must agree on what a pixel means: the same input size
-    (unless `size` feeds them all one) and the same depth conventions; otherwise a UserError names both.
+    dtype: None runs the network in fp32 as it trained (what --eval scores); an --amp name
+    ("auto", "bf16", "fp16", "off") casts a frozen copy's weights once (InferenceModel), the fast
+    path of --predict and the page ("auto": bf16 where the hardware runs it). flip: each image's
+    depth averaged with its mirror image's (--flip). size and conventions ({field: value}, None
+    values ignored): what the user typed, over what the checkpoint was trained with.
+    channels_last or contiguous: --eval takes training's layout, so that it computes exactly what
+    the validation during training did.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     device = select_device(device) if isinstance(device, str) else device
-    members = []
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    nets, sizes, trained = [], [], []
     for path in paths:
-        model, ckpt = DepthNet.from_checkpoint(path)
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-        members.append(Trained(model, size or input_size(ckpt), device, trained_depth(ckpt)))
-    first = members[0]
-    for path, member in zip(paths[1:], members[1:]):
-        if input_hw(member.size) != input_hw(first.size):
+        ckpt = load_checkpoint(path)
+        net = DepthNet(weights=None, **model_args(ckpt))
+        load_weights(net, network_state(ckpt), path)
+        nets.append(net.to(device, memory_format=layout).eval())
+        sizes.append(size or input_size(ckpt))
+        trained.append(trained_conventions(ckpt))
+    check_members_agree(paths, sizes, trained)
+    resolved = trained[0].overridden(**(conventions or {}))
+    if not resolved.min_depth < resolved.max_depth:
+        raise UserError(f"--min-depth {resolved.min_depth} must be below the maximum depth, {resolved.max_depth} m "
+                        f"(--max-depth, or {paths[0]}'s own)")
+    amp_dtype = None if dtype is None else select_amp_dtype(dtype, device)
+    if dtype is not None:
+        nets = [InferenceModel(net, amp_dtype, channels_last=channels_last) for net in nets]
+    net = nets[0] if len(nets) == 1 else Ensemble(nets)
+    return Predictor(FlipAveraged(net) if flip else net, sizes[0], device, resolved)
+
+
+def check_members_agree(paths, sizes, conventions):
+    """Checkpoints averaged pixel by pixel must agree on what a pixel means: one input size (unless `size`
+    feeds them all one) and one set of depth conventions; otherwise a UserError names both files."""
+    for path, size, convention in zip(paths[1:], sizes[1:], conventions[1:]):
+        if input_hw(size) != input_hw(sizes[0]):
             raise UserError("{} was trained at {} x {} and {} at {} x {}: checkpoints averaged together need one input "
-                            "size (--image-size feeds them all one)".format(path, *input_hw(member.size), paths[0],
-                                                                            *input_hw(first.size)))
-        if member.depth != first.depth:
-            raise UserError(f"{path} was trained with the depth conventions {member.depth} and {paths[0]} with "
-                            f"{first.depth}: checkpoints averaged together must agree")
-    return members
+                            "size (--image-size feeds them all one)".format(path, *input_hw(size), paths[0],
+                                                                            *input_hw(sizes[0])))
+        if convention != conventions[0]:
+            raise UserError(f"{path} was trained with the depth conventions {convention.as_dict()} and {paths[0]} "
+                            f"with {conventions[0].as_dict()}: checkpoints averaged together must agree")
 
 
-def averaged(models):
-    """The one model, or the Ensemble of several."""
-    return models[0] if len(models) == 1 else Ensemble(models)
+class Predictor:
+    """A network ready to run: it, the input size to feed it (S or [H, W]), its device and the depth
+    conventions its predictions are clamped by. `load` returns one; evaluate wraps a training network.
 
+    amp_dtype: autocast for `predict` (None: as the network's own weights run).
+    """
 
-def with_flip(model, flip):
-    """The model, or with --flip the mean of its depth for each image and for its mirror image."""
-    return FlipAveraged(model) if flip else model
+    def __init__(self, net, size, device, conventions, amp_dtype=None):
+        self.net, self.size, self.device, self.conventions, self.amp_dtype = net, size, device, conventions, amp_dtype
 
+    @torch.no_grad()
+    def predict(self, rgb):
+        """Raw fp32 depth (B, 1, H, W) of a (B, 3, H, W) batch on the device."""
+        with autocast(rgb.device.type, self.amp_dtype):
+            return self.net(rgb).float()
 
-@torch.no_grad()
-def predict_batch(model, rgb, amp_dtype=None):
-    """Raw fp32 predictions of a batch, optionally computed under autocast."""
-    with autocast(rgb.device.type, amp_dtype):
-        return model(rgb).float()
+    @torch.no_grad()
+    def depth_maps(self, rgb, sizes):
+        """Depth in metres of a batch, each resized to its (H, W) in `sizes` and clamped to [0, max_depth] as
+        the standard protocol does (docs/design.md §8): a list of float32 HW arrays."""
+        depths = []
+        for p, (h, w) in zip(self.predict(rgb), sizes):
+            d = F.interpolate(p[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
+            depths.append(d[0, 0].clamp_(0.0, self.conventions.max_depth).cpu().numpy())
+        return depths
 
-
-@torch.no_grad()
-def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
-    """Depth in metres of a (B, 3, H, W) batch, each resized to its (H, W) in `sizes` and clamped to
-    [0, max_depth] as the standard protocol does (docs/design.md §8): a list of float32 HW arrays."""
-    pred = predict_batch(model, inputs, amp_dtype)
-    depths = []
-    for p, (h, w) in zip(pred, sizes):
-        d = F.interpolate(p[None], size=(int(h), int(w)), mode="bilinear", align_corners=False)
-        depths.append(d[0, 0].clamp_(0.0, max_depth).cpu().numpy())
-    return depths
-
-
-def infer_image(model, rgb, size, device, max_depth=MAX_DEPTH):
-    """Depth in metres of one HWC uint8 image at its own size: predict_depth for a batch of one."""
-    inputs = to_model_input(rgb, size)[None].to(device)
-    return predict_depth(model, inputs, [rgb.shape[:2]], max_depth=max_depth)[0]
+    def infer_image(self, rgb):
+        """Depth in metres of one HWC uint8 image at its own size."""
+        return self.depth_maps(to_model_input(rgb, self.size)[None].to(self.device), [rgb.shape[:2]])[0]
 
 
 class FullPrecision(nn.Module):

@@ -11,10 +11,10 @@ import functools
 import torch
 import torch.nn as nn
 
+from conventions import PAPER
+
 WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
-# Depths at or below this count as missing (SILog here, the ratio and log metrics in evaluate.py).
-MIN_DEPTH = 1e-3
 
 
 def at_least_fp32(t):
@@ -90,9 +90,9 @@ def ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy, data_range):
 
 
 def loss_data_range(max_depth):
-    """The data range of the loss's SSIM: the paper's constants C1 = 0.01², C2 = 0.03² on metres at its 20 m
+    """The data range of the loss's SSIM: the paper's constants C1 = 0.01², C2 = 0.03² on metres at its own
     range (data range 1), scaled with another range."""
-    return max_depth / 20.0
+    return max_depth / PAPER.max_depth
 
 
 def count_like(t, n):
@@ -188,7 +188,7 @@ def gradient_loss(pred, target):
     return sum_x / n_x + sum_y / n_y
 
 
-def silog_per_image(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+def silog_per_image(pred, target, lam=0.85, min_depth=PAPER.min_depth):
     """Scale-invariant log loss (Eigen et al. 2014) of each image, (B,).
 
     With d = log(pred) − log(gt) over pixels with gt > min_depth (pred clamped to at least
@@ -206,13 +206,13 @@ def silog_per_image(pred, target, lam=0.85, min_depth=MIN_DEPTH):
     return (mean_d2 - lam * mean_d * mean_d).clamp_min(1e-12).sqrt()
 
 
-def silog_sums(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+def silog_sums(pred, target, lam=0.85, min_depth=PAPER.min_depth):
     """(Σ over images of silog_per_image, number of images)."""
     per_image = silog_per_image(pred, target, lam, min_depth)
     return per_image.sum(), count_like(per_image, per_image.numel())
 
 
-def silog_loss(pred, target, lam=0.85, min_depth=MIN_DEPTH):
+def silog_loss(pred, target, lam=0.85, min_depth=PAPER.min_depth):
     """silog_per_image averaged over the batch."""
     total, count = silog_sums(pred, target, lam, min_depth)
     return total / count
@@ -234,7 +234,7 @@ class DepthLoss(nn.Module):
     """
 
     def __init__(self, alpha=1.0, beta=1.0, grad_weight=0.0, silog_weight=0.0, reduce=None, min_depth=None,
-                 max_depth=20.0):
+                 max_depth=PAPER.max_depth):
         super().__init__()
         # min_depth: the target's pixels at or below it are not measured and count nowhere (a data set
         # with holes); None: every pixel counts, as in the paper.
@@ -253,7 +253,7 @@ class DepthLoss(nn.Module):
         if self.grad_weight:
             sums += gradient_error_sums(pred, target, mask)
         if self.silog_weight:
-            sums += silog_sums(pred, target, min_depth=MIN_DEPTH if self.min_depth is None else self.min_depth)
+            sums += silog_sums(pred, target, min_depth=PAPER.min_depth if self.min_depth is None else self.min_depth)
         s = self.reduce(torch.stack(sums))
         err, sim = torch.sqrt(s[0] / s[1]), s[2] / s[3]
         total = self.alpha * err + self.beta * (1 - sim)

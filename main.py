@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from conventions import PAPER
+
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
                  "predict", "export", "out", "cmap", "png16", "ply", "flip", "fov", "npy", "report", "report_images",
@@ -74,16 +76,16 @@ def build_parser():
                       help="network input: side S of a square, or height H and width W (multiples of 32); the paper "
                            "uses 224, smaller is for tests and laptops. --eval, --predict and --export use the "
                            "checkpoint's own unless this is given")
-    data.add_argument("--max-depth", type=float, default=20.0,
+    data.add_argument("--max-depth", type=float, default=PAPER.max_depth,
                       help="depth is clipped to [0, MAX] metres (the paper's 20), and predictions to it; --eval, "
                            "--predict and --export use the checkpoint's own unless this is given")
-    data.add_argument("--min-depth", type=float, default=1e-3,
+    data.add_argument("--min-depth", type=float, default=PAPER.min_depth,
                       help="ground truth at or below this (metres) is 'not measured' (0 in every common format) and "
                            "counts nowhere: not in the loss, the metrics or the baselines")
     data.add_argument("--max-pixels", type=int, default=4096 * 4096,
                       help="refuse images with more pixels than this (read from the file's header, before decoding): "
                            "data, --predict's images and video frames, the web page's uploads")
-    data.add_argument("--depth-scale", type=float, default=1000.0,
+    data.add_argument("--depth-scale", type=float, default=PAPER.depth_scale,
                       help="a 16-bit depth PNG holds metres x this: 1000 (millimetres, NYU Depth v2), 256 (KITTI)")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
                       help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
@@ -216,62 +218,9 @@ def build_parser():
     return p
 
 
-# --predict's options that app.py takes too, defined once in build_parser.
-# The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
-# build_parser), with the page's own words for each.
-APP_HELP = {
-    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt); several: "
-            "their depth averaged",
-    "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
-    "device": "where the model runs; auto: CUDA when there is one",
-    "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",
-    "cmap": "matplotlib colormap of the depth picture and its colour bar",
-    "fov": "starting value of the page's slider: the horizontal field of view (degrees) of the camera the point "
-           "cloud is back-projected with",
-    "flip": "show the mean of each photo's depth and, mirrored back, its mirror image's (two forward passes)",
-    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding",
-}
-# Options the checkpoint records, which --eval, --predict and --export take from it unless typed.
+# Options the checkpoint records. Untyped, --eval, --predict and --export leave them None, meaning
+# "the checkpoint's own": inference.load resolves them, in that one place.
 FROM_CHECKPOINT = ("image_size", "max_depth", "min_depth", "depth_scale")
-
-
-def build_app_parser():
-    """Options of app.py, the web page to try a model: how to serve it, then --predict's own."""
-    p = argparse.ArgumentParser(prog="app.py", formatter_class=HelpFormatter,
-                                description="A web page to try a trained model: upload a photo, see its depth and "
-                                            "a 3-D point cloud, download the depth (needs: pip install -r "
-                                            "requirements-app.txt).")
-    serve = p.add_argument_group("serving")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
-    serve.add_argument("--port", type=int, default=7860, help="port to listen on")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0,
-                       help="uploads larger than this many megabytes are refused")
-    shared = p.add_argument_group("the model and what the page does with it")
-    for action in build_parser()._actions:
-        if action.dest not in APP_HELP:
-            continue
-        if action.nargs == 0:  # a flag
-            shared.add_argument(*action.option_strings, dest=action.dest, action="store_true",
-                                help=APP_HELP[action.dest])
-        else:
-            # No default size: like --predict, the page feeds the model the size it was trained at unless told.
-            shared.add_argument(*action.option_strings, dest=action.dest, type=action.type, choices=action.choices,
-                                nargs=action.nargs, default=None if action.dest == "image_size" else action.default,
-                                metavar=action.metavar, help=APP_HELP[action.dest], required=action.dest == "ckpt")
-    return p
-
-
-def parse_app_options(argv=None):
-    parser = build_app_parser()
-    opts = parser.parse_args(argv)
-    if not 0 < opts.port < 65536:
-        parser.error(f"--port must be between 1 and 65535, got {opts.port}")
-    if not opts.max_upload_mb > 0:
-        parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
-    check_model_options(parser, opts, cmap=True)
-    opts.image_size = input_size_option(opts.image_size)
-    return opts
 
 
 def input_size_option(values):
@@ -403,7 +352,7 @@ def parse_options(argv=None):
     opts.image_size = input_size_option(opts.image_size)
     if opts.eval or opts.predict or opts.export:
         for key in set(FROM_CHECKPOINT) - explicit:
-            setattr(opts, key, None)  # what the checkpoint was trained with (inference.load_trained)
+            setattr(opts, key, None)  # the checkpoint's own, resolved by inference.load
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.demo:
@@ -425,22 +374,29 @@ def parse_options(argv=None):
     return opts
 
 
+def load_model(opts, amp=None):
+    """inference.load of --ckpt with the options that choose how it runs and those typed over the checkpoint's."""
+    from conventions import FIELDS
+    from inference import load
+
+    return load(opts.ckpt, opts.device, amp, flip=opts.flip, size=opts.image_size,
+                conventions={k: getattr(opts, k) for k in FIELDS}, channels_last=opts.channels_last)
+
+
 def run_eval(opts):
     from dataset import DepthEstimationUnreal
     from evaluate import evaluate, format_metrics, write_eval_report
     from hardware import select_amp_dtype
-    from inference import load_trained, with_flip
     from utils import write_json_atomic
 
-    model, size, device, trained_depth = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
-    model = with_flip(model, opts.flip)
-    depth = typed_or_trained(opts, trained_depth)
+    trained = load_model(opts)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
-    amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
-    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=size, native=True, progress=not opts.quiet,
-                                    max_pixels=opts.max_pixels, **depth)
-    metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers, per_image=True)
+    amp_dtype = select_amp_dtype(opts.amp, trained.device) if opts.amp != "auto" else None
+    dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=trained.size, conventions=trained.conventions,
+                                    native=True, progress=not opts.quiet, max_pixels=opts.max_pixels)
+    metrics, rows = evaluate(trained.net, dataset, trained.device, amp_dtype=amp_dtype, num_workers=opts.workers,
+                             per_image=True)
     named = f"checkpoint {opts.ckpt[0]}" if len(opts.ckpt) == 1 else f"the mean of checkpoints {', '.join(opts.ckpt)}"
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, {named}"))
     if opts.metrics_out:
@@ -449,23 +405,9 @@ def run_eval(opts):
     if opts.report:
         # An ensemble's reports go to --out, and no one run's training curves are theirs.
         run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
-        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir,
+        write_eval_report(trained.net, dataset, rows, trained.device, out_dir=opts.out or run_dir, run_dir=run_dir,
                           amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
-
-
-def load_predictor_of(opts):
-    """--predict's model of --ckpt: inference.load_predictor with the options that choose how it runs."""
-    from inference import load_predictor
-
-    trained = load_predictor(opts.ckpt, opts.device, opts.amp, opts.image_size, opts.channels_last, opts.flip)
-    return trained, typed_or_trained(opts, trained.depth)["max_depth"]
-
-
-def typed_or_trained(opts, trained_depth):
-    """The depth conventions to use with a checkpoint: each typed option, else what the checkpoint was trained
-    with (parse_options leaves the untyped ones None)."""
-    return {k: trained_depth[k] if getattr(opts, k) is None else getattr(opts, k) for k in trained_depth}
 
 
 def run_predict(opts):
@@ -478,11 +420,11 @@ def run_predict(opts):
     if opts.npy:
         raise UserError("--npy is for --predict on a video; an image's depth is always written as NAME.npy")
     paths = list_images(opts.predict)
-    (model, size, device, _), max_depth = load_predictor_of(opts)
+    predictor = load_model(opts, amp=opts.amp)
     out = opts.out or "out"
-    written, skipped = predict_files(model, paths, out, device, batch_size=opts.batch_size, num_workers=opts.workers,
-                                     size=size, max_depth=max_depth, cmap=opts.cmap, png16=opts.png16, ply=opts.ply,
-                                     hfov_deg=opts.fov, quiet=opts.quiet, max_pixels=opts.max_pixels)
+    written, skipped = predict_files(predictor, paths, out, batch_size=opts.batch_size, num_workers=opts.workers,
+                                     cmap=opts.cmap, png16=opts.png16, ply=opts.ply, hfov_deg=opts.fov,
+                                     quiet=opts.quiet, max_pixels=opts.max_pixels)
     if len(paths) == 1 and skipped:
         raise UserError(skipped[0][1])
     print(f"wrote the depth of {written} image(s) to {out}")
@@ -496,10 +438,9 @@ def run_predict_video(opts):
 
     if opts.png16 or opts.ply:
         raise UserError("--png16 and --ply are for images; for a video, --npy writes every frame's depth")
-    (model, size, device, _), max_depth = load_predictor_of(opts)
     out = opts.out or "out"
-    frames, height, width = predict_video(model, opts.predict, out, device, size, batch_size=opts.batch_size,
-                                          max_depth=max_depth, cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet,
+    frames, height, width = predict_video(load_model(opts, amp=opts.amp), opts.predict, out,
+                                          batch_size=opts.batch_size, cmap=opts.cmap, npy=opts.npy, quiet=opts.quiet,
                                           max_pixels=opts.max_pixels)
     written = video_output_paths(opts.predict, out)
     print(f"wrote the depth of {frames} frame(s) of {width} x {height} to {written['mp4']}"
@@ -509,11 +450,12 @@ def run_predict_video(opts):
 def run_export(opts):
     from dataset import input_hw
     from export import export_model
-    from inference import load_trained
+    from inference import load
 
-    model, size, _, _ = load_trained(opts.ckpt, "cpu", opts.image_size)
+    trained = load(opts.ckpt, "cpu", size=opts.image_size)
+    size = trained.size
     out = opts.out or os.path.splitext(opts.ckpt[0])[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
-    diff = export_model(model, opts.export, out, size=size)
+    diff = export_model(trained.net, opts.export, out, size=size)
     h, w = input_hw(size)
     print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {h}, {w}) -> depth in metres (B, 1, {h}, {w}); "
           f"max |exported - eager| on random input: {diff:.2e}")

@@ -10,9 +10,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torchvision
 
-from checkpoint import load_checkpoint, model_args, network_state, torch_load_safely, trained_network_state
+from checkpoint import torch_load_safely, trained_network_state
 from utils import CheckpointError, UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +32,7 @@ class EncoderSpec:
     """
 
     title: str
-    build: Callable
+    build: str
     weights: str
     trunk: Callable
     stem: int
@@ -58,20 +57,21 @@ def convnext_trunk(net):
     return net.features
 
 
-tvm = torchvision.models
+# build: the torchvision.models function; torchvision is imported when a network is built, not with this
+# module, since it loads Pillow and its transforms, which a network does not need.
 ENCODERS = {
-    "resnet18": EncoderSpec("ResNet-18", tvm.resnet18, "ResNet18_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+    "resnet18": EncoderSpec("ResNet-18", "resnet18", "ResNet18_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
                             (6, 5, 4, 2), (256, 128, 64, 64), 512, "fc."),
-    "resnet34": EncoderSpec("ResNet-34", tvm.resnet34, "ResNet34_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+    "resnet34": EncoderSpec("ResNet-34", "resnet34", "ResNet34_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
                             (6, 5, 4, 2), (256, 128, 64, 64), 512, "fc."),
-    "resnet50": EncoderSpec("ResNet-50", tvm.resnet50, "ResNet50_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
+    "resnet50": EncoderSpec("ResNet-50", "resnet50", "ResNet50_Weights", resnet_trunk, FROZEN_STEM_CHILDREN,
                             (6, 5, 4, 2), (1024, 512, 256, 64), 2048, "fc."),
     # features[0] is the stem (conv + BN + SiLU); features[1] still runs at 1/2.
-    "efficientnet_b0": EncoderSpec("EfficientNet-B0", tvm.efficientnet_b0, "EfficientNet_B0_Weights",
+    "efficientnet_b0": EncoderSpec("EfficientNet-B0", "efficientnet_b0", "EfficientNet_B0_Weights",
                                    efficientnet_trunk, 1,
                                    (5, 3, 2, 1), (112, 40, 24, 16), 320, "classifier."),
     # features[0] is the 4 × 4 stride-4 patchify stem: ConvNeXt has no 1/2-resolution stage.
-    "convnext_tiny": EncoderSpec("ConvNeXt-Tiny", tvm.convnext_tiny, "ConvNeXt_Tiny_Weights", convnext_trunk, 1,
+    "convnext_tiny": EncoderSpec("ConvNeXt-Tiny", "convnext_tiny", "ConvNeXt_Tiny_Weights", convnext_trunk, 1,
                                  (5, 3, 1, None), (384, 192, 96, 0), 768, "classifier."),
 }
 
@@ -84,7 +84,16 @@ def encoder_spec(name):
 
 def imagenet_weights(name):
     """The torchvision weights enum entry that --weights imagenet loads for an encoder."""
+    import torchvision
+
     return getattr(torchvision.models, encoder_spec(name).weights).IMAGENET1K_V1
+
+
+def build_classifier(spec, weights=None):
+    """The torchvision classifier of an EncoderSpec, with a torchvision weights enum entry or random weights."""
+    import torchvision
+
+    return getattr(torchvision.models, spec.build)(weights=weights)
 
 
 def imagenet_weights_path(name):
@@ -150,12 +159,12 @@ def build_backbone(name, weights):
     """
     spec = encoder_spec(name)
     if weights in (None, "none"):
-        return spec.build(weights=None)
+        return build_classifier(spec)
     if weights == "imagenet":
         cached = imagenet_weights_path(name)
         was_cached = os.path.isfile(cached)
         try:
-            return spec.build(weights=imagenet_weights(name))
+            return build_classifier(spec, imagenet_weights(name))
         except Exception as err:  # no network, a refused download, a damaged cached file...
             cause = f"{type(err).__name__}: {first_line(err)}"
             where = (f"the cached file {cached} could not be read ({cause}); delete it to download it again"
@@ -164,7 +173,7 @@ def build_backbone(name, weights):
                             f"random initialisation, or --weights PATH with a {spec.title} state dict") from None
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a path)")
-    net = spec.build(weights=None)
+    net = build_classifier(spec)
     state = torch_load_safely(weights)
     if not isinstance(state, dict):
         raise UserError(f"--weights {weights} is not a state dict (it holds a {type(state).__name__})")
@@ -215,14 +224,6 @@ class DepthNet(nn.Module):
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))
         if pretrained is not None:  # fine-tuning: encoder and decoder both start from a trained run
             load_weights(self, pretrained, weights)
-
-    @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
-        """A trained DepthNet from a checkpoint of this project, built from its model_args; (model, checkpoint)."""
-        ckpt = load_checkpoint(path, map_location)
-        model = cls(weights=None, **model_args(ckpt))
-        load_weights(model, network_state(ckpt), path)
-        return model, ckpt
 
     @property
     def stem(self):

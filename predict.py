@@ -19,8 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import MAX_DEPTH, MAX_PIXELS, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
-from inference import predict_depth
+from dataset import MAX_PIXELS, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
 from plots import colorize_depth
 from utils import UserError, atomic_path, make_output_folder, output_paths
 
@@ -141,19 +140,18 @@ def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
         write_ply(paths["ply"], rgb, depth, hfov_deg)
 
 
-def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, amp_dtype=None, size=224,
-                  max_depth=MAX_DEPTH, cmap="magma", png16=False, ply=False, hfov_deg=90.0, quiet=False,
-                  max_pixels=MAX_PIXELS):
-    """Predict every image in `paths` in batches and write its files to `out_dir`.
+def predict_files(predictor, paths, out_dir, batch_size=32, num_workers=0, cmap="magma", png16=False, ply=False,
+                  hfov_deg=90.0, quiet=False, max_pixels=MAX_PIXELS):
+    """Predict every image in `paths` with an inference.Predictor, in batches, and write its files to `out_dir`.
 
     Returns (number written, [(path, message)] of the files skipped because they could not be read).
     """
     check_outputs(paths, out_dir, png16, ply)
     make_output_folder(out_dir)
-    model.eval()
+    device, max_depth = predictor.device, predictor.conventions.max_depth
     # Worker processes cost a start-up and pay off only when reading overlaps with predicting.
     num_workers = num_workers if len(paths) > batch_size else 0
-    loader = DataLoader(ImageFiles(paths, size, keep_rgb=ply, max_pixels=max_pixels), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, predictor.size, keep_rgb=ply, max_pixels=max_pixels), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_images, pin_memory=device.type == "cuda")
     written, skipped = 0, []
     with tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True, disable=quiet) as bar:
@@ -163,7 +161,7 @@ def predict_files(model, paths, out_dir, device, batch_size=32, num_workers=0, a
                     tqdm.write(f"skipped: {message}", file=sys.stderr)
                 skipped.append((paths[index], message))
             if inputs is not None:
-                depths = predict_depth(model, inputs.to(device, non_blocking=True), sizes, amp_dtype, max_depth)
+                depths = predictor.depth_maps(inputs.to(device, non_blocking=True), sizes)
                 for index, depth, rgb in zip(indices, depths, rgbs):
                     try:
                         files = image_output_paths(paths[index], out_dir, png16, ply)

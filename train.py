@@ -1,14 +1,16 @@
 """The Trainer: Adam + triangular2 CyclicLR on RMSE + (1 − SSIM), as the paper trains (docs/design.md §7).
 
-Speed (docs/speed.md): batches come from a decoded cache (on the GPU when it fits), the
-network runs channels_last under autocast, and the step loop never waits for the GPU:
-a non-finite loss is skipped on the device by fused Adam and read back only every
---log-every steps. Under torchrun the same loop trains on N processes (distributed.py).
+Every batch is one step: the step number, the schedule and the moving average move on
+together, even when a non-finite loss made fused Adam skip the weights' update on the
+device (as GradScaler counts its skipped steps). Nothing is ever un-counted, so the loop
+need not wait for the GPU to know where it is: losses are read back on a CPU at once, on
+a GPU every --log-every steps, and --max-bad-steps of them non-finite in a row stop the
+run. Speed (docs/speed.md): batches come from a decoded cache (on the GPU when it fits),
+the network runs channels_last under autocast. Under torchrun the same loop trains on N
+processes (distributed.py).
 """
-import contextlib
 import copy
 import glob
-import inspect
 import json
 import math
 import os
@@ -19,32 +21,49 @@ import warnings
 from typing import NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import load_resumable, model_args, remove_checkpoint_temps, training_checkpoint
+from checkpoint import (
+    load_resumable,
+    model_args,
+    remove_checkpoint_temps,
+    restore_training_state,
+    training_checkpoint,
+)
 from checkpoint import save_checkpoint as write_checkpoint
+from conventions import DepthConventions
 from dataset import (
     DepthEstimationUnreal,
     EpochBatches,
     SplitCache,
-    augment_pair,
-    depth_conventions,
+    augment_batch,
     epoch_seed,
     input_hw,
-    paste_patches,
-    random_crops,
 )
-from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
+from distributed import (
+    barrier,
+    convert_batchnorm,
+    init_distributed,
+    max_across_ranks,
+    sum_across_ranks,
+    wrap_for_processes,
+)
 from evaluate import evaluate, format_metrics
 from graphstep import GraphedStep
 from hardware import autocast, select_amp_dtype, select_device, skip_update_unless_finite
 from losses import DepthLoss
-from model import DepthNet, count_parameters, load_weights
+from model import DepthNet, count_parameters
 from plots import plot_training_curves, visualize_img
 from tblog import TensorBoardLog
-from utils import CheckpointError, UserError, rng_state, seed_everything, set_rng_state, write_json_atomic
+from utils import (
+    CheckpointError,
+    StopRequest,
+    UserError,
+    rng_state,
+    seed_everything,
+    write_json_atomic,
+)
 
 # What a run writes into its folder (RUN_FILE_PATTERNS besides): the files a fresh run there removes.
 # Nothing else in the folder is touched.
@@ -88,14 +107,37 @@ def claim_run_dir(run_dir, fresh, replace):
 
 
 class TrainStep(NamedTuple):
-    """One applied training step: the batch as trained on (augmented with --augment), the prediction,
-    the loss parts (tensors on the device), and whether its loss has been read back on the host."""
+    """One training step: the batch as trained on (augmented with --augment), the prediction and the
+    loss parts (tensors on the device)."""
 
     rgb: torch.Tensor
     depth: torch.Tensor
     pred: torch.Tensor
     parts: dict
-    checked: bool
+
+
+class WeightAverage:
+    """--ema: `model`, a frozen copy of a network whose weights (and BatchNorm statistics) follow the trained
+    ones as an exponential moving average.
+
+    The decay is min(DECAY, (1 + n) / (10 + n)) after n steps, so that the first steps, far from
+    anything worth keeping, are soon forgotten rather than weighing for 1 / (1 - decay) steps. A
+    step skipped on the device for a non-finite loss counts here too: its weights are those of
+    the step before, so the average moves towards weights it has seen.
+    """
+
+    def __init__(self, trained, decay):
+        self.model, self.decay = copy.deepcopy(trained).eval().requires_grad_(False), decay
+        # The float tensors of both, paired, listed once rather than every step: they are updated in
+        # place by the optimiser, by load_state_dict on a resume and by the average itself.
+        pairs = [(a, t) for a, t in zip(self.model.state_dict().values(), trained.state_dict().values())
+                 if t.is_floating_point()]
+        self._averaged, self._trained = map(list, zip(*pairs))
+
+    @torch.no_grad()
+    def update(self, step):
+        """Move the average towards the trained weights after `step` steps."""
+        torch._foreach_lerp_(self._averaged, self._trained, 1.0 - min(self.decay, (1 + step) / (10 + step)))
 
 
 class Trainer:
@@ -106,7 +148,7 @@ class Trainer:
       fit()                   the whole loop: epochs, validation, checkpoints, stop on signals
       epoch_batches(), train_step(rgb, depth), finish_epoch()
                               drive the loop one step at a time (train_step returns a TrainStep)
-      settle_steps()          make the step count exact (on GPUs losses are read back only now and then)
+      check_losses()          read back the losses not yet read; stop after --max-bad-steps non-finite
       validate()              score val, log it, keep best.pt
       save_checkpoint(name)   write the whole training state to RUN_DIR/name
       stop_signal             the signal that stopped fit(), or None
@@ -130,8 +172,12 @@ class Trainer:
         self._build_weight_average()
         self._reset_state()
         if ckpt:
-            self._load_state(ckpt)
-        self._net = self._wrap_model()
+            position = restore_training_state(ckpt, opts.resume, self.model, self.ema, self.optimizer,
+                                              self.scheduler, self.scaler)
+            self.epoch, self.step, self.batch_in_epoch, self.best_rmse = position
+            print(f"resumed from {opts.resume}: epoch {self.epoch}, step {self.step}")
+        self._net = wrap_for_processes(self.model, self.dist, self.device)
+        self._net = torch.compile(self._net) if opts.compile else self._net
         self._build_graphed_step()
         self.run_dir = opts.run_dir
         self.tb = None  # --tensorboard: rank 0's event files in RUN_DIR/tb
@@ -166,17 +212,20 @@ class Trainer:
         opts = self.opts
         # With the cache, files are decoded (and so checked) when it is built, and a cache whose
         # files are unchanged needs no second look; the folder loader checks them up front.
-        conventions = {**depth_conventions(opts), "max_pixels": opts.max_pixels}
-        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
-                                               progress=self._progress, **conventions)
-        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
-                                              progress=self._progress, **conventions)
+        self.conventions = DepthConventions.of(opts)
+        common = {"size": opts.image_size, "conventions": self.conventions, "max_pixels": opts.max_pixels,
+                  "progress": self._progress}
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", check=opts.cache == "off", **common)
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", native=True, **common)
                         if opts.eval_every > 0 else None)
         self.cache = self._open_cache() if opts.cache == "auto" else None
         self._batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
                                        self.dist.world_size)
         self._loader_generator = torch.Generator()
-        self._loader = self._make_loader() if self.cache is None else None
+        # The folder loader, the fallback to the cache: workers decode, batches come from the batch plan.
+        self._loader = None if self.cache is not None else DataLoader(
+            self.train_set, batch_sampler=self._batch_plan, num_workers=opts.workers, generator=self._loader_generator,
+            pin_memory=self.device.type == "cuda", persistent_workers=opts.workers > 0)
 
     def _build_model(self, init_depth, weights):
         """The DepthNet on the device; its output bias starts at init_depth, else at the mean training depth."""
@@ -220,27 +269,13 @@ class Trainer:
 
     def _build_weight_average(self):
         """--ema: a frozen copy of the model whose weights follow the trained ones as a moving average."""
-        self.ema, self._ema_tensors = None, None
-        if self.opts.ema > 0:
-            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-            # The float tensors of both, paired, listed once rather than every step: they are updated in
-            # place by the optimiser, by load_state_dict on a resume and by the average itself.
-            pairs = [(a, t) for a, t in zip(self.ema.state_dict().values(), self.model.state_dict().values())
-                     if t.is_floating_point()]
-            self._ema_tensors = tuple(map(list, zip(*pairs)))
+        self._average = WeightAverage(self.model, self.opts.ema) if self.opts.ema > 0 else None
+        self.ema = self._average.model if self._average else None
 
-    @torch.no_grad()
-    def _update_weight_average(self):
-        """Move the averaged weights (and BatchNorm statistics) towards the trained ones.
-
-        The decay is min(--ema, (1 + n) / (10 + n)) after n steps, so that the first steps, far
-        from anything worth keeping, are soon forgotten rather than weighing for 1 / (1 - decay)
-        steps. On GPUs a step skipped on the device for a non-finite loss still counts here: its
-        weights are those of the step before, so the average moves towards weights it has seen.
-        """
-        decay = min(self.opts.ema, (1 + self.step) / (10 + self.step))
-        averaged, trained = self._ema_tensors
-        torch._foreach_lerp_(averaged, trained, 1.0 - decay)
+    @property
+    def stop_signal(self):
+        """The name of the signal that stopped fit() (SIGINT, SIGTERM), or None."""
+        return self._stop.signal
 
     @property
     def scored_model(self):
@@ -253,10 +288,12 @@ class Trainer:
         self.best_rmse = math.inf
         self._last_eval_step = None
         self._bad_steps = 0
-        # Losses of the steps not yet read on the host; on CUDA they are read every --log-every steps.
-        self._unchecked_losses = []
-        self._deferred_checks = self.device.type == "cuda"
-        self.stop_signal, self._saving = None, False
+        # Losses of the steps not yet read on the host. Reading one waits for the device: on a GPU
+        # they are read every --log-every steps, on a CPU, where nothing waits, at once.
+        self._unread_losses = []
+        self._read_every = self.opts.log_every if self.device.type == "cuda" else 1
+        self._stop = StopRequest("finishing this step and writing last.pt (again to abort)"
+                                 if self.dist.is_main else None)
         self._stop_agreed = False
 
     def _summary(self):
@@ -281,20 +318,6 @@ class Trainer:
             cache = SplitCache.open(self.train_set, progress=False)
         return cache.place(self.device)
 
-    def _wrap_model(self):
-        """The module the loop calls: the model, inside DDP under torchrun, compiled with --compile."""
-        net = self.model
-        if self.dist.active:
-            # Buffers need no syncing per step: GlobalBatchNorm2d updates them identically on every
-            # rank. Newer PyTorch calls the option forward_sync_buffers, older broadcast_buffers.
-            options = inspect.signature(DistributedDataParallel).parameters
-            name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                          **{name: False})
-        if self.opts.compile:
-            net = torch.compile(net)
-        return net
-
     # ---------------------------------------------------------------- the loop
     def fit(self):
         """Run epochs until --epochs, --max-steps or a stop signal; returns the last metrics."""
@@ -302,7 +325,7 @@ class Trainer:
         if self.epoch >= self.opts.epochs or self._should_stop():
             print(f"nothing to train: the run is at epoch {self.epoch}, step {self.step} "
                   f"(--epochs {self.opts.epochs}, --max-steps {self.opts.max_steps})")
-        with self._stop_on_signals():
+        with self._stop:
             while self.epoch < self.opts.epochs and not self._should_stop():
                 if not self._run_epoch():
                     self.save_checkpoint("last.pt")  # stopped mid-epoch: keep the exact position
@@ -353,7 +376,7 @@ class Trainer:
         for rgb, depth in bar:
             done = self.train_step(rgb, depth)
             seen += rgb.shape[0] * self.dist.world_size
-            if done is not None and done.checked and self.dist.is_main:
+            if done is not None and self.dist.is_main and not self._bad_steps:
                 if self._vis_due():
                     vis_path = os.path.join(self.run_dir, "vis", f"train_step{self.step:06d}.png")
                     visualize_img(done.rgb[0], done.depth[0], done.pred[0], vis_path, title=f"train, step {self.step}",
@@ -365,36 +388,36 @@ class Trainer:
             if self.step % self.opts.log_every == 0:
                 self._agree_on_stop()
             # A stop on the epoch's last batch still counts as a finished epoch (its evaluation runs).
-            if self._should_stop() and self.batch_in_epoch < self._batches_per_epoch():
+            if self._should_stop() and self.batch_in_epoch < self._batch_plan.epoch_length:
                 return False
         self.finish_epoch()
         return True
 
     def train_step(self, rgb, depth):
-        """One step of the loop on a batch of (rgb, depth): --augment, forward, loss, backward, the
-        optimiser step, then the step count, the moving average and the schedule (_count_step).
-
-        Returns a TrainStep, or None for a step skipped for its non-finite loss. On GPUs a loss
-        is read back only when host work needs the exact step count (_exact_step_needed), so a
-        bad step may return a TrainStep with checked=False, to be un-counted by settle_steps.
+        """One step of the loop on a batch of (rgb, depth): --augment, forward, loss, backward, the optimiser
+        step, then the step count, the moving average and the schedule. Returns a TrainStep; None for an
+        epoch's last, smaller batch under --cuda-graphs (a graph replays one shape), which is skipped.
         """
         if self.opts.augment or self.opts.paste or self.opts.crop:
             rgb, depth = self._augment_batch(rgb, depth)
-        if self._graphed is not None:
-            if rgb.shape[0] != self.opts.batch_size:  # a graph replays one shape: the epoch's last batch is skipped
-                self.batch_in_epoch += 1
-                return None
-            return self._graphed_train_step(rgb, depth)
-        loss, parts, pred = self._forward_backward_update(rgb, depth)
         self.batch_in_epoch += 1
-        if not self._count_step(loss):
+        if self._graphed is None:
+            loss, parts, pred = self._forward_backward_update(rgb, depth)
+            self._advance_schedule()
+        elif rgb.shape[0] == self.opts.batch_size:  # the graph moves the schedule and the average on the device
+            loss, parts, pred = self._graphed.replay(rgb, depth)
+            rgb, depth = self._graphed.rgb, self._graphed.depth
+        else:
             return None
-        checked = not self._deferred_checks or (self._exact_step_needed() and self.settle_steps())
-        return TrainStep(rgb, depth, pred, parts, checked)
+        self.step += 1
+        self._unread_losses.append(loss)
+        if self.step % self._read_every == 0 or self._vis_due() or self._log_due():
+            self.check_losses()  # before host work that would show this step
+        return TrainStep(rgb, depth, pred, parts)
 
     def finish_epoch(self):
-        """Settle the steps of the epoch just run and move on to the next one."""
-        self.settle_steps()
+        """Read the epoch's last losses and move on to the next epoch."""
+        self.check_losses()
         self.batch_in_epoch = 0
         self.epoch += 1
 
@@ -407,9 +430,6 @@ class Trainer:
         # global RNG, which a resumed run (one more iterator) would otherwise leave in another state.
         self._loader_generator.manual_seed(epoch_seed(self.opts.seed, self.epoch))
         return iter(self._loader)
-
-    def _batches_per_epoch(self):
-        return self._batch_plan.epoch_length
 
     def _forward_backward_update(self, rgb, depth):
         """Forward, loss, backward and one optimiser step; (loss, its parts, detached prediction).
@@ -434,83 +454,26 @@ class Trainer:
 
     def _build_graphed_step(self):
         """--cuda-graphs: the step as graphstep.GraphedStep, captured in a CUDA graph after a few steps."""
-        self._graphed, self._graph, self._graph_out, self._warmup_left = None, None, None, 3
+        self._graphed = None
         if self.opts.cuda_graphs:
             batch_shape = (self.opts.batch_size, *(self.opts.crop or input_hw(self.opts.image_size)))
             self._graphed = GraphedStep(self.model, self._loss_fn, self.optimizer, self.scheduler, self.amp_dtype,
                                         self.opts.channels_last, batch_shape, self.ema, self.opts.ema)
 
-    def _graphed_train_step(self, rgb, depth):
-        """train_step under --cuda-graphs: the batch copied into the static buffers, then the graph replayed
-        (the first steps run eagerly on a side stream, as capture needs; capture records, replay runs)."""
-        g = self._graphed
-        g.rgb.copy_(rgb, non_blocking=True)
-        g.depth.copy_(depth, non_blocking=True)
-        if self._graph is None and self._warmup_left > 0:
-            self._warmup_left -= 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                out = g.step(g.rgb, g.depth)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        else:
-            if self._graph is None:
-                self._graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self._graph):
-                    self._graph_out = g.step(g.rgb, g.depth)
-            self._graph.replay()
-            out = self._graph_out
-        loss, parts, pred = out
-        self.batch_in_epoch += 1
-        # The graph's outputs are overwritten by the next replay: keep this step's loss for the check.
-        self._unchecked_losses.append(loss.clone())
-        self.step += 1  # the graph counts, averages and schedules on the device; un-counted in settle_steps
-        checked = self._exact_step_needed() and self.settle_steps()
-        return TrainStep(g.rgb, g.depth, pred, parts, checked)
-
-    def _count_step(self, loss):
-        """Count an optimiser step: the step number, the moving average and the schedule move on together.
-        Returns False for a step skipped for its non-finite loss, which counts as nothing.
-
-        On CPUs, where reading a value costs nothing, the loss is read here. On GPUs it is read
-        later, every --log-every steps (settle_steps), so that the host never waits for the GPU;
-        the step is counted meanwhile, and un-counted there if it was skipped.
-        """
-        if self._deferred_checks:
-            self._unchecked_losses.append(loss)
-        elif not math.isfinite(float(loss)):
-            self._skip_bad_step(float(loss), self.step + 1)
-            return False
-        else:
-            self._bad_steps = 0
-        if self.ema is not None:
-            self._update_weight_average()
+    def _advance_schedule(self):
+        """The moving average and CyclicLR move on one step, whether or not the device skipped the update."""
+        if self._average is not None:
+            self._average.update(self.step)
         self.scheduler.step()
-        self.step += 1
-        return True
 
     def _augment_batch(self, rgb, depth):
-        """--augment, --crop and --paste: dataset.augment_pair, dataset.random_crops, then dataset.paste_patches,
-        on the device, one random draw per image.
-
-        Done here rather than in the Dataset so it is the same whatever loads the data, and
-        runs where the batch will be used. The draws come from (seed, step), as EpochSampler's
-        order comes from (seed, epoch): a resumed run sees the augmentations the interrupted
-        one would have seen, wherever it stopped.
-        """
-        rgb = rgb.to(self.device, non_blocking=True)
-        depth = depth.to(self.device, non_blocking=True)
-        # Under torchrun each process draws its own (seed, step, rank) stream: the same draws on
-        # every process would give the i-th image of each process the same flip and zoom.
+        """--augment, --crop and --paste on the device (dataset.augment_batch). The draws come from (seed,
+        step), as the data order comes from (seed, epoch): a resumed run sees the augmentations the
+        interrupted one would have seen. Under torchrun each process draws its own (seed, step, rank)
+        stream: the same draws everywhere would give the i-th image of each process the same flip and zoom."""
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.step + (self.dist.rank << 40))
-        if self.opts.augment:
-            rgb, depth = augment_pair(rgb, depth, generator, max_scale=self.opts.max_zoom, min_depth=self._hole_depth,
-                                      scale_depth=self.opts.zoom_closer)
-        if self.opts.crop:
-            rgb, depth = random_crops(rgb, depth, self.opts.crop, generator)
-        if self.opts.paste:
-            rgb, depth = paste_patches(rgb, depth, generator, prob=self.opts.paste)
-        return rgb, depth
+        return augment_batch(rgb.to(self.device, non_blocking=True), depth.to(self.device, non_blocking=True),
+                             generator, self.opts, self._hole_depth)
 
     def _skip_bad_step(self, value, step):
         """Warn about a skipped step; raise UserError after --max-bad-steps of them in a row."""
@@ -526,46 +489,24 @@ class Trainer:
                 f"{self._bad_steps} non-finite losses in a row at step {step}: training stopped; {kept}. "
                 f"Try a lower --lr or --max-lr, or --amp off")
 
-    def settle_steps(self):
-        """Make the step count exact: on GPUs, read the losses of the steps counted since the last
-        check (one host sync), un-count the skipped ones, and set CyclicLR's lr and momentum back to
-        the steps actually applied (the steps after a skipped one ran the schedule ahead). Returns
-        whether the latest step was applied."""
-        if not self._unchecked_losses:
-            return True
-        losses = torch.stack(self._unchecked_losses).tolist()
-        self._unchecked_losses = []
-        applied = self.step - len(losses)
-        try:
-            for value in losses:
-                if math.isfinite(value):
-                    applied += 1
-                    self._bad_steps = 0
-                else:
-                    self._skip_bad_step(value, applied + 1)
-        finally:
-            if applied != self.step:
-                self.step = applied
-                self.scheduler.last_epoch = applied - 1
-                self.scheduler.step()
-        return math.isfinite(losses[-1])
-
-    def _exact_step_needed(self):
-        """Whether this step saves a picture, logs, or may end training: all need the exact step count."""
-        reaching_max = self.opts.max_steps is not None and self.step >= self.opts.max_steps
-        return self._vis_due() or self._log_due() or reaching_max
+    def check_losses(self):
+        """Read the losses of the steps since the last read (one wait for the device): each non-finite one is
+        reported, and --max-bad-steps of them in a row stop training."""
+        if not self._unread_losses:
+            return
+        values = torch.stack(self._unread_losses).tolist()
+        self._unread_losses = []
+        for step, value in enumerate(values, start=self.step - len(values) + 1):
+            if math.isfinite(value):
+                self._bad_steps = 0
+            else:
+                self._skip_bad_step(value, step)
 
     def _vis_due(self):
         return self.opts.vis_every > 0 and self.step % self.opts.vis_every == 0
 
     def _log_due(self):
         return self.step % self.opts.log_every == 0 or self.step == 1
-
-    def _make_loader(self):
-        """The folder loader, the fallback to the cache: workers decode, batches come from batch_plan."""
-        return DataLoader(self.train_set, batch_sampler=self._batch_plan, num_workers=self.opts.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.opts.workers > 0,
-                          generator=self._loader_generator)
 
     def _agree_on_stop(self):
         """Under torchrun a signal may reach the processes at different steps, or only one of them
@@ -577,45 +518,19 @@ class Trainer:
         agreed = max_across_ranks(seen, self.device)
         if agreed:
             self._stop_agreed = True
-            self.stop_signal = self.stop_signal or signal.Signals(agreed).name
+            self._stop.signal = self.stop_signal or signal.Signals(agreed).name
 
     def _should_stop(self):
         if self.opts.max_steps is not None and self.step >= self.opts.max_steps:
             return True
         return self._stop_agreed if self.dist.active else self.stop_signal is not None
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGINT/SIGTERM end the current step, then training stops with a resumable last.pt."""
-        main_pid = os.getpid()
-
-        def handler(signum, frame):
-            if os.getpid() != main_pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group
-                return
-            if self.stop_signal is not None:  # a second Ctrl-C: stop now, unless that would cost the checkpoint
-                if self._saving:
-                    print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is "
-                          "complete", flush=True)
-                    return
-                raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
-            if self.dist.is_main:
-                print(f"\n{self.stop_signal} received: finishing this step and writing last.pt (again to abort)",
-                      flush=True)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     # ---------------------------------------------------------- evaluation, logs
     def _log_step(self, parts, bar, rate):
         """Progress bar and one train_log.jsonl line; only at log steps, since reading the loss waits for the GPU."""
         values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
         lr, beta1 = self._lr_and_beta1()
-        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self._batches_per_epoch(),
+        record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self._batch_plan.epoch_length,
                   "lr": lr, "beta1": beta1,
                   **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
@@ -628,7 +543,7 @@ class Trainer:
     def _lr_and_beta1(self):
         """The learning rate and Adam's beta1 of the next step: the schedule's, on the device under --cuda-graphs."""
         if self._graphed is not None:
-            return tuple(float(v) for v in self._graphed.schedule.at(self._graphed.applied))
+            return tuple(float(v) for v in self._graphed.schedule.at(self._graphed.steps))
         return self.scheduler.get_last_lr()[0], self.optimizer.param_groups[0]["betas"][0]
 
     def validate(self):
@@ -655,40 +570,21 @@ class Trainer:
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
 
     # ---------------------------------------------------------------- checkpoints
-    def _checkpoint(self, metrics=None):
-        position = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                    "best_rmse": self.best_rmse}
-        return training_checkpoint(self.model.model_args, self.opts.image_size, depth_conventions(self.opts),
-                                   self.model, self.ema, self.optimizer,
-                                   self.scheduler, self.scaler, position, vars(self.opts), metrics, rng_state())
-
     def save_checkpoint(self, name, metrics=None):
-        """Write the whole training state to RUN_DIR/name (rank 0; every rank settles its step count first)."""
-        self.settle_steps()
+        """Write the whole training state to RUN_DIR/name (rank 0; every rank reads its last losses first, so
+        that a run that --max-bad-steps stops saves nothing of it)."""
+        self.check_losses()
         if self._graphed is not None:  # Adam's state and the schedule's position live on the device while graphed
             self._graphed.write_back(self.optimizer, self.scheduler)
         if not self.dist.is_main:
             return
-        self._saving = True  # training stops right after this save anyway if a signal came: let it finish
+        self._stop.protected = True  # training stops right after this save anyway if a signal came: let it finish
         try:
-            write_checkpoint(self._checkpoint(metrics), os.path.join(self.run_dir, name))
+            position = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                        "best_rmse": self.best_rmse}
+            state = training_checkpoint(self.model.model_args, self.opts.image_size, self.conventions, self.model,
+                                        self.ema, self.optimizer, self.scheduler, self.scaler, position,
+                                        vars(self.opts), metrics, rng_state())
+            write_checkpoint(state, os.path.join(self.run_dir, name))
         finally:
-            self._saving = False
-
-    def _load_state(self, ckpt):
-        load_weights(self.model, ckpt["model"], self.opts.resume)
-        if self.ema is not None:
-            # --ema added on resuming a run that kept no average: the average starts from the weights.
-            load_weights(self.ema, ckpt.get("ema", ckpt["model"]), self.opts.resume)
-        # Checkpoints store the optimiser's fused/foreach choice; this loop needs fused Adam.
-        for group in ckpt["optimizer"]["param_groups"]:
-            group.update(fused=True, foreach=None)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt.get("scaler", {}))
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
-        self.best_rmse = ckpt.get("best_rmse", math.inf)
-        set_rng_state(ckpt["rng"])
-        print(f"resumed from {self.opts.resume}: epoch {self.epoch}, step {self.step}")
-
+            self._stop.protected = False

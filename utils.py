@@ -56,6 +56,41 @@ def raise_interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+class StopRequest:
+    """While installed (`with`), SIGINT and SIGTERM ask a loop to stop at its next safe point instead of at once.
+
+    The first signal records its name in `signal` and prints `announce` (None: nothing); a second
+    one interrupts at once (KeyboardInterrupt), unless `protected` is set (a checkpoint is being
+    written): the loop then stops as soon as that is complete. Forked DataLoader workers, which
+    Ctrl-C reaches too (it goes to the whole process group), ignore both.
+    """
+
+    def __init__(self, announce=None):
+        self.signal, self.protected, self.announce = None, False, announce
+
+    def __enter__(self):
+        self._pid = os.getpid()
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            return
+        if self.signal is not None:
+            if self.protected:
+                print(f"{signal.Signals(signum).name} received: still writing a checkpoint; stopping once it is "
+                      "complete", flush=True)
+                return
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if self.announce:
+            print(f"\n{self.signal} received: {self.announce}", flush=True)
+
+
 def stop_status(interrupt):
     """The exit status of a program stopped by `interrupt` (a KeyboardInterrupt, an Interrupted, or a signal
     name such as the Trainer's stop_signal): 128 + the signal's number, as a shell reports a killed process."""

@@ -3,7 +3,7 @@ and with --npy NAME_depth.npy, every frame's depth in metres as one float16 (fra
 
 Optional: needs imageio with imageio-ffmpeg (pip install -r requirements-video.txt), which
 ships its own ffmpeg, so any video that ffmpeg reads works. Each frame is predicted exactly
-as --predict predicts an image (inference.predict_depth: the model's input size, the
+as --predict predicts an image (inference.Predictor.depth_maps: the model's input size, the
 prediction resized back to the frame's size and clamped to [0, max_depth]), in batches of
 --batch-size. The clip is streamed: one batch of frames is in memory at a time, however
 long the clip. The colour scale is the fixed [0, max_depth] of --predict's PNGs, so a
@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import MAX_DEPTH, MAX_PIXELS, to_model_input
-from inference import predict_depth
+from dataset import MAX_PIXELS, to_model_input
 from plots import colorize_depth
 from utils import UserError, atomic_path, make_output_folder, output_paths
 
@@ -101,9 +100,9 @@ def write_npy_from_frames(frames_path, npy_path, count, height, width):
         shutil.copyfileobj(raw, out, length=1 << 24)
 
 
-def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=MAX_DEPTH, cmap="magma", npy=False,
-                  quiet=False, max_pixels=MAX_PIXELS):
-    """Write NAME_depth.mp4 (and NAME_depth.npy with `npy`) for video `path`; returns (frames, height, width).
+def predict_video(predictor, path, out_dir, batch_size=32, cmap="magma", npy=False, quiet=False, max_pixels=MAX_PIXELS):
+    """Write NAME_depth.mp4 (and NAME_depth.npy with `npy`) for video `path` with an inference.Predictor;
+    returns (frames, height, width).
 
     Nothing is left at the output paths unless the whole clip was written.
     """
@@ -117,7 +116,7 @@ def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=M
     except UserError:
         reader.close()
         raise
-    model.eval()
+    max_depth = predictor.conventions.max_depth
     count, shape = 0, None
     frames_path = paths["npy"] + ".frames.tmp"  # the --npy data, raw, until the frame count is known
     try:
@@ -130,8 +129,8 @@ def predict_video(model, path, out_dir, device, size, batch_size=32, max_depth=M
                                         macro_block_size=1, ffmpeg_log_level="error")
             stack.callback(writer.close)
             for frames in frame_batches(reader, batch_size, path):
-                inputs = torch.stack([to_model_input(f, size) for f in frames]).to(device, non_blocking=True)
-                depths = predict_depth(model, inputs, [f.shape[:2] for f in frames], max_depth=max_depth)
+                inputs = torch.stack([to_model_input(f, predictor.size) for f in frames]).to(predictor.device)
+                depths = predictor.depth_maps(inputs, [f.shape[:2] for f in frames])
                 for frame, depth in zip(frames, depths):
                     writer.append_data(side_by_side(frame, depth, max_depth, cmap))
                     if raw is not None:

@@ -29,7 +29,7 @@ sys.path.insert(0, REPO)
 
 import app  # noqa: E402  (Gradio is imported by app.main and build_page, not here)
 from conftest import make_pair, save_random_checkpoint  # noqa: E402
-from main import build_app_parser, build_parser, main, parse_app_options  # noqa: E402
+from main import build_parser, main  # noqa: E402
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
@@ -64,11 +64,11 @@ def ply_header(path):
 
 # ------------------------------------------------------------------ options and start-up (no browser)
 def test_app_options_default_to_localhost_and_share_predicts_definitions():
-    opts = parse_app_options(["--ckpt", "x.pt"])
+    opts = app.parse_options(["--ckpt", "x.pt"])
     assert (opts.host, opts.port, opts.max_upload_mb) == ("127.0.0.1", 7860, 20.0)
     assert opts.image_size is None  # the checkpoint's own size, as for --predict
     ours = {a.dest: a for a in build_parser()._actions}
-    shared = [a for a in build_app_parser()._actions
+    shared = [a for a in app.build_parser()._actions
               if a.dest in ("ckpt", "device", "amp", "cmap", "fov", "image_size", "flip", "max_pixels")]
     assert len(shared) == 8 and not opts.flip
     for action in shared:
@@ -84,7 +84,7 @@ def test_app_options_default_to_localhost_and_share_predicts_definitions():
                                            (["--ckpt", "x", "--max-upload-mb", "0"], "--max-upload-mb")])
 def test_app_option_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse_app_options(argv)
+        app.parse_options(argv)
     assert message in capsys.readouterr().err
 
 
@@ -124,7 +124,7 @@ def test_app_on_a_port_in_use_is_a_one_line_error(tiny_checkpoint, capsys):
 # ------------------------------------------------------------------ the handlers, called as Gradio calls them
 @pytest.fixture(scope="module")
 def page(tiny_checkpoint):
-    page = app.DepthPage(parse_app_options(["--ckpt", str(tiny_checkpoint), "--device", "cpu"]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(tiny_checkpoint), "--device", "cpu"]))
     yield page
     page.close()
     assert not os.path.exists(page.workdir)
@@ -153,7 +153,7 @@ def test_page_writes_what_predict_writes(page, tiny_checkpoint, tmp_path):
 
 def test_page_with_flip_shows_the_depth_predict_flip_writes(tiny_checkpoint, tmp_path):
     photo = write_photo(tmp_path / "photo.png")
-    page = app.DepthPage(parse_app_options(["--ckpt", str(tiny_checkpoint), "--device", "cpu", "--flip"]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(tiny_checkpoint), "--device", "cpu", "--flip"]))
     try:
         downloads = page.on_photo(str(photo), 90.0)[3]
         flipped = np.load(downloads[0])
@@ -169,7 +169,7 @@ def test_page_with_flip_shows_the_depth_predict_flip_writes(tiny_checkpoint, tmp
 def test_page_with_two_checkpoints_shows_what_predict_with_both_writes(tmp_path):
     a, b = (save_random_checkpoint(tmp_path / f"{name}.pt", seed=seed) for name, seed in (("a", 1), ("b", 2)))
     photo = write_photo(tmp_path / "photo.png")
-    page = app.DepthPage(parse_app_options(["--ckpt", str(a), str(b), "--device", "cpu"]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(a), str(b), "--device", "cpu"]))
     try:
         shown = np.load(page.on_photo(str(photo), 90.0)[3][0])
     finally:

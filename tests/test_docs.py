@@ -3,7 +3,8 @@ CI runs the README's test command, every relative link resolves."""
 import os
 import re
 
-from main import build_app_parser, build_parser
+from app import build_parser as build_app_parser
+from main import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

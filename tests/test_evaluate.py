@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import make_dataset, save_random_checkpoint
 from dataset import DepthEstimationUnreal
 from evaluate import METRIC_KEYS, compute_errors, evaluate, format_metrics
-from inference import load_trained
+from inference import load
 from main import main
 from reference import masked_ssim, standard_metrics
 from utils import UserError
@@ -222,7 +222,7 @@ def test_eval_of_several_checkpoints_scores_their_mean_and_reports_to_out(checkp
     assert main(["--eval", "--ckpt", str(checkpoint), str(other), "--data-dir", str(data), "--workers", "0",
                  "--quiet", "--report-images", "2", "--out", str(out), "--metrics-out", str(metrics_path)]) == 0
     got = json.loads(metrics_path.read_text())
-    a, b = (load_trained(str(p), "cpu").model for p in (checkpoint, other))
+    a, b = (load(str(p), "cpu").net for p in (checkpoint, other))
     dataset = DepthEstimationUnreal(str(data), "val", size=64, native=True, progress=False)
     expected = evaluate(MeanOf(a, b), dataset, torch.device("cpu"))
     alone = evaluate(a, dataset, torch.device("cpu"))
@@ -236,5 +236,5 @@ def test_eval_of_several_checkpoints_scores_their_mean_and_reports_to_out(checkp
 def test_checkpoints_trained_at_different_sizes_are_not_averaged(checkpoint, tmp_path):
     other = save_random_checkpoint(tmp_path / "wide.pt", seed=1, image_size=[64, 96])
     with pytest.raises(UserError, match="one input size"):
-        load_trained([str(checkpoint), str(other)], "cpu")
-    assert load_trained([str(checkpoint), str(other)], "cpu", size=64).size == 64  # fed one size, they average
+        load([str(checkpoint), str(other)], "cpu")
+    assert load([str(checkpoint), str(other)], "cpu", size=64).size == 64  # fed one size, they average

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from conftest import TRAINED_SIZE
 from export import export_model
+from inference import load
 from main import main
 from model import DepthNet
 from utils import UserError
@@ -19,7 +20,7 @@ def test_export_torchscript_matches_eager(checkpoint, tmp_path, capsys):
     assert main(["--export", "torchscript", "--ckpt", str(checkpoint), "--out", str(out)]) == 0
     assert "max |exported - eager|" in capsys.readouterr().out
     exported = torch.jit.load(str(out))
-    model, _ = DepthNet.from_checkpoint(str(checkpoint))
+    model = load(str(checkpoint), "cpu").net
     x = torch.rand(2, 3, TRAINED_SIZE, TRAINED_SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=1e-4)

@@ -368,7 +368,8 @@ def test_full_disk_while_saving_a_figure_is_one_error_line(data, tmp_path, monke
 
 # ------------------------------------------------------------------ non-finite losses
 def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch, capsys):
-    # Batch 2 is bad (skipped); epoch 1 ends and is saved after 3 good steps; batches 6, 7, 8 are bad.
+    # Batch 2 is bad (its update skipped); epoch 1 ends and is saved after 4 steps, 3 of them applied;
+    # batches 6, 7, 8 are bad.
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 6, 7, 8}
     monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
     with pytest.warns(UserWarning, match="non-finite loss") as warned:
@@ -379,11 +380,11 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(data, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     last = tmp_path / "last.pt"
     assert code == 1
-    assert err == ("error: 3 non-finite losses in a row at step 5: training stopped; the last good checkpoint is "
+    assert err == ("error: 3 non-finite losses in a row at step 8: training stopped; the last good checkpoint is "
                    f"{last}. "
                    "Try a lower --lr or --max-lr, or --amp off")
     ckpt = load_checkpoint(str(last))
-    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (3, 1, 0)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (4, 1, 0)
     # Skipped batches took no optimiser step: Adam counted exactly the good ones.
     assert all(int(s["step"]) == 3 for s in ckpt["optimizer"]["state"].values())
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -109,7 +109,7 @@ def bad_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(checkpoint):
-    opened = app.DepthPage(main.parse_app_options(["--ckpt", str(checkpoint), "--device", "cpu"]))
+    opened = app.DepthPage(app.parse_options(["--ckpt", str(checkpoint), "--device", "cpu"]))
     yield opened
     opened.close()
 

@@ -13,7 +13,7 @@ import main
 from checkpoint import load_checkpoint
 from conftest import REPO, SUBPROCESS_ENV, TRAINED_SIZE, make_dataset
 from evaluate import METRIC_KEYS
-from inference import load_trained
+from inference import load
 from main import parse_options
 from model import ENCODERS
 
@@ -175,9 +175,9 @@ def test_bad_option_values_are_rejected(capsys):
 
 def test_inference_uses_the_trained_image_size_unless_typed(checkpoint):
     opts = parse_options(["--predict", "x.png", "--ckpt", str(checkpoint)])
-    assert load_trained(opts.ckpt, "cpu", opts.image_size)[1] == TRAINED_SIZE
+    assert load(opts.ckpt, "cpu", size=opts.image_size).size == TRAINED_SIZE
     opts = parse_options(["--export", "onnx", "--ckpt", str(checkpoint), "--image-size", "96"])
-    assert load_trained(opts.ckpt, "cpu", opts.image_size)[1] == 96
+    assert load(opts.ckpt, "cpu", size=opts.image_size).size == 96
 
 
 @pytest.mark.parametrize("argv", [["--predict", "x.png"], ["--export", "torchscript"]])

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 from checkpoint import save_checkpoint
-from inference import FlipAveraged, InferenceModel
+from inference import FlipAveraged, InferenceModel, load
 from losses import DepthLoss
 from model import ENCODERS, DepthNet, imagenet_weights_path, load_weights
 from utils import CheckpointError, UserError
@@ -182,12 +182,12 @@ def test_output_bias_is_init_depth():
     torch.testing.assert_close(out, torch.full_like(out, 7.25))
 
 
-def test_from_checkpoint_restores_weights_and_init_depth(tmp_path, net):
+def test_load_restores_weights_and_init_depth(tmp_path, net):
 
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"model": net.state_dict(), "init_depth": 3.5}, str(path))
-    loaded, ckpt = DepthNet.from_checkpoint(str(path))
-    assert ckpt["init_depth"] == 3.5
+    loaded = load(str(path), "cpu").net
+    assert loaded.model_args["init_depth"] == 3.5
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
@@ -420,8 +420,7 @@ def test_checkpoint_rebuilds_encoder_and_skips(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": model.state_dict(), "init_depth": 4.0,
                      "config": {"encoder": "efficientnet_b0", "skips": True}}, path)
-    loaded, _ = DepthNet.from_checkpoint(path)
-    loaded.eval()
+    loaded = load(path, "cpu", channels_last=False).net  # the layout the model above computes in
     assert loaded.encoder_name == "efficientnet_b0" and loaded.skips
     x = torch.rand(1, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -432,7 +431,7 @@ def test_checkpoint_without_architecture_config_is_the_paper_model(tmp_path):
     model = DepthNet()
     path = str(tmp_path / "old.pt")
     save_checkpoint({"model": model.state_dict(), "config": {"lr": 1e-3}}, path)
-    loaded, _ = DepthNet.from_checkpoint(path)
+    loaded = load(path, "cpu").net
     assert loaded.encoder_name == "resnet34" and not loaded.skips
 
 

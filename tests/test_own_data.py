@@ -201,12 +201,15 @@ def test_own_data_trains_evaluates_and_predicts_at_its_own_sizes(tmp_path):
     from_eval = json.load(open(tmp_path / "m.json"))
     trained = entry.parse_options(["--eval", "--ckpt", str(run / "best.pt")])
     assert trained.max_depth is None and trained.image_size is None, "taken from the checkpoint"
-    from inference import load_trained
+    from conventions import DepthConventions
+    from inference import load
 
-    model = load_trained(str(run / "best.pt"), "cpu").model
-    at_10 = evaluate(model, DepthEstimationUnreal(data, "val", size=[32, 64], native=True, max_depth=10.0),
+    model = load(str(run / "best.pt"), "cpu").net
+    at_10 = evaluate(model, DepthEstimationUnreal(data, "val", size=[32, 64], native=True,
+                                               conventions=DepthConventions(max_depth=10.0)),
                      torch.device("cpu"))
-    at_20 = evaluate(model, DepthEstimationUnreal(data, "val", size=[32, 64], native=True, max_depth=20.0),
+    at_20 = evaluate(model, DepthEstimationUnreal(data, "val", size=[32, 64], native=True,
+                                               conventions=DepthConventions(max_depth=20.0)),
                      torch.device("cpu"))
     assert from_eval == pytest.approx(at_10) and from_eval["rmse"] != pytest.approx(at_20["rmse"])
 
@@ -222,7 +225,7 @@ def test_own_data_trains_evaluates_and_predicts_at_its_own_sizes(tmp_path):
     with torch.no_grad():
         assert torch.jit.load(str(exported))(torch.rand(1, 3, 32, 64)).shape == (1, 1, 32, 64)
 
-    page = app.DepthPage(entry.parse_app_options(["--ckpt", str(run / "best.pt"), "--device", "cpu"]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(run / "best.pt"), "--device", "cpu"]))
     try:
         rgb = np.array(Image.open(os.path.join(data, "val_shots", "img-001.v2.jpg")).convert("RGB"))
         depth = page.predict(rgb)
@@ -280,7 +283,7 @@ def test_synthetic_writes_the_worked_example(tmp_path):
 
 
 def test_the_depth_options_default_to_the_papers_conventions():
-    from dataset import DEPTH_SCALE, MAX_DEPTH, MIN_DEPTH
+    from conventions import DepthConventions
 
     opts = entry.parse_options([])
-    assert (opts.min_depth, opts.max_depth, opts.depth_scale) == (MIN_DEPTH, MAX_DEPTH, DEPTH_SCALE)
+    assert DepthConventions.of(opts) == DepthConventions(min_depth=1e-3, max_depth=20.0, depth_scale=1000.0)

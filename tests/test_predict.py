@@ -9,9 +9,9 @@ from PIL import Image
 
 import hardware
 from conftest import TRAINED_SIZE, save_random_checkpoint
-from inference import predict_depth
+from conventions import DepthConventions
+from inference import Predictor, load
 from main import main
-from model import DepthNet
 from predict import depth_to_points, write_ply
 
 
@@ -75,7 +75,7 @@ def test_predict_folder_any_size_and_mode_skips_corrupt_file(checkpoint, tmp_pat
         np.testing.assert_allclose(-vertices["z"], depth.reshape(-1), rtol=1e-6)
 
     # The prediction is the network's output on the training preprocessing (at the checkpoint's size), resized back.
-    model, _ = DepthNet.from_checkpoint(str(checkpoint))
+    model = load(str(checkpoint), "cpu").net
     with Image.open(src / "odd.jpg") as im:
         decoded = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
     rgb = TF.resize(decoded, [TRAINED_SIZE, TRAINED_SIZE], antialias=True)
@@ -84,9 +84,9 @@ def test_predict_folder_any_size_and_mode_skips_corrupt_file(checkpoint, tmp_pat
     np.testing.assert_allclose(np.load(out / "odd.npy"), expected[0, 0].clamp(0, 20).numpy(), atol=1e-4)
 
 
-def test_predict_depth_resizes_back_and_clamps_to_max_depth():
+def test_depth_maps_resize_back_and_clamp_to_max_depth():
     red = torch.linspace(0, 1, 64).repeat(3, 64, 1)[None]  # a left-to-right ramp in every channel
-    (depth,) = predict_depth(Ramp(), red, [(30, 50)], max_depth=20.0)
+    (depth,) = Predictor(Ramp(), 64, torch.device("cpu"), DepthConventions(max_depth=20.0)).depth_maps(red, [(30, 50)])
     raw = F.interpolate(red[:, :1] * 60 - 20, size=(30, 50), mode="bilinear", align_corners=False)[0, 0]
     assert depth.shape == (30, 50)
     np.testing.assert_allclose(depth, raw.clamp(0, 20).numpy(), atol=1e-5)

@@ -13,8 +13,8 @@ import main
 import train
 from checkpoint import load_checkpoint
 from conftest import LossWithNaNs, make_dataset, synthetic_data
+from inference import load
 from main import parse_options
-from model import DepthNet
 from synthetic import generate_dataset
 from train import Trainer
 from utils import UserError
@@ -66,14 +66,15 @@ def test_optimiser_and_cyclic_schedule_as_in_the_paper(tiny_data, tmp_path):
         assert seen[step][2] == pytest.approx(beta1, rel=1e-6), step
 
 
-def test_non_finite_loss_skips_the_step_then_stops(tiny_data, tmp_path):
+def test_non_finite_loss_skips_the_update_counts_the_step_then_stops(tiny_data, tmp_path):
     trainer = make_trainer(tiny_data, tmp_path / "run", "--max-bad-steps", "2")
     rgb = torch.rand(2, 3, 64, 64)
     depth = torch.full((2, 1, 64, 64), float("nan"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
-    with pytest.warns(UserWarning, match="non-finite loss"):
-        assert trainer.train_step(rgb, depth) is None
-    assert trainer.scheduler.last_epoch == 0
+    with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 1: step skipped \(1 in a row\)"):
+        trainer.train_step(rgb, depth)
+    # The step counts, as GradScaler counts its skipped steps: the schedule moves on, Adam's own count does not.
+    assert trainer.step == trainer.scheduler.last_epoch == 1 and adam_steps(trainer) <= {0}
     for k, v in trainer.model.state_dict().items():
         if k in before and "running" not in k:  # BN statistics move in the forward pass; weights must not
             assert torch.equal(v, before[k]), k
@@ -156,7 +157,7 @@ def test_train_step_driven_from_outside_matches_the_loop(tiny_data, tmp_path):
     steps = [driven.train_step(rgb, depth) for rgb, depth in driven.epoch_batches()]
     driven.finish_epoch()
     assert (driven.step, driven.epoch, driven.batch_in_epoch) == (looped.step, looped.epoch, 0) == (4, 1, 0)
-    assert all(s.checked and set(s.parts) == {"loss", "rmse", "ssim"} for s in steps)
+    assert all(set(s.parts) == {"loss", "rmse", "ssim"} for s in steps)
     assert steps[0].rgb.shape == (2, 3, 224, 224) and steps[0].pred.shape == (2, 1, 224, 224)
     assert driven.scheduler.last_epoch == looped.scheduler.last_epoch == 4
     assert_same_state(driven.model.state_dict(), looped.model.state_dict())
@@ -182,7 +183,7 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
         "--batch-size", "2", "--max-steps", "2", "--eval-every", "0", "--vis-every", "2", "--workers", "0",
         "--amp", "off", "--quiet"])
     trainer = Trainer(opts)
-    rgb, depth = next(iter(trainer._make_loader()))
+    rgb, depth = next(iter(trainer.epoch_batches()))
     assert rgb.shape == (2, 3, SIZE, SIZE)
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.model.encoder[0].weight.requires_grad  # --train-stem
@@ -201,7 +202,7 @@ def test_trainer_with_every_option_trains_and_checkpoints_the_architecture(small
     ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert ckpt["config"]["encoder"] == "resnet18" and ckpt["config"]["skips"] is True
     assert ckpt["input_size"] == SIZE  # the whole input, which prediction uses; the crop is training's alone
-    model, _ = DepthNet.from_checkpoint(str(tmp_path / "run" / "last.pt"))
+    model = load(str(tmp_path / "run" / "last.pt"), "cpu").net
     assert model.encoder_name == "resnet18" and model.skips
 
 
@@ -231,36 +232,38 @@ def adam_steps(trainer):
     return {int(s["step"]) for s in trainer.optimizer.state.values()}
 
 
-def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp_path, monkeypatch):
-    """The GPU's deferred reading of losses, exercised on the CPU: 4 batches, the 2nd one bad."""
+def test_gpu_way_reads_losses_late_and_counts_every_step(synthetic_64, tmp_path, monkeypatch):
+    """The GPU's late reading of losses, exercised on the CPU: 4 batches, the 2nd one bad."""
     monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2}
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer._deferred_checks = True
-    rgb, depth = next(trainer.epoch_batches())
+    trainer._read_every = 100
+    batches = trainer.epoch_batches()
+    trainer.train_step(*next(batches))  # step 1: read at once, as the first step is logged
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    LossWithNaNs.calls = 1
-    loss, parts, _ = trainer._forward_backward_update(rgb, depth)  # bad, but not read yet: counted as usual
-    assert trainer._count_step(loss) and parts is not None and trainer.scheduler.last_epoch == 1
+    trainer.train_step(*next(batches))  # bad, and not read yet: counted as every step is
+    assert trainer.step == trainer.scheduler.last_epoch == 2 and len(trainer._unread_losses) == 1
     for k, v in trainer.model.state_dict().items():
         if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in the forward pass
             assert torch.equal(v, weights[k]), k  # ...but no weight did
-    assert adam_steps(trainer) == {0} and trainer._unchecked_losses
+    assert adam_steps(trainer) == {1}
+    with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
+        trainer.check_losses()
 
     trainer = make_trainer(synthetic_64, tmp_path / "run2", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer._deferred_checks = True
+    trainer._read_every = 100
     LossWithNaNs.calls = 0
     with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
         trainer.fit()
-    assert trainer.step == 3 and trainer.scheduler.last_epoch == 3 and adam_steps(trainer) == {3}
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 3 / 1000)  # CyclicLR at step 3
-    assert load_checkpoint(str(tmp_path / "run2" / "last.pt"))["step"] == 3
+    assert trainer.step == 4 and trainer.scheduler.last_epoch == 4 and adam_steps(trainer) == {3}
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 + 4e-3 * 4 / 1000)  # CyclicLR at step 4
+    assert load_checkpoint(str(tmp_path / "run2" / "last.pt"))["step"] == 4
 
     trainer = make_trainer(synthetic_64, tmp_path / "run3", "--image-size", "64", "--epochs", "1", "--log-every", "100",
                            "--max-bad-steps", "2")
-    trainer._deferred_checks = True
+    trainer._read_every = 100
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 3}
-    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 2"):
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 3"):
         trainer.fit()  # read at the epoch's end: the error comes late, but it comes
     assert not (tmp_path / "run3" / "last.pt").exists()
 
@@ -269,7 +272,7 @@ def test_gpu_way_skips_on_the_device_and_recounts_at_the_check(synthetic_64, tmp
 def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--device", "cuda", "--amp", "auto", "--image-size", "224",
                            "--log-every", "1000")
-    assert trainer._deferred_checks
+    assert trainer._read_every == 1000
     assert trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
     batches = trainer.epoch_batches()
     trainer.train_step(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
@@ -280,11 +283,12 @@ def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
             assert trainer.train_step(rgb, depth) is not None
         trainer.epoch, trainer.batch_in_epoch = 1, 0
         for rgb, depth in trainer.epoch_batches():  # a new epoch, with --augment's work on the batches
-            assert trainer._count_step(trainer._forward_backward_update(*trainer._augment_batch(rgb, depth))[0])
+            trainer._forward_backward_update(*trainer._augment_batch(rgb, depth))
+            trainer._advance_schedule()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    trainer.step = 8
-    assert trainer.settle_steps() and trainer.step == 8 and adam_steps(trainer) == {8}
+    trainer.check_losses()
+    assert not trainer._bad_steps and adam_steps(trainer) == {8}
 
 
 def test_best_checkpoint_records_exactly_what_eval_of_it_reports(tmp_path):
