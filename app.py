@@ -242,8 +242,8 @@ def build_page(page, gr):
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Monocular depth", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"## Monocular depth estimation\n"
-                    f"{checkpoints_named(opts.ckpt)}, input {' × '.join(map(str, input_hw(page.size)))}, "
-                    f"on {page.device}. "
+                    f"{checkpoints_named(opts.ckpt)}, input {' × '.join(map(str, input_hw(page.predictor.size)))}, "
+                    f"on {page.predictor.device}. "
                     f"Upload or drop a photo (JPEG or PNG, any size, at most {opts.max_upload_mb:g} MB), "
                     "or pick an example.")
         state = gr.State(None)

@@ -242,7 +242,7 @@ class OurTraining:
         return done.parts["loss"] if done is not None else torch.tensor(float("nan"))
 
     def finish(self):
-        self.trainer.settle_steps()
+        self.trainer.check_losses()
 
     def close(self):
         del self.batches

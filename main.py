@@ -335,8 +335,10 @@ def parse_options(argv=None):
     """The options that run, settled here once: nothing changes them afterwards, and config.json is them.
 
     In order: --resume's inherited options, the checks, the course template's --is_train, the
-    derived defaults (the checkpoint's own input size for --eval, --predict and --export; the data
-    folder; the run folder) and the --demo preset. Options the user typed are never overridden.
+    derived defaults (the data folder, the run folder) and the --demo preset. Options the user
+    typed are never overridden. One documented exception: for --eval, --predict and --export the
+    options of FROM_CHECKPOINT that were not typed are None, "the checkpoint's own", which only
+    the checkpoint can tell; inference.load resolves them, in that one place.
     """
     parser = build_parser()
     opts = parser.parse_args(argv)

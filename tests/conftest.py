@@ -16,8 +16,8 @@ from synthetic import generate_dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One intra-op thread: the tests' tensors are tiny, and on a busy 2-core machine two OpenMP
-# threads spin-wait on each other (measured: a 64 × 64 training step 0.25 s with 1 thread,
-# 1-4 s with 2 while other processes ran). Subprocesses get the same via OMP_NUM_THREADS.
+# threads spin-wait on each other, several times slower than one. Subprocesses get the same via
+# OMP_NUM_THREADS.
 torch.set_num_threads(1)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -90,15 +90,18 @@ def checkpoint(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", seed=0)
 
 
-def save_random_checkpoint(path, seed, image_size=TRAINED_SIZE):
-    """A DepthNet initialised from `seed`, saved at `path` as a training run at `image_size` would save it."""
+def save_random_checkpoint(path, seed, image_size=TRAINED_SIZE, encoder="resnet18"):
+    """A DepthNet initialised from `seed`, saved at `path` in the format training writes (its inference part:
+    model_args, input_size, depth conventions, weights). ResNet-18: what uses a trained model does not
+    depend on the encoder, and it is twice as fast as the paper's ResNet-34."""
     from checkpoint import save_checkpoint
+    from conventions import PAPER
     from model import DepthNet
 
     torch.manual_seed(seed)
-    model = DepthNet(weights=None, init_depth=10.0)
-    save_checkpoint({"model": model.state_dict(), "init_depth": 10.0, "config": {"image_size": image_size},
-                     "metrics": {}}, str(path))
+    model = DepthNet(weights=None, init_depth=10.0, encoder=encoder)
+    save_checkpoint({"model_args": model.model_args, "input_size": image_size, "depth": PAPER.as_dict(),
+                     "model": model.state_dict(), "metrics": {}}, str(path))
     return path
 
 

@@ -404,7 +404,7 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------ the page under load
-SERVER_MEMORY_BOUND = 2.0e9  # bytes of peak resident memory of the page's process: 1.24 GB measured, see the test
+SERVER_MEMORY_BOUND = 2.0e9  # bytes of peak resident memory of the page's process: the largest image allowed, with room
 
 
 def peak_resident_bytes(pid):

@@ -282,7 +282,7 @@ def test_a_stopped_demo_stops_there_with_the_signals_status(tiny_data, tmp_path,
     fit = train.Trainer.fit
 
     def stopped_fit(self):
-        self.stop_signal = signal.Signals(signum).name
+        self._stop.signal = signal.Signals(signum).name  # as if the signal came before the first step
         return fit(self)
 
     monkeypatch.setattr(train.Trainer, "fit", stopped_fit)
