@@ -8,6 +8,7 @@ from PIL import Image
 import ablate
 
 
+@pytest.mark.slow
 def test_tiny_ablation_runs_end_to_end_and_writes_its_table(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     code = ablate.main(["--steps", "2", "--batch-size", "2", "--image-size", "64", "--variants", "paper,+skips",

@@ -413,6 +413,7 @@ def peak_resident_bytes(pid):
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
+@pytest.mark.slow
 def test_the_page_under_load(tiny_checkpoint, tmp_path):
     """32 photos at once and 3 bad files, from 35 clients on loopback: every photo gets its depth, every bad
     file its message, and the server is still up, its peak resident memory within SERVER_MEMORY_BOUND

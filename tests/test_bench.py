@@ -18,6 +18,7 @@ def test_ssim_implementations_of_bench_agree_with_losses():
         assert float(fn(x, y)) == pytest.approx(expected, abs=1e-5), name
 
 
+@pytest.mark.slow
 def test_bench_writes_its_report(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--images", "2",
@@ -38,6 +39,7 @@ def test_bench_writes_its_report(tmp_path):
     assert acc["n_images"] == 2 and acc["abs_diff"]["rmse"] < 0.05 * acc["fp32"]["rmse"]
 
 
+@pytest.mark.slow
 def test_predict_cli_times_the_command_users_run(tmp_path):
     out = tmp_path / "cli.json"
     r = bench.main(["--device", "cpu", "--predict-cli", "--cli-images", "2", "--cli-reps", "1", "--workers", "0",

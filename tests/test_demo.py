@@ -83,7 +83,8 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--demo-train", "5",
                              "--demo-val", "2", "--demo-test", "2", "--demo-steps", "2", "--image-size", "64",
                              "--data-dir", str(data), "--run-dir", str(run), "--workers", "0", "--device", "cpu",
-                             "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                             "--encoder", "resnet18", "--quiet"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "starts from random weights" in result.stdout
 
@@ -147,7 +148,7 @@ def test_demo_on_a_set_without_test_split_scores_val_and_keeps_a_best_checkpoint
     run = tmp_path / "run"
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--demo-steps", "2",
                              "--image-size", "64", "--data-dir", data, "--run-dir", str(run), "--workers", "0",
-                             "--device", "cpu", "--weights", "none", "--quiet"],
+                             "--device", "cpu", "--weights", "none", "--encoder", "resnet18", "--quiet"],
                             cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "data" / "rgb")) == ["train", "val"], "nothing is synthesised"

@@ -44,7 +44,7 @@ def run_trainer(rank, world_size, port, data_dir, run_dir, out):
     train.DepthNet = double_depthnet  # put back below: this also runs in the test process
     opts = parse_options(["--data-dir", data_dir, "--run-dir", run_dir, "--weights", "none", "--device", "cpu",
                           "--amp", "off", "--batch-size", "4", "--image-size", "64", "--workers", "0",
-                          "--eval-every", "0", "--vis-every", "0", "--quiet"])
+                          "--eval-every", "0", "--vis-every", "0", "--quiet", "--encoder", "resnet18"])
     try:
         trainer = train.Trainer(opts)
         for _, (rgb, depth) in zip(range(STEPS), trainer.epoch_batches()):
@@ -58,6 +58,7 @@ def run_trainer(rank, world_size, port, data_dir, run_dir, out):
         close_distributed()
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
     # 7 images in global batches of 4: 2 + 2 images per process, then 2 + 1. The uneven
     # split checks that the loss and BatchNorm weigh images, not processes.
@@ -71,7 +72,7 @@ def test_two_processes_take_the_steps_of_one_in_float64(tmp_path):
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == expected_files
 
     torch.manual_seed(0)
-    start = DepthNet(weights=None, init_depth=9.0).double().state_dict()
+    start = DepthNet(weights=None, init_depth=9.0, encoder="resnet18").double().state_dict()
     moved = max(float((one["model"][k] - start[k]).abs().max()) for k in start if "weight" in k)
     assert moved > 1e-3  # two Adam steps at lr 1e-3
     # Weights (and BatchNorm statistics) to 2e-7, 1e-4 of one Adam step; the few elements
@@ -93,7 +94,7 @@ def torchrun(data, run_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
            "--data-dir", data, "--run-dir", str(run_dir), "--weights", "none", "--device", "cpu", "--amp", "off",
            "--batch-size", "4", "--image-size", "64", "--eval-every", "0", "--workers", "0", "--deterministic",
-           "--quiet", *map(str, extra)]
+           "--quiet", "--encoder", "resnet18", *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -113,6 +114,7 @@ def worker_pid(agent_pid, rank):
     raise AssertionError(f"no worker of rank {rank} under torchrun (pid {agent_pid})")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
 def test_torchrun_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_ends_where_a_straight_run_does(
         tmp_path):

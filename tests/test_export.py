@@ -26,6 +26,7 @@ def test_export_torchscript_matches_eager(checkpoint, tmp_path, capsys):
         torch.testing.assert_close(exported(x), model.eval()(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_onnx_matches_eager(tmp_path):
     for package in ("onnx", "onnxscript"):
         pytest.importorskip(package)

@@ -60,7 +60,8 @@ def training_args(data, run_dir, *extra):
     """One configuration for every run here; the CyclicLR turns within it so the lr changes each step."""
     return [str(a) for a in (
         "--data-dir", data, "--run-dir", run_dir, "--weights", "none", "--device", "cpu", "--workers", "0",
-        "--batch-size", BATCH, "--image-size", "64", "--amp", "off", "--deterministic", "--seed", "3",
+        "--batch-size", BATCH, "--image-size", "64", "--encoder", "resnet18", "--amp", "off", "--deterministic",
+        "--seed", "3",
         "--step-size-up", "2", "--step-size-down", "3", "--eval-every", "0", "--vis-every", "0", "--quiet", *extra)]
 
 
@@ -186,6 +187,7 @@ def sigint_run(data, tmp_path_factory):
     return run_dir, code, out, err
 
 
+@pytest.mark.slow
 def test_sigint_writes_a_resumable_checkpoint_and_says_how_to_resume(sigint_run):
     run_dir, code, out, err = sigint_run
     assert code == 128 + signal.SIGINT, err  # a clean stop, but not a finished run
@@ -222,6 +224,7 @@ def test_stop_with_max_steps_then_resume_is_bit_exact(data, straight_run, tmp_pa
     assert_same_training_state(resumed, straight_run)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_at_other_moments_leave_a_checkpoint_that_resumes(sigint_run, tmp_path):
     """From the SIGINT checkpoint: SIGTERM in epoch 2, then SIGKILL just after the end-of-epoch save."""
     run_dir = str(tmp_path / "run")

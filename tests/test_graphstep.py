@@ -34,6 +34,7 @@ def max_difference(a, b):
     return max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [("--ema", "0.9"), ("--adamw", "--weight-decay", "0.1", "--train-stem")])
 def test_graphed_steps_equal_eager_steps(data, tmp_path, extra):
     """4 steps (two epochs, through the peak of the cyclic schedule), from the same weights and batches.
@@ -102,6 +103,7 @@ def test_the_schedule_on_the_device_is_cyclic_lr(data, tmp_path):
         trainer.scheduler.step()
 
 
+@pytest.mark.slow
 def test_the_step_compiles_whole_without_a_graph_break(data, tmp_path):
     """torch.compile(fullgraph=True) fails on any graph break: a host read, a branch on a value, an untraceable
     call. This is the half of being capturable that a CPU can check."""

@@ -265,6 +265,7 @@ def test_a_fresh_run_removes_an_earlier_runs_logs_so_curves_never_mix(tiny_data,
     assert (run_dir / "notes.txt").read_text() == "mine"  # nothing but a run's own files is touched
 
 
+@pytest.mark.slow
 def test_a_second_demo_starts_clean(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "demo"
     args = ["--demo", "--data-dir", tiny_data, "--run-dir", run_dir, "--image-size", "32", "--demo-steps", "2",

@@ -185,7 +185,7 @@ def test_baselines_are_fitted_on_measured_pixels(tmp_path):
 # ------------------------------------------------------------------ end to end
 def train_args(data, run, *extra):
     return ["--data-dir", data, "--run-dir", str(run), "--weights", "none", "--batch-size", "2", "--workers", "0",
-            "--amp", "off", "--quiet", "--device", "cpu", "--vis-every", "0", *extra]
+            "--amp", "off", "--quiet", "--device", "cpu", "--vis-every", "0", "--encoder", "resnet18", *extra]
 
 
 def test_own_data_trains_evaluates_and_predicts_at_its_own_sizes(tmp_path):
@@ -234,6 +234,7 @@ def test_own_data_trains_evaluates_and_predicts_at_its_own_sizes(tmp_path):
         page.close()
 
 
+@pytest.mark.slow
 def test_holes_are_never_learned_as_targets(tmp_path):
     """The top rows are never measured: training must not pull the prediction there towards their 0."""
     data = own_dataset(tmp_path / "data", {"train": [(64, 64)] * 8}, holes=0.3, holes_top=0.25)

@@ -21,15 +21,17 @@ from utils import UserError
 
 
 def make_trainer(data_dir, run_dir, *extra):
-    """A CPU Trainer with random weights, no evaluation, pictures or progress bars unless asked."""
+    """A CPU Trainer with random weights, no evaluation, pictures or progress bars unless asked; ResNet-18 at
+    64 x 64, since what is tested here is the loop, not the paper's network or size."""
     opts = parse_options(["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--weights", "none",
                           "--device", "cpu", "--amp", "off", "--batch-size", "2", "--workers", "0",
-                          "--eval-every", "0", "--vis-every", "0", "--quiet", *extra])
+                          "--eval-every", "0", "--vis-every", "0", "--quiet", "--encoder", "resnet18",
+                          "--image-size", "64", *extra])
     return Trainer(opts)
 
 
 def test_loss_falls_on_one_fixed_batch(tiny_data, tmp_path):
-    trainer = make_trainer(tiny_data, tmp_path / "run")
+    trainer = make_trainer(tiny_data, tmp_path / "run", "--encoder", "resnet34")  # the paper's network learns
     rgb, depth = zip(*(trainer.train_set[i] for i in range(2)))
     rgb = F.interpolate(torch.stack(rgb), size=(64, 64), mode="bilinear", align_corners=False)
     depth = F.interpolate(torch.stack(depth), size=(64, 64), mode="bilinear", align_corners=False)
@@ -158,7 +160,7 @@ def test_train_step_driven_from_outside_matches_the_loop(tiny_data, tmp_path):
     driven.finish_epoch()
     assert (driven.step, driven.epoch, driven.batch_in_epoch) == (looped.step, looped.epoch, 0) == (4, 1, 0)
     assert all(set(s.parts) == {"loss", "rmse", "ssim"} for s in steps)
-    assert steps[0].rgb.shape == (2, 3, 224, 224) and steps[0].pred.shape == (2, 1, 224, 224)
+    assert steps[0].rgb.shape == (2, 3, 64, 64) and steps[0].pred.shape == (2, 1, 64, 64)
     assert driven.scheduler.last_epoch == looped.scheduler.last_epoch == 4
     assert_same_state(driven.model.state_dict(), looped.model.state_dict())
     assert_same_state(driven.optimizer.state_dict(), looped.optimizer.state_dict())
@@ -327,6 +329,7 @@ def test_ema_is_the_moving_average_of_the_trained_weights(tiny_data, tmp_path):
     assert trainer.scored_model is trainer.ema and not trainer.ema.training
 
 
+@pytest.mark.slow
 def test_ema_is_what_validation_scores_saves_and_resumes(tmp_path):
     """best.pt's metrics are the average's, and --eval of best.pt reports them; a resume continues the average."""
     data = make_dataset(tmp_path / "data", {"train": 4, "val": 3}, size=(36, 64))
@@ -352,6 +355,7 @@ def test_ema_is_what_validation_scores_saves_and_resumes(tmp_path):
     assert_same_state(resumed.ema.state_dict(), straight.ema.state_dict(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_training_takes_the_eager_steps_and_saves_plain_weights(tmp_path):
     """--compile: torch.compile of the model (about a minute of compiling on 2 CPU cores, once).
 
