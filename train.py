@@ -35,6 +35,7 @@ from dataset import (
     input_hw,
     paste_patches,
     random_crops,
+    split_files,
 )
 from distributed import barrier, convert_batchnorm, init_distributed, max_across_ranks, sum_across_ranks
 from evaluate import evaluate, format_metrics
@@ -168,9 +169,9 @@ class Trainer:
         # files are unchanged needs no second look; the folder loader checks them up front.
         conventions = {**depth_conventions(opts), "max_pixels": opts.max_pixels}
         self.train_set = DepthEstimationUnreal(opts.data_dir, "train", size=opts.image_size, check=opts.cache == "off",
-                                               progress=self._progress, **conventions)
+                                               progress=self._progress, **conventions, **split_files(opts, "train"))
         self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", size=opts.image_size, native=True,
-                                              progress=self._progress, **conventions)
+                                              progress=self._progress, **conventions, **split_files(opts, "val"))
                         if opts.eval_every > 0 else None)
         self.cache = self._open_cache() if opts.cache == "auto" else None
         self._batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,
