@@ -183,7 +183,8 @@ def write_nyu_pair(mat, index, folder):
     rgb = np.asarray(mat["images"][index]).T  # MATLAB's column order: (3, W, H) in the file
     picture = np.zeros_like(rgb)
     picture[NYU_PICTURE] = rgb[NYU_PICTURE]
-    depth_mm = (np.asarray(mat["rawDepths"][index], dtype=np.float64).T * 1000.0).astype(np.uint16)
+    # In the file's own dtype and truncated, as the peers' split was written: the same millimetres, bit for bit.
+    depth_mm = (np.asarray(mat["rawDepths"][index]).T * 1000.0).astype(np.uint16)
     rgb_name, depth_name = f"{scene}/rgb_{index:05d}.jpg", f"{scene}/sync_depth_{index:05d}.png"
     Image.fromarray(picture).save(os.path.join(folder, rgb_name), quality=95)
     Image.fromarray(depth_mm).save(os.path.join(folder, depth_name))
