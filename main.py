@@ -532,7 +532,7 @@ def score_split(opts, model, dataset, device, amp_dtype):
     if opts.protocol == "unreal":
         metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers,
                                  per_image=True, save_dir=opts.save_predictions)
-        return {"protocol": "unreal", **metrics}, rows, unreal_line(dataset, metrics["n_images"])
+        return metrics, rows, unreal_line(dataset, metrics["n_images"])
     protocol = protocol_with_caps(opts.protocol, opts.min_depth_eval, opts.max_depth_eval)
     metrics, rows = evaluate_protocol(model, dataset, device, protocol, amp_dtype=amp_dtype, num_workers=opts.workers,
                                       median_scale=opts.median_scale, save_dir=opts.save_predictions,

@@ -174,3 +174,37 @@ def test_train_then_evaluate_a_benchmark_set_as_the_peers_score_it(tmp_path, cap
                   for f in files]
         assert sum(f.endswith("0000002000.npy") for f in frames) == 2
         assert len(frames) == 4
+
+
+def test_the_default_protocol_saves_its_predictions_at_the_ground_truths_size(tmp_path):
+    from conftest import make_dataset
+    from evaluate import evaluate
+
+    root = make_dataset(tmp_path / "data", {"val": 3}, size=(24, 32), seed=1)
+    dataset = DepthEstimationUnreal(root, "val", size=32, native=True, progress=False)
+    model = ScaledTruth(7.0, 1.0)
+    before = evaluate(model, dataset, torch.device("cpu"))
+    after = evaluate(model, dataset, torch.device("cpu"), save_dir=str(tmp_path / "pred"))
+    assert after == before  # saving changes no figure
+    saved = sorted(os.listdir(tmp_path / "pred" / "rgb" / "val"))
+    assert saved == ["0.npy", "1.npy", "2.npy"]
+    depth = np.load(tmp_path / "pred" / "rgb" / "val" / "2.npy")
+    assert depth.dtype == np.float32 and depth.shape == (24, 32) and np.allclose(depth, 7.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "nyu"], "error: --protocol is for --eval"),
+    (["--save-predictions", "p"], "error: --save-predictions is for --eval"),
+    (["--eval", "--ckpt", "c.pt", "--median-scale"], "error: --median-scale is for --protocol nyu, kitti or"),
+    (["--eval", "--ckpt", "c.pt", "--max-depth-eval", "5"], "error: --max-depth-eval is for --protocol nyu"),
+    (["--eval", "--ckpt", "c.pt", "--protocol", "kitti", "--min-depth-eval", "5", "--max-depth-eval", "5"],
+     "error: --min-depth-eval (5.0) must be below --max-depth-eval (5.0)"),
+    (["--eval", "--ckpt", "c.pt", "--protocol", "kitti", "--max-depth-eval", "inf"],
+     "error: --max-depth-eval must be a finite positive number"),
+])
+def test_the_protocol_options_are_checked_with_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
