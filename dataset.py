@@ -230,6 +230,8 @@ def list_lines(listing):
 
 def list_fields(text, where):
     """The fields of one line: split at whitespace, double-quoted fields kept whole, from # on a comment."""
+    if '"' not in text:  # the common line, without shlex's character-by-character pass
+        return text.split("#", 1)[0].split()
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split, lexer.quotes, lexer.escape = True, '"', ""
     try:
