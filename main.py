@@ -67,7 +67,7 @@ def build_parser():
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", "--data_dir", default=None,
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy (or 16-bit .png), "
-                           "or with split lists ROOT/{train,val,test}.txt of 'RGB_PATH DEPTH_PATH' lines "
+                           "or with split lists ROOT/{train,val,test}.txt of 'RGB DEPTH [FOCAL]' lines (docs/data.md) "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
     for split in ("train", "val", "test"):
