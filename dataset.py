@@ -174,6 +174,7 @@ def read_split_list(root, listing, gt_root=None):
     lines and # comments are skipped; DEPTH `None` (no ground truth) leaves the pair out, said once with the
     count. Each pair is named by its RGB path without the extension, and is identified by its resolved files:
     `a`, `./a` and `sub/../a` are one pair. DataError naming the list, the line and the fix."""
+    depth_option = "--gt-dir" if gt_root else "--data-dir (--gt-dir DIR gives them another root)"
     gt_root = gt_root or root
     pairs, focals, seen, names, without_gt = [], [], {}, {}, 0
     for number, text in list_lines(listing):
@@ -189,7 +190,7 @@ def read_split_list(root, listing, gt_root=None):
             without_gt += 1
             continue
         rgb_path = listed_file(root, fields[0], where, "RGB", "--data-dir")
-        depth_path = listed_file(gt_root, fields[1], where, "depth", "--gt-dir")
+        depth_path = listed_file(gt_root, fields[1], where, "depth", depth_option)
         check_depth_header(depth_path, where)
         identity = os.path.realpath(rgb_path)
         if identity in seen:
@@ -262,8 +263,8 @@ def listed_file(root, field, where, kind, option):
         return path
     if os.path.isabs(field) and os.path.isfile(field):
         return field
-    raise DataError(f"{where}: {kind} file {path} not found ({kind} paths are relative to {option} {root}); fix "
-                    "the line, the file or the option")
+    raise DataError(f"{where}: {kind} file {path} not found ({kind} paths are relative to {option}, here {root}); "
+                    "fix the line, the file or the option")
 
 
 def check_depth_header(path, where):

@@ -62,7 +62,8 @@ def test_the_peers_lines_are_read_with_their_focal_and_depth_under_gt_dir(peers_
 def test_without_gt_dir_the_depth_is_looked_for_under_the_data_root(peers_set):
     raw, gt = peers_set
     with pytest.raises(DataError, match=r"test\.txt line 1: depth file .*proj_depth/0000000005\.png not found "
-                                        r"\(depth paths are relative to --gt-dir"):
+                                        r"\(depth paths are relative to --data-dir \(--gt-dir DIR gives them another "
+                                        r"root\), here .*raw\)"):
         list_split(raw, "test")
 
 
@@ -144,3 +145,26 @@ def test_a_depth_png_read_through_a_list_is_metres(peers_set):
     raw, gt = peers_set
     _, _, depth_path = list_split(raw, "test", gt_root=gt).pairs[0]
     assert np.allclose(read_depth(depth_path, 1000.0), 3.0)
+
+
+@pytest.mark.parametrize("kind", ["nyu", "kitti"])
+def test_synthetic_benchmark_sets_are_written_as_the_peers_ship_them(tmp_path, kind, capsys):
+    from synthetic import main as synthetic_main
+
+    synthetic_main(["--benchmark", kind, "--out", str(tmp_path / kind), "--train", "2", "--test", "3",
+                    "--height", "24", "--width", "40"])
+    data_dir, gt_dir = (tmp_path / kind, tmp_path / kind) if kind == "nyu" else (tmp_path / kind / "raw",
+                                                                                 tmp_path / kind / "gt")
+    assert f"--data-dir {data_dir}" in capsys.readouterr().out
+    train = (data_dir / "train.txt").read_text().splitlines()
+    test = (data_dir / "test.txt").read_text().splitlines()
+    assert (len(train), len(test)) == (3, 4) and train[-1].split()[1] == test[-1].split()[1] == "None"
+    assert train[0].startswith("/") and all(len(line.split()) == 3 for line in train + test)
+    listed = list_split(str(data_dir), "test", gt_root=str(gt_dir))
+    assert len(listed.pairs) == 3 and listed.without_gt == 1
+    assert all(str(depth).startswith(str(gt_dir)) for _, _, depth in listed.pairs)
+    if kind == "kitti":  # one frame number in both drives
+        frames = [os.path.basename(rgb) for _, rgb, _ in listed.pairs]
+        assert frames[0] == frames[2] == "0000002000.png" and listed.pairs[0][1] != listed.pairs[2][1]
+        assert listed.focals == [721.5377] * 3
+        assert (read_depth(listed.pairs[0][2], 256.0) == 0).mean() > 0.5  # LiDAR-sparse
