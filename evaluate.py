@@ -197,20 +197,24 @@ def median_scaled(pred, gt, mask):
 
 
 def clipped_prediction(pred, protocol):
-    """Scored predictions clipped into the protocol's interval: NaN to its minimum, inf to its maximum."""
-    pred = np.nan_to_num(pred.astype(np.float64), nan=protocol.min_depth, posinf=protocol.max_depth,
-                         neginf=protocol.min_depth)
-    return np.clip(pred, protocol.min_depth, protocol.max_depth)
+    """Scored predictions clipped into the protocol's interval (NaN to its minimum, inf to its maximum), in
+    float32 as the peers' scripts clip them."""
+    low, high = np.float32(protocol.min_depth), np.float32(protocol.max_depth)
+    return np.clip(np.nan_to_num(pred.astype(np.float32), nan=low, posinf=high, neginf=low), low, high)
 
 
 def peer_errors(gt, pred):
-    """The peers' metrics of one image from its scored pixels (1-D gt and clipped prediction), in float64.
+    """The peers' metrics of one image from its scored pixels (1-D float32 gt and clipped prediction).
 
-    silog is 100 sqrt(E[e²] - E[e]²) of e = ln pred - ln gt (lambda 1), computed about the mean, which
-    is the same quantity without float32's cancellation.
+    The ratios that delta1..3 compare with 1.25^i are taken in float32, as the peers take them: a prediction
+    clipped to a cap over millimetre ground truth can land exactly on a threshold (10 m / 6.4 m = 1.25²),
+    where float64 would decide otherwise. The other metrics are sums, taken in float64; silog, 100
+    sqrt(E[e²] - E[e]²) of e = ln pred - ln gt (lambda 1), about the mean, which is the same quantity
+    without float32's cancellation.
     """
-    gt, pred = gt.astype(np.float64), pred.astype(np.float64)
-    ratio = np.maximum(gt / pred, pred / gt)
+    gt32, pred32 = gt.astype(np.float32), pred.astype(np.float32)
+    ratio = np.maximum(gt32 / pred32, pred32 / gt32)
+    gt, pred = gt32.astype(np.float64), pred32.astype(np.float64)
     log_error = np.log(pred) - np.log(gt)
     out = {"rmse": np.sqrt(np.mean((gt - pred) ** 2)),
            "abs_rel": np.mean(np.abs(gt - pred) / gt),

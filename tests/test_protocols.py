@@ -63,7 +63,21 @@ def test_the_crops_score_the_pixels_the_protocols_name():
 
 def test_the_clip_sends_nan_to_the_minimum_and_inf_to_the_maximum():
     clipped = clipped_prediction(np.array([np.nan, np.inf, -np.inf, -2.0, 0.0, 5.0, 99.0]), PROTOCOLS["nyu"])
-    assert clipped.tolist() == [1e-3, 10.0, 1e-3, 1e-3, 1e-3, 5.0, 10.0]
+    assert clipped.dtype == np.float32  # as the peers clip
+    assert clipped.tolist() == np.array([1e-3, 10.0, 1e-3, 1e-3, 1e-3, 5.0, 10.0], np.float32).tolist()
+
+
+def test_a_ratio_on_a_delta_threshold_is_decided_as_the_peers_decide_it():
+    # 6.4 m from a millimetre PNG, a prediction clipped to the 10 m cap: 10 / 6.4 is 1.25² exactly in float32
+    # (not below it), just below it in float64.
+    gt = np.full((480, 640), 6400, np.uint16).astype(np.float32) / 1000.0
+    gt[240:] = 3.0
+    pred = np.full_like(gt, 12.0)
+    mask = scored_pixels(gt, PROTOCOLS["nyu"])
+    ours = peer_errors(gt[mask], clipped_prediction(pred[mask], PROTOCOLS["nyu"]))
+    theirs = peer_metrics(gt, pred, "nyu")
+    assert ours["delta2"] == pytest.approx(float(theirs["delta2"]), abs=1e-12) == 0.0
+    assert 10.0 / np.float64(gt[0, 0]) < 1.25**2  # float64 alone would have counted the top half
 
 
 class ScaledTruth(nn.Module):
