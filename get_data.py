@@ -259,7 +259,11 @@ def main(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder: choose a folder to create")
     if args.dataset == "nyu":
+        if (args.url, args.commit) != (SOURCE_URL, SOURCE_COMMIT):
+            p.error("--url and --commit are for DepthEstimationUnreal; nyu takes --mat and --splits")
         return main_nyu(args)
+    if (args.mat, args.splits) != (NYU_MAT_URL, NYU_SPLITS_URL):
+        p.error("--mat and --splits are for nyu: python get_data.py nyu --mat PATH")
     print(f"fetching {SOURCE_FOLDER}/ of {args.url} at {args.commit[:8]} into {args.out}", flush=True)
     try:
         counts = fetch_dataset(args.out, args.url, args.commit, progress=not args.quiet)
