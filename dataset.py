@@ -2,8 +2,9 @@
 the paper (docs/design.md §5).
 
 Layout: ROOT/rgb/SPLIT/NAME.{jpeg,jpg,png} and ROOT/depth/SPLIT/NAME.{npy,png}, paired by stem;
-or, when ROOT/SPLIT.txt exists, the pairs that file lists (one `RGB_PATH DEPTH_PATH` a line,
-relative to ROOT). Depth is float .npy in metres or a single-channel 16-bit PNG read as
+or the pairs a split list names (ROOT/SPLIT.txt, or a file given as --SPLIT-list): one
+`RGB DEPTH [FOCAL]` a line, the peers' format, RGB relative to ROOT and depth to --gt-dir
+(read_split_list). Depth is float .npy in metres or a single-channel 16-bit PNG read as
 value / depth_scale metres. Pairs may have any size (RGB and depth of one pair the same).
 Every sample is (rgb (3, H, W) float32 in [0, 1], depth (1, H, W) float32 metres in
 [0, max_depth]) at the network's input size. Depth at or below min_depth is "not measured"
@@ -30,13 +31,17 @@ decodes every file in the same way, which is then the check.
 Training augmentation (augment_pair) is not applied here but by the Trainer, per batch on
 the device: the same on every data-loading path, and cheap on a GPU.
 """
+import codecs
 import glob
 import hashlib
 import json
+import math
 import os
 import re
+import shlex
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,20 +84,36 @@ def natural_key(stem):
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 
-def list_pairs(root, split):
-    """[(name, rgb_path, depth_path)] of a split: from ROOT/SPLIT.txt when it exists, else from the folders
-    ROOT/rgb/SPLIT and ROOT/depth/SPLIT paired by stem, sorted numerically; DataError on any mismatch."""
-    listing = os.path.join(root, f"{split}.txt")
-    if os.path.isfile(listing):
-        return read_split_list(root, listing)
+def list_pairs(root, split, listing=None, gt_root=None):
+    """[(name, rgb_path, depth_path)] of a split: list_split's pairs."""
+    return list_split(root, split, listing, gt_root).pairs
+
+
+class SplitList(NamedTuple):
+    """A split's pairs [(name, rgb_path, depth_path)], the focal length (pixels) of each as its line gave it
+    (None where it gave none, and for every pair of the folder layout), and how many listed pairs have no
+    ground truth (DEPTH written as None), which are left out."""
+
+    pairs: list
+    focals: list
+    without_gt: int = 0
+
+
+def list_split(root, split, listing=None, gt_root=None):
+    """A split as a SplitList: from the split list `listing` when given, else ROOT/SPLIT.txt when it exists, else
+    the folders ROOT/rgb/SPLIT and ROOT/depth/SPLIT paired by stem, sorted numerically; DataError on any mismatch.
+    gt_root: the folder a list's depth paths are relative to (--gt-dir; default: root)."""
+    listing = listing or split_list_path(root, split)
+    if listing is not None:
+        return read_split_list(root, listing, gt_root)
     rgb_dir = os.path.join(root, "rgb", split)
     depth_dir = os.path.join(root, "depth", split)
     for d in (rgb_dir, depth_dir):
         if not os.path.isdir(d):
             raise DataError(
                 f"data folder {d} not found: expected ROOT/rgb/{split}/*.jpeg and ROOT/depth/{split}/*.npy "
-                f"(or ROOT/{split}.txt listing the pairs) under --data-dir {root}; python get_data.py fetches "
-                "DepthEstimationUnreal, python synthetic.py --out DIR writes a synthetic set"
+                f"(or ROOT/{split}.txt listing the pairs, or --{split}-list FILE) under --data-dir {root}; "
+                "python get_data.py fetches DepthEstimationUnreal, python synthetic.py --out DIR writes a synthetic set"
             )
     rgb, depth = files_by_stem(rgb_dir, RGB_EXTENSIONS, "RGB"), files_by_stem(depth_dir, DEPTH_EXTENSIONS, "depth")
     if not rgb and not depth:
@@ -106,12 +127,19 @@ def list_pairs(root, split):
         if only_depth:
             parts.append(f"{len(only_depth)} depth without RGB ({', '.join(only_depth[:5])})")
         raise DataError(f"unpaired files in {root} split {split!r}: " + "; ".join(parts) + ". Remove or complete them.")
-    return [(s, rgb[s], depth[s]) for s in sorted(rgb, key=natural_key)]
+    pairs = [(s, rgb[s], depth[s]) for s in sorted(rgb, key=natural_key)]
+    return SplitList(pairs, [None] * len(pairs))
 
 
-def split_exists(root, split):
-    """Whether ROOT holds the split at all, as a split list or as its two folders."""
-    return os.path.isfile(os.path.join(root, f"{split}.txt")) or os.path.isdir(os.path.join(root, "rgb", split))
+def split_list_path(root, split):
+    """ROOT/SPLIT.txt when it exists, else None."""
+    listing = os.path.join(root, f"{split}.txt")
+    return listing if os.path.isfile(listing) else None
+
+
+def split_exists(root, split, listing=None):
+    """Whether ROOT holds the split at all: a split list (`listing`, or ROOT/SPLIT.txt) or its two folders."""
+    return bool(listing) or split_list_path(root, split) is not None or os.path.isdir(os.path.join(root, "rgb", split))
 
 
 def files_by_stem(directory, extensions, kind):
@@ -127,31 +155,144 @@ def files_by_stem(directory, extensions, kind):
     return found
 
 
-def read_split_list(root, listing):
-    """The pairs of a split list: `RGB_PATH DEPTH_PATH` a line, relative to root; blank lines and # comments
-    are skipped. Each pair is named by its RGB path without the extension. DataError naming the line."""
-    pairs, names = [], {}
-    with open(listing, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            where = f"{listing} line {number}"
-            if len(fields) != 2:
-                raise DataError(f"{where}: expected two paths, RGB_PATH DEPTH_PATH (relative to {root}), got "
-                                f"{len(fields)} field(s)")
-            paths = [os.path.join(root, p) for p in fields]
-            for path in paths:
-                if not os.path.isfile(path):
-                    raise DataError(f"{where}: {path} not found; fix the line or the file")
-            name = os.path.splitext(fields[0])[0].replace(os.sep, "/")
-            if name in names:
-                raise DataError(f"{where}: {fields[0]} is listed twice (first on line {names[name]})")
-            names[name] = number
-            pairs.append((name, *paths))
+# A line of a split list: RGB DEPTH, and optionally the focal length in pixels, as BTS, AdaBins, ZoeDepth and
+# Depth Anything ship their lists (docs/data.md).
+LIST_FORMAT = "RGB DEPTH [FOCAL] a line (a path with spaces in double quotes)"
+# DEPTH written as this: a frame without ground truth (the peers' KITTI lists have them).
+NO_DEPTH = "None"
+# Lists whose frames without ground truth were already announced: a split is listed more than once in a run.
+_ANNOUNCED = set()
+
+
+def read_split_list(root, listing, gt_root=None):
+    """The SplitList of a split list file: `RGB DEPTH [FOCAL]` a line, RGB relative to root and DEPTH to gt_root
+    (default: root), even when written with a leading `/`; an absolute path that exists is used as it is. Blank
+    lines and # comments are skipped; DEPTH `None` (no ground truth) leaves the pair out, said once with the
+    count. Each pair is named by its RGB path without the extension, and is identified by its resolved files:
+    `a`, `./a` and `sub/../a` are one pair. DataError naming the list, the line and the fix."""
+    depth_option = "--gt-dir" if gt_root else "--data-dir (--gt-dir DIR gives them another root)"
+    gt_root = gt_root or root
+    pairs, focals, seen, names, without_gt = [], [], {}, {}, 0
+    for number, text in list_lines(listing):
+        where = f"{listing} line {number}"
+        fields = list_fields(text, where)
+        if not fields:
+            continue
+        if len(fields) not in (2, 3):
+            raise DataError(f"{where}: expected two paths and an optional focal length, {LIST_FORMAT}; got "
+                            f"{len(fields)} field(s). Quote a path that holds spaces, or remove the extra field")
+        focal = list_focal(fields, where)
+        if fields[1] == NO_DEPTH:
+            without_gt += 1
+            continue
+        rgb_path = listed_file(root, fields[0], where, "RGB", "--data-dir")
+        depth_path = listed_file(gt_root, fields[1], where, "depth", depth_option)
+        check_depth_header(depth_path, where)
+        identity = os.path.realpath(rgb_path)
+        if identity in seen:
+            raise DataError(f"{where}: {fields[0]} is listed twice (first on line {seen[identity]}, as the same "
+                            "file): remove one of the lines")
+        seen[identity] = number
+        name = pair_name(root, fields[0], rgb_path)
+        if name in names:
+            raise DataError(f"{where}: {fields[0]} has the name {name!r} of the pair on line {names[name]} (names are "
+                            "RGB paths without the extension); rename one of the files")
+        names[name] = number
+        pairs.append((name, rgb_path, depth_path))
+        focals.append(focal)
     if not pairs:
-        raise DataError(f"{listing} lists no pairs; one `RGB_PATH DEPTH_PATH` a line, relative to {root}")
-    return pairs
+        raise DataError(f"{listing} lists no pairs with ground truth; {LIST_FORMAT}, RGB relative to {root}")
+    if without_gt:
+        announce_without_gt(listing, without_gt, len(pairs) + without_gt)
+    return SplitList(pairs, focals, without_gt)
+
+
+def list_lines(listing):
+    """(line number, text) of a split list read as UTF-8, with or without a byte-order mark; a DataError naming
+    the line of a byte that is not UTF-8."""
+    try:
+        with open(listing, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read split list {listing}: {err.strerror}") from None
+    if raw.startswith(codecs.BOM_UTF8):  # Windows editors write one
+        raw = raw[len(codecs.BOM_UTF8):]
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            yield number, line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{listing} line {number}: byte 0x{line[err.start]:02x} (column {err.start + 1}) is not "
+                            "UTF-8; save the list as UTF-8") from None
+
+
+def list_fields(text, where):
+    """The fields of one line: split at whitespace, double-quoted fields kept whole, from # on a comment."""
+    if '"' not in text:  # the common line, without shlex's character-by-character pass
+        return text.split("#", 1)[0].split()
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split, lexer.quotes, lexer.escape = True, '"', ""
+    try:
+        return list(lexer)
+    except ValueError:
+        raise DataError(f"{where}: a double quote is not closed; {LIST_FORMAT}") from None
+
+
+def list_focal(fields, where):
+    """The third field of a line as a focal length in pixels; None when the line has none."""
+    if len(fields) < 3:
+        return None
+    try:
+        focal = float(fields[2])
+    except ValueError:
+        focal = math.nan
+    if not math.isfinite(focal) or focal <= 0:
+        raise DataError(f"{where}: the third field {fields[2]!r} is not a focal length (a positive number of "
+                        f"pixels); {LIST_FORMAT}. Fix it, or leave the focal out")
+    return focal
+
+
+def listed_file(root, field, where, kind, option):
+    """The file a list's path names: relative to root, even when written with a leading `/`; an absolute path
+    that exists is used as it is. DataError naming the line when neither is a file."""
+    path = os.path.join(root, field.lstrip("/\\"))
+    if os.path.isfile(path):
+        return path
+    if os.path.isabs(field) and os.path.isfile(field):
+        return field
+    raise DataError(f"{where}: {kind} file {path} not found ({kind} paths are relative to {option}, here {root}); "
+                    "fix the line, the file or the option")
+
+
+def check_depth_header(path, where):
+    """DataError naming the list line of a depth PNG that is not single-channel 16-bit (read from its header)."""
+    if os.path.splitext(path)[1].lower() != ".png":
+        return
+    try:
+        with Image.open(path, formats=("PNG",)) as im:
+            mode = im.mode
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return  # a damaged file: reading it says what is wrong, with its path
+    if mode not in ("I;16", "I;16B", "I;16L", "I"):
+        raise DataError(f"{where}: depth {path} is an 8-bit or colour PNG (mode {mode}), not depth; write depth as "
+                        "a single-channel 16-bit PNG (metres x --depth-scale) or a float .npy")
+
+
+def pair_name(root, field, path):
+    """A listed pair's name: its RGB path relative to root, normalised, without the extension (an absolute path
+    outside root: the path without its leading `/`)."""
+    relative = os.path.normpath(field.lstrip("/\\"))
+    if os.path.isabs(field) and not os.path.isfile(os.path.join(root, relative)):
+        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        relative = inside if not inside.startswith("..") else os.path.abspath(path).lstrip("/\\")
+    return os.path.splitext(relative)[0].replace(os.sep, "/")
+
+
+def announce_without_gt(listing, count, total):
+    """Say once per list how many of its pairs have no ground truth and are skipped."""
+    key = (os.path.abspath(listing), count, total)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        print(f"{listing}: {count} of {total} pairs have no ground truth (None); skipped")
 
 
 def open_image(path, formats, max_pixels):
@@ -292,6 +433,12 @@ def depth_sum(clipped, min_depth=PAPER.min_depth):
     (array or tensor): the parts of a split's mean depth."""
     clipped = torch.as_tensor(clipped)
     return float(clipped.double().sum()), int((clipped > min_depth).sum()), clipped.numel()
+
+
+def split_files(opts, split):
+    """Where a split's pairs are listed among main.py's options, as DepthEstimationUnreal's keyword arguments: the
+    split list (--train-list, --val-list, --test-list) and the root of its depth paths (--gt-dir)."""
+    return {"listing": getattr(opts, f"{split}_list", None), "gt_root": getattr(opts, "gt_dir", None)}
 
 
 def input_hw(size):
@@ -469,19 +616,23 @@ class DepthEstimationUnreal(Dataset):
     metres (conventions.DepthConventions). native=True adds a third item, the clipped depth at
     its own resolution, which the standard evaluation protocol compares against. check=False
     skips decoding every file up front (see the module's docstring); only for files checked
-    moments ago. progress=False hides the bar of that check (--quiet).
+    moments ago. progress=False hides the bar of that check (--quiet). listing: the split list to
+    read (--SPLIT-list; default ROOT/SPLIT.txt when it exists); gt_root: the folder its depth paths
+    are relative to (--gt-dir; default root). focals: each pair's focal length in pixels, None
+    where its list line gives none.
     """
 
     def __init__(self, root, split="train", size=224, conventions=PAPER, native=False, check=True, progress=True,
-                 max_pixels=MAX_PIXELS):
+                 max_pixels=MAX_PIXELS, listing=None, gt_root=None):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.split, self.size, self.conventions, self.native = root, split, size, conventions, native
         self.min_depth, self.max_depth, self.depth_scale = conventions.min_depth, conventions.max_depth, \
             conventions.depth_scale
         self.max_pixels = max_pixels
-        self.progress = progress
-        self.pairs = list_pairs(root, split)
+        self.progress, self.listing, self.gt_root = progress, listing, gt_root
+        listed = list_split(root, split, listing, gt_root)
+        self.pairs, self.focals = listed.pairs, listed.focals
         self._stats = self.check() if check else None
 
     def check(self):
@@ -659,7 +810,8 @@ class SplitCache:
         """Decode every sample of the split once, on a few threads of this process, in file order."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
         source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.conventions, native=True,
-                                       check=False, max_pixels=dataset.max_pixels)
+                                       check=False, max_pixels=dataset.max_pixels, listing=dataset.listing,
+                                       gt_root=dataset.gt_root)
         n, (h, w) = len(source), input_hw(source.size)
         rgb = torch.empty(n, 3, h, w, dtype=torch.uint8)
         depth = torch.empty(n, 1, h, w, dtype=torch.float16)

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 4 main.py ...         train on 4 GPUs (--batch-size stays the global batch)
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,7 +17,8 @@ from conventions import PAPER
 # Options about this machine or this invocation rather than the run: --resume never takes them from the checkpoint.
 NOT_INHERITED = {"resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet", "device", "workers",
                  "predict", "export", "out", "cmap", "png16", "ply", "flip", "fov", "npy", "report", "report_images",
-                 "compile", "cuda_graphs"}
+                 "compile", "cuda_graphs", "protocol", "min_depth_eval", "max_depth_eval", "median_scale",
+                 "save_predictions"}
 
 # model.ENCODERS' keys, spelled out so that --help needs no torch import (a test keeps them equal).
 ENCODER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
@@ -67,9 +69,17 @@ def build_parser():
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", "--data_dir", default=None,
                       help="ROOT with rgb/{train,val,test}/*.jpeg and depth/{train,val,test}/*.npy (or 16-bit .png), "
-                           "or with split lists ROOT/{train,val,test}.txt of 'RGB_PATH DEPTH_PATH' lines "
+                           "or with split lists ROOT/{train,val,test}.txt of 'RGB DEPTH [FOCAL]' lines (docs/data.md) "
                            "(default: data/DepthEstimationUnreal; data/synthetic with --demo)")
     data.add_argument("--split", default="val", choices=["train", "val", "test"], help="split that --eval scores")
+    for split in ("train", "val", "test"):
+        data.add_argument(f"--{split}-list", default=None, metavar="FILE",
+                          help=f"the {split} split's list, read instead of ROOT/{split}.txt: 'RGB DEPTH [FOCAL]' a "
+                               "line as BTS, AdaBins and ZoeDepth ship them, RGB relative to --data-dir, DEPTH to "
+                               "--gt-dir, None for a frame without ground truth (skipped)")
+    data.add_argument("--gt-dir", default=None, metavar="DIR",
+                      help="the folder the depth paths of split lists are relative to, as KITTI's annotated depth "
+                           "lives apart from its frames (default: --data-dir)")
     data.add_argument("--workers", type=int, default=2,
                       help="DataLoader worker processes (0: load in the main process)")
     data.add_argument("--image-size", type=int, nargs="+", default=224, metavar="SIZE",
@@ -165,6 +175,25 @@ def build_parser():
     run.add_argument("--tensorboard", action="store_true",
                      help="also log the training and val scalars, pictures and options to RUN_DIR/tb for TensorBoard "
                           "(needs: pip install -r requirements-tensorboard.txt)")
+
+    bench = p.add_argument_group("the peers' evaluation protocols (--eval; docs/benchmarks.md)")
+    bench.add_argument("--protocol", default="unreal", choices=["unreal", "nyu", "kitti", "kitti-eigen"],
+                       help="unreal: this repository's two protocols (standard and challenge); nyu: the Eigen crop of "
+                            "NYU Depth v2, depth in (1e-3, 10) m; kitti: the Garg crop, (1e-3, 80) m; kitti-eigen: "
+                            "KITTI's Eigen crop, (1e-3, 80) m; the last three as BTS, AdaBins and ZoeDepth score")
+    bench.add_argument("--min-depth-eval", type=float, default=None, metavar="METRES",
+                       help="--protocol nyu/kitti/kitti-eigen: score ground truth above this (default: the protocol's "
+                            "1e-3)")
+    bench.add_argument("--max-depth-eval", type=float, default=None, metavar="METRES",
+                       help="--protocol nyu/kitti/kitti-eigen: score ground truth below this (default: the protocol's "
+                            "10 or 80)")
+    bench.add_argument("--median-scale", action="store_true",
+                       help="--protocol nyu/kitti/kitti-eigen: multiply each prediction by median(gt) / median(pred) "
+                            "over its scored pixels before the clip, as Monodepth2 scores relative depth")
+    bench.add_argument("--save-predictions", default=None, metavar="DIR",
+                       help="--eval: write each prediction at its ground truth's size, float32 metres, before the "
+                            "protocol's clip (after --median-scale), to DIR/RGB_PATH.npy (the RGB path relative to "
+                            "--data-dir, its extension replaced)")
 
     demo = p.add_argument_group("the --demo preset (the paper's model, loss and optimiser with skips, "
                                 "augmentation, copy-paste and a SILog term, sized for a CPU)")
@@ -300,12 +329,45 @@ def check_options(parser, opts):
         parser.error("choose one of --cuda-graphs and --compile (each removes the launch overhead its own way)")
     if opts.cuda_graphs and opts.amp == "fp16":
         parser.error("--cuda-graphs runs in fp32 or bf16: fp16's GradScaler changes its scale on the host")
+    check_protocol_options(parser, opts)
     if opts.flip and not (opts.eval or opts.predict):
         parser.error("--flip is for --eval and --predict (training and --export run the model once per image)")
     if opts.tensorboard:
         from tblog import require_tensorboard
 
         require_tensorboard()  # now, not after the data set is checked and cached
+
+
+def check_protocol_options(parser, opts):
+    """The options of the peers' protocols: with --eval, and the caps and median scaling with a named protocol."""
+    named = opts.protocol != "unreal"
+    given = {"--protocol": named, "--save-predictions": opts.save_predictions, "--median-scale": opts.median_scale,
+             "--min-depth-eval": opts.min_depth_eval is not None, "--max-depth-eval": opts.max_depth_eval is not None}
+    for name, value in given.items():
+        if value and not opts.eval:
+            parser.error(f"{name} is for --eval")
+    for name in ("--median-scale", "--min-depth-eval", "--max-depth-eval"):
+        if given[name] and not named:
+            parser.error(f"{name} is for --protocol nyu, kitti or kitti-eigen; the default protocol scores the "
+                         "checkpoint's depth range")
+    low, high = opts.min_depth_eval, opts.max_depth_eval
+    if low is not None and not (low >= 0 and math.isfinite(low)):
+        parser.error(f"--min-depth-eval must be a finite number of metres, at least 0; got {low}")
+    if high is not None and not (high > 0 and math.isfinite(high)):
+        parser.error(f"--max-depth-eval must be a finite positive number of metres; got {high}")
+    if low is not None and high is not None and not low < high:
+        parser.error(f"--min-depth-eval ({low}) must be below --max-depth-eval ({high})")
+
+
+def without_val(opts, explicit):
+    """Whether training should go on without validation: --eval-every left at its default, and a data set that
+    has a training split but no val split (the peers' lists ship train and test only)."""
+    if opts.eval or opts.predict or opts.export or opts.demo or "eval_every" in explicit or opts.eval_every == 0:
+        return False
+    from dataset import split_exists
+
+    return split_exists(opts.data_dir, "train", opts.train_list) and not split_exists(opts.data_dir, "val",
+                                                                                      opts.val_list)
 
 
 def typed_options(argv):
@@ -357,6 +419,10 @@ def parse_options(argv=None):
             setattr(opts, key, None)  # the checkpoint's own, resolved by inference.load
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
+    if without_val(opts, explicit):
+        print(f"{opts.data_dir} has no val split (no val.txt, rgb/val or --val-list): training without validation, "
+              "so the run writes last.pt and no best.pt")
+        opts.eval_every = 0
     if opts.demo:
         from demo import demo_preset
 
@@ -386,21 +452,26 @@ def load_model(opts, amp=None):
 
 
 def run_eval(opts):
-    from dataset import DepthEstimationUnreal
-    from evaluate import evaluate, format_metrics, write_eval_report
+    from dataset import DepthEstimationUnreal, split_files
+    from evaluate import format_metrics, write_eval_report
     from hardware import select_amp_dtype
-    from utils import write_json_atomic
+    from utils import make_output_folder, write_json_atomic
 
     trained = load_model(opts)
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, trained.device) if opts.amp != "auto" else None
     dataset = DepthEstimationUnreal(opts.data_dir, opts.split, size=trained.size, conventions=trained.conventions,
-                                    native=True, progress=not opts.quiet, max_pixels=opts.max_pixels)
-    metrics, rows = evaluate(trained.net, dataset, trained.device, amp_dtype=amp_dtype, num_workers=opts.workers,
-                             per_image=True)
+                                    native=True, progress=not opts.quiet, max_pixels=opts.max_pixels,
+                                    **split_files(opts, opts.split))
+    if opts.save_predictions:
+        make_output_folder(opts.save_predictions, "--save-predictions")
+    metrics, rows, protocol = score_split(opts, trained.net, dataset, trained.device, amp_dtype)
     named = f"checkpoint {opts.ckpt[0]}" if len(opts.ckpt) == 1 else f"the mean of checkpoints {', '.join(opts.ckpt)}"
+    print(protocol)
     print(format_metrics(metrics, f"{opts.split} split of {opts.data_dir}, {named}"))
+    if opts.save_predictions:
+        print(f"predictions written to {opts.save_predictions} (float32 metres, at the ground truth's size)")
     if opts.metrics_out:
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
@@ -410,6 +481,23 @@ def run_eval(opts):
         write_eval_report(trained.net, dataset, rows, trained.device, out_dir=opts.out or run_dir, run_dir=run_dir,
                           amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
+
+
+def score_split(opts, model, dataset, device, amp_dtype):
+    """(metrics, per-image rows, the line naming the protocol) of --eval under --protocol."""
+    from evaluate import evaluate, evaluate_protocol, protocol_line, protocol_with_caps, unreal_line
+
+    if opts.protocol == "unreal":
+        metrics, rows = evaluate(model, dataset, device, amp_dtype=amp_dtype, num_workers=opts.workers,
+                                 per_image=True, save_dir=opts.save_predictions)
+        return metrics, rows, unreal_line(dataset, metrics["n_images"])
+    protocol = protocol_with_caps(opts.protocol, opts.min_depth_eval, opts.max_depth_eval)
+    metrics, rows = evaluate_protocol(model, dataset, device, protocol, amp_dtype=amp_dtype, num_workers=opts.workers,
+                                      median_scale=opts.median_scale, save_dir=opts.save_predictions,
+                                      progress=not opts.quiet)
+    settings = {"protocol": protocol.name, "min_depth_eval": protocol.min_depth,
+                "max_depth_eval": protocol.max_depth, "median_scale": opts.median_scale}
+    return {**settings, **metrics}, rows, protocol_line(protocol, metrics["n_images"], opts.median_scale)
 
 
 def run_predict(opts):

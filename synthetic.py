@@ -753,6 +753,84 @@ def generate_dataset(out, n_train, n_val, n_test, seed=0, val_style="yard", test
     return meta
 
 
+# ------------------------------------------------------------------ the peers' benchmark layouts
+# The focal lengths (pixels) the peers' lists give: NYU Depth v2's Kinect, KITTI's left colour camera.
+BENCHMARK_FOCAL = {"nyu": 518.8579, "kitti": 721.5377}
+# What a benchmark set's scenes stand in for: NYU's two scene folders per split; KITTI's two drives, whose
+# frame numbers repeat (as KITTI's do), so only the folders tell their frames apart.
+NYU_SCENES = {"train": ("kitchen_0001a", "bedroom_0002b"), "test": ("bathroom", "office")}
+KITTI_DRIVES = ("2011_09_26_drive_0001_sync", "2011_09_26_drive_0002_sync")
+# KITTI's projected LiDAR depth: no return above the horizon, and most pixels below it hold none.
+KITTI_LIDAR = {"holes_top": 0.35, "holes": 0.8}
+
+
+def benchmark_paths(kind, split, index, n):
+    """(RGB path relative to the data root, depth path relative to the depth root) of pair `index` of `n` in a
+    benchmark layout: NYU's scene/rgb_N.jpg and scene/sync_depth_N.png; KITTI's date/drive/image_02/data/N.png
+    beside drive/proj_depth/groundtruth/image_02/N.png. The first half of a split is in the first scene or
+    drive, the second half in the second, numbered from 0 in each."""
+    half = (n + 1) // 2
+    place, frame = (0, index) if index < half else (1, index - half)
+    if kind == "nyu":
+        scene = NYU_SCENES[split][place]
+        frame += 1000 * SPLITS.index(split)  # NYU's frame numbers differ between train and test
+        return f"{scene}/rgb_{frame:05d}.jpg", f"{scene}/sync_depth_{frame:05d}.png"
+    drive = KITTI_DRIVES[place]
+    frame += 1000 * SPLITS.index(split)
+    return (f"{drive[:10]}/{drive}/image_02/data/{frame:010d}.png",
+            f"{drive}/proj_depth/groundtruth/image_02/{frame:010d}.png")
+
+
+def benchmark_list_line(kind, split, index, n, no_depth):
+    """One line of a benchmark split list in the peers' format, RGB DEPTH FOCAL: NYU's training list writes its
+    paths with a leading `/`, as BTS's does, and KITTI's first training line too; DEPTH None for a frame
+    without ground truth."""
+    rgb, depth = benchmark_paths(kind, split, index, n)
+    if no_depth:
+        depth = "None"
+    if split == "train" and (kind == "nyu" or index == 0):
+        rgb, depth = "/" + rgb, depth if no_depth else "/" + depth
+    return f"{rgb} {depth} {BENCHMARK_FOCAL[kind]}\n"
+
+
+def generate_benchmark_set(out, kind, n_train, n_test, height, width, seed=0, no_depth=1, progress=True):
+    """Synthetic scenes written as NYU Depth v2 (kind "nyu") or KITTI ("kitti") are shipped to the peers:
+    their folders, 16-bit depth PNGs (millimetres for NYU; x 256 and LiDAR-sparse for KITTI) and the split lists
+    train.txt and test.txt in the peers' format, with `no_depth` frames of each list written with DEPTH None
+    (their RGB exists, their depth does not). No val split, as the peers ship none.
+
+    NYU: everything under `out`, the lists in it. KITTI: RGB under OUT/raw with the lists, depth under OUT/gt
+    (--data-dir OUT/raw --gt-dir OUT/gt). Returns (data root, depth root)."""
+    if kind not in BENCHMARK_FOCAL:
+        raise ValueError(f"benchmark layout must be one of {', '.join(BENCHMARK_FOCAL)}, got {kind!r}")
+    counts = {"train": n_train, "test": n_test}
+    _check_args(counts, {}, seed, 1, height, width)
+    out = os.fspath(out)
+    data_root, depth_root = (out, out) if kind == "nyu" else (os.path.join(out, "raw"), os.path.join(out, "gt"))
+    depth_scale = 1000.0 if kind == "nyu" else 256.0
+    tasks = [(split, i) for split, n in counts.items() for i in range(n + no_depth)]
+    for split, i in tqdm(tasks, desc=f"synthesising ({kind})", unit="pair", disable=not progress):
+        n = counts[split] + no_depth
+        rng = np.random.default_rng([seed, SPLITS.index(split), i])
+        rgb, depth = render_scene(rng, "street", height, width)
+        rgb_rel, depth_rel = benchmark_paths(kind, split, i, n)
+        rgb_path, depth_path = os.path.join(data_root, rgb_rel), os.path.join(depth_root, depth_rel)
+        os.makedirs(os.path.dirname(rgb_path), exist_ok=True)
+        if kind == "nyu":
+            _write_atomic(rgb_path, lambda fh, a=rgb: Image.fromarray(a).save(fh, format="JPEG", quality=JPEG_QUALITY))
+        else:
+            _write_atomic(rgb_path, lambda fh, a=rgb: Image.fromarray(a).save(fh, format="PNG"))
+            depth = drop_measurements(depth, rng, **KITTI_LIDAR)
+        if i >= counts[split]:
+            continue  # a frame without ground truth: its RGB only
+        os.makedirs(os.path.dirname(depth_path), exist_ok=True)
+        _write_atomic(depth_path, lambda fh, d=depth: write_png16(fh, d, depth_scale))
+    for split, n in counts.items():
+        lines = "".join(benchmark_list_line(kind, split, i, n + no_depth, i >= n) for i in range(n + no_depth))
+        _write_atomic(os.path.join(data_root, f"{split}.txt"), lambda fh, text=lines: fh.write(text.encode()))
+    return data_root, depth_root
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -788,7 +866,20 @@ def main(argv=None):
                      help="fraction of the pixels left unmeasured (0) at random (default: 0)")
     own.add_argument("--holes-top", type=float, default=0.0,
                      help="fraction of the rows at the top never measured, as a LiDAR's (default: 0)")
+    own.add_argument("--benchmark", choices=sorted(BENCHMARK_FOCAL), default=None,
+                     help="write NYU Depth v2's or KITTI's layout and split lists in the peers' format instead (train "
+                          "and test, one frame of each without ground truth; KITTI: OUT/raw and OUT/gt), at "
+                          "--height x --width")
     args = parser.parse_args(argv)
+    if args.benchmark:
+        try:
+            data_root, depth_root = generate_benchmark_set(args.out, args.benchmark, args.train, args.test,
+                                                           args.height, args.width, args.seed)
+        except ValueError as err:
+            raise SystemExit(f"synthetic.py: error: {err}") from None
+        print(f"wrote a {args.benchmark}-shaped set: --data-dir {data_root}"
+              + (f" --gt-dir {depth_root}" if depth_root != data_root else ""))
+        return
     form = OwnDataForm(args.lists, args.png16 or args.lists, args.depth_scale, args.holes, args.holes_top)
     try:
         meta = generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.val_style,

@@ -40,6 +40,7 @@ from dataset import (
     augment_batch,
     epoch_seed,
     input_hw,
+    split_files,
 )
 from distributed import (
     barrier,
@@ -215,8 +216,9 @@ class Trainer:
         self.conventions = DepthConventions.of(opts)
         common = {"size": opts.image_size, "conventions": self.conventions, "max_pixels": opts.max_pixels,
                   "progress": self._progress}
-        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", check=opts.cache == "off", **common)
-        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", native=True, **common)
+        self.train_set = DepthEstimationUnreal(opts.data_dir, "train", check=opts.cache == "off", **common,
+                                               **split_files(opts, "train"))
+        self.val_set = (DepthEstimationUnreal(opts.data_dir, "val", native=True, **common, **split_files(opts, "val"))
                         if opts.eval_every > 0 else None)
         self.cache = self._open_cache() if opts.cache == "auto" else None
         self._batch_plan = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.dist.rank,

@@ -92,3 +92,46 @@ def standard_metrics(gt, pred_square):
     for i in (1, 2, 3):
         out[f"delta{i}"] = np.mean(ratio < 1.25**i)
     return out
+
+
+# The peers' evaluation (BTS, AdaBins and ZoeDepth score NYU Depth v2 and KITTI this way), written here from the
+# protocols' definitions in float32 as those scripts compute: the crop's box and the open depth interval make
+# the mask, the prediction is optionally median-scaled over it (Monodepth2), then clipped into the interval
+# (NaN to its minimum, inf to its maximum), and each metric is taken per image.
+PEER_CAPS = {"nyu": (1e-3, 10.0), "kitti": (1e-3, 80.0), "kitti-eigen": (1e-3, 80.0)}
+
+
+def peer_crop(protocol, height, width):
+    """The 0/1 mask of the protocol's crop on a (height, width) ground truth."""
+    mask = np.zeros((height, width), dtype=bool)
+    if protocol == "nyu":
+        mask[45:471, 41:601] = True
+    elif protocol == "kitti":  # Garg et al.
+        mask[int(0.40810811 * height):int(0.99189189 * height), int(0.03594771 * width):int(0.96405229 * width)] = 1
+    else:  # Eigen et al. on KITTI
+        mask[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = 1
+    return mask
+
+
+def peer_metrics(gt, pred, protocol, median_scale=False, caps=None):
+    """The metrics of one image as the peers compute them: gt and pred HW arrays of one size; None when no pixel
+    is scored."""
+    low, high = caps or PEER_CAPS[protocol]
+    gt, pred = np.asarray(gt, np.float32), np.array(pred, np.float32)
+    valid = (gt > low) & (gt < high) & peer_crop(protocol, *gt.shape)
+    if not valid.any():
+        return None
+    g, p = gt[valid], pred[valid]
+    if median_scale:
+        p = p * (np.median(g) / np.median(p))
+    p[p < low] = low
+    p[p > high] = high
+    p[np.isinf(p)] = high
+    p[np.isnan(p)] = low
+    thresh = np.maximum(g / p, p / g)
+    err = np.log(p) - np.log(g)
+    return {"rmse": np.sqrt(((g - p) ** 2).mean()), "abs_rel": np.mean(np.abs(g - p) / g),
+            "sq_rel": np.mean((g - p) ** 2 / g), "rmse_log": np.sqrt((err**2).mean()),
+            "log10": np.mean(np.abs(np.log10(p) - np.log10(g))),
+            "silog": np.sqrt(max(np.mean(err**2) - np.mean(err) ** 2, 0.0)) * 100,
+            "delta1": (thresh < 1.25).mean(), "delta2": (thresh < 1.25**2).mean(), "delta3": (thresh < 1.25**3).mean()}
