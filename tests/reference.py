@@ -1,7 +1,8 @@
 """Independent reference implementations the tests compare the project's code against.
 
-Written from the formulas of docs/design.md §6 and §8 (not from losses.py or evaluate.py), in
-float64, so a shared mistake cannot make both sides agree.
+Written from the formulas of docs/design.md §6 and §8 and docs/benchmarks.md (not from losses.py or
+evaluate.py), in float64, so a shared mistake cannot make both sides agree; the peers' protocols in the
+float32 their scripts compute in.
 """
 import numpy as np
 import torch
@@ -88,6 +89,8 @@ def standard_metrics(gt, pred_square):
     out["sq_rel"] = np.mean((g - p) ** 2 / g)
     out["rmse_log"] = np.sqrt(np.mean((np.log(g) - np.log(p)) ** 2))
     out["log10"] = np.mean(np.abs(np.log10(g) - np.log10(p)))
+    log_error = np.log(p) - np.log(g)
+    out["silog"] = 100 * np.sqrt(np.mean(log_error**2) - np.mean(log_error) ** 2)
     ratio = np.maximum(g / p, p / g)
     for i in (1, 2, 3):
         out[f"delta{i}"] = np.mean(ratio < 1.25**i)

@@ -224,3 +224,28 @@ def test_the_protocol_options_are_checked_with_one_line(capsys, args, message):
     assert stop.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_eval_reads_a_list_named_with_test_list_and_depth_under_gt_dir(checkpoint, tmp_path, capsys):
+    frames, depth = tmp_path / "frames", tmp_path / "depth"
+    for folder in ("drive_a", "drive_b"):  # one frame name in two folders
+        os.makedirs(frames / folder)
+        os.makedirs(depth / folder)
+        Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(frames / folder / "0005.png")
+        Image.fromarray(np.full((48, 64), 3 * 256, np.uint16)).save(depth / folder / "0005.png")
+    listing = tmp_path / "lists" / "eigen_test.txt"
+    os.makedirs(listing.parent)
+    listing.write_text("drive_a/0005.png drive_a/0005.png 721.5377\ndrive_b/0005.png drive_b/0005.png 721.5377\n"
+                       "drive_b/0009.png None 721.5377\n")
+    predictions, metrics_path = tmp_path / "pred", tmp_path / "m.json"
+    assert main(["--eval", "--ckpt", str(checkpoint), "--data-dir", str(frames), "--gt-dir", str(depth),
+                 "--test-list", str(listing), "--split", "test", "--protocol", "kitti-eigen", "--depth-scale", "256",
+                 "--save-predictions", str(predictions), "--metrics-out", str(metrics_path), "--workers", "0",
+                 "--quiet", "--no-report"]) == 0
+    assert "1 of 3 pairs have no ground truth (None); skipped" in capsys.readouterr().out
+    got = json.loads(metrics_path.read_text())
+    assert got["n_images"] == 2 and got["protocol"] == "kitti-eigen" and got["max_depth_eval"] == 80.0
+    for folder in ("drive_a", "drive_b"):  # the two images are alike: each one's figure is the mean
+        pred = np.load(predictions / folder / "0005.npy")
+        reference = peer_metrics(np.full((48, 64), 3.0, np.float32), pred, "kitti-eigen")
+        assert reference["abs_rel"] == pytest.approx(got["abs_rel"], rel=2e-4)
