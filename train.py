@@ -273,13 +273,14 @@ class Trainer:
                 f"output bias {self.init_depth:.2f} m")
 
     def _open_cache(self):
-        """The decoded training split; the first process of each node builds it, the others then load it."""
+        """The decoded training split; the first process of each node builds it, the others then load it.
+        None where no cache folder has the disk space for it: the folder loader then reads the files."""
         if self.dist.local_rank == 0:
             cache = SplitCache.open(self.train_set, progress=self._progress)
         barrier()
         if self.dist.local_rank != 0:
             cache = SplitCache.open(self.train_set, progress=False)
-        return cache.place(self.device)
+        return cache.place(self.device) if cache is not None else None
 
     def _wrap_model(self):
         """The module the loop calls: the model, inside DDP under torchrun, compiled with --compile."""
