@@ -31,6 +31,7 @@ every file in the same way, which is then the check.
 Training augmentation (augment_pair) is not applied here but by the Trainer, per batch on
 the device: the same on every data-loading path, and cheap on a GPU.
 """
+import errno
 import glob
 import hashlib
 import json
@@ -64,6 +65,9 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 # The most pixels an image may have, read from its header before anything is decoded (--max-pixels):
 # 4096 × 4096, more than a 12-megapixel phone photo. What the largest costs: docs/use.md.
 MAX_PIXELS = 4096 * 4096
+# The scales a JPEG decoder divides by while decoding (Pillow's draft mode), smallest first.
+JPEG_DRAFT_SCALES = (2, 4, 8)
+EXIF_ORIENTATION = 0x0112
 SPLITS = ("train", "val", "test")
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -161,10 +165,31 @@ def read_split_list(root, listing):
     return pairs
 
 
-def open_image(path, formats, max_pixels):
+def file_problem(path):
+    """What stops `path` from being read as a file, in words ("it is a folder", a symbolic link loop, ...); None
+    for a regular file. Named here, so that no such path is reported as merely "not found"."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "it is a folder, not a file"
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "it is a symbolic link that leads back to itself (a loop)"
+            return f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+    if os.path.exists(path):
+        return "it is not a regular file (a device, pipe or socket)"
+    return "no such file"
+
+
+def open_image(path, formats, max_pixels, draft=False):
     """Image.open of one of `formats` whose header says it has at most `max_pixels` pixels; ImageError if not.
 
-    Pillow's own DecompressionBombWarning is silenced: the check here comes first and says more.
+    draft=True: a JPEG with more pixels passes when a scale of 1/2, 1/4 or 1/8 fits it (draft_to_fit then
+    decodes it so); only beyond 1/8 is it refused. Pillow's own DecompressionBombWarning is silenced: the
+    check here comes first and says more.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -177,10 +202,22 @@ def open_image(path, formats, max_pixels):
                              "Downscale it, or raise --max-pixels") from None
     width, height = im.size
     if width * height > max_pixels:
-        im.close()
-        raise ImageError(path, f"it has {width} × {height} pixels ({pixel_count(width * height)}), more than the "
-                               f"{pixel_count(max_pixels)} allowed", "Downscale it, or raise --max-pixels")
+        scale = jpeg_draft_scale(width, height, max_pixels) if draft and im.format == "JPEG" else None
+        if scale is None:
+            im.close()
+            beyond = " even decoded at 1/8 of its size" if draft and im.format == "JPEG" else ""
+            raise ImageError(path, f"it has {width} × {height} pixels ({pixel_count(width * height)}), more than the "
+                                   f"{pixel_count(max_pixels)} allowed{beyond}", "Downscale it, or raise --max-pixels")
     return im
+
+
+def draft_to_fit(im, max_pixels):
+    """Make a JPEG of more than max_pixels decode at the largest 1/2ⁿ scale that fits (Pillow's draft mode,
+    which the JPEG decoder does for almost nothing); anything else is left as it is."""
+    width, height = im.size
+    if width * height > max_pixels and im.format == "JPEG":
+        scale = jpeg_draft_scale(width, height, max_pixels)
+        im.draft(im.mode, (width // scale, height // scale))
 
 
 def pixel_count(n):
@@ -188,16 +225,45 @@ def pixel_count(n):
     return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
 
 
+def jpeg_draft_scale(width, height, max_pixels):
+    """The smallest of 2, 4 and 8 by which a JPEG decoder can divide width × height (rounding up, as it does)
+    to fit max_pixels; None if none does."""
+    for scale in JPEG_DRAFT_SCALES:
+        if -(-width // scale) * -(-height // scale) <= max_pixels:
+            return scale
+    return None
+
+
 def read_rgb(path, max_pixels=MAX_PIXELS):
     """HWC uint8 RGB of a JPEG or PNG, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA
-    images are converted. DataError for another format, a damaged file or more than max_pixels pixels."""
+    images are converted. DataError for another format, a damaged file or more than max_pixels pixels.
+
+    Data (training, validation, --eval) is read here, at full size and never drafted: a picture is the
+    same input whatever the budget, and its depth map must match it pixel for pixel.
+    """
+    return read_picture(path, max_pixels)[0]
+
+
+def read_picture(path, max_pixels=MAX_PIXELS, draft=False):
+    """(HWC uint8 RGB as read_rgb, (H, W) of the picture as viewers show it). draft=True (--predict, the web
+    page): a JPEG over max_pixels is decoded at the largest 1/2ⁿ scale that fits, so the RGB is smaller than
+    (H, W), the size its depth is given at."""
+    problem = file_problem(path)
+    if problem:
+        raise ImageError(path, problem, "Fix the path or remove the pair")
     try:
-        with open_image(path, IMAGE_FORMATS, max_pixels) as im:
+        with open_image(path, IMAGE_FORMATS, max_pixels, draft) as im:
+            # The size before any draft, turned as the EXIF orientation turns the picture (5-8: a quarter turn).
+            width, height = im.size
+            if draft:
+                draft_to_fit(im, max_pixels)
+            quarter_turn = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            shown = (width, height) if quarter_turn else (height, width)
             ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
             if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it at 255
                 gray = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            return np.array(im.convert("RGB"))
+                return np.repeat(gray[..., None], 3, axis=2), shown
+            return np.array(im.convert("RGB")), shown
     except UnidentifiedImageError:
         raise ImageError(path, "it is not a JPEG or PNG file, the formats read here", "Convert or remove it") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -207,26 +273,50 @@ def read_rgb(path, max_pixels=MAX_PIXELS):
 
 
 def read_depth(path, depth_scale=DEPTH_SCALE, max_pixels=MAX_PIXELS):
-    """HW float32 depth in metres from .npy (metres) or a 16-bit PNG (value / depth_scale); rejects wrong
-    shapes, non-numeric dtypes, 8-bit or colour PNGs and NaN/inf."""
+    """HW float32 depth in metres from a float .npy (metres), an integer .npy or a 16-bit PNG (both value /
+    depth_scale, as sensors store millimetres); rejects other files, wrong shapes, other dtypes, 8-bit or
+    colour PNGs and NaN/inf."""
+    problem = file_problem(path)
+    if problem:
+        raise DataError(f"cannot read depth {path}: {problem}. Fix the path or remove the pair.")
     if os.path.splitext(path)[1].lower() == ".png":
         return read_png_depth(path, depth_scale, max_pixels)
-    try:
-        depth = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"cannot read depth {path}: {err}. Re-export or remove the file.") from None
-    if not isinstance(depth, np.ndarray):  # an .npz archive renamed to .npy
-        depth.close()
-        raise DataError(f"depth {path} is an .npz archive, not one array; save each depth map with np.save")
+    depth = load_npy(path)
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
-    if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)):
-        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; "
-                        "expected a 2-D float array (H, W) in metres")
+    integer = np.issubdtype(depth.dtype, np.integer)
+    if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or integer):
+        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; expected a 2-D array "
+                        "(H, W): float in metres, or integer in units of 1 / --depth-scale metres")
+    if integer:  # millimetres (or --depth-scale's unit), as a 16-bit PNG holds them
+        return depth.astype(np.float32) / np.float32(depth_scale)
     depth = depth.astype(np.float32, copy=False)
     if not np.isfinite(depth).all():
         raise DataError(f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it")
     return depth
+
+
+def load_npy(path):
+    """The array of a .npy file, read without unpickling; DataError naming what the file is otherwise."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise DataError(f"cannot read depth {path}: {err.strerror or err}. Re-export or remove the file.") from None
+    if magic[:4] == b"PK\x03\x04":  # an .npz archive renamed to .npy
+        raise DataError(f"depth {path} is an .npz archive, not one array; save each depth map with np.save")
+    if magic != b"\x93NUMPY":
+        raise DataError(f"depth {path} is not a NumPy .npy file ({'empty' if not magic else 'no .npy header'}); "
+                        "save depth maps with np.save, or as 16-bit PNGs")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an object array: pickled Python objects, never loaded
+            raise DataError(f"depth {path} holds Python objects, not numbers; save a numeric array with "
+                            "np.save") from None
+        raise DataError(f"cannot read depth {path}: {first_line(err)}. Re-export or remove the file.") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read depth {path}: {first_line(err)}. Re-export or remove the file.") from None
 
 
 def read_png_depth(path, depth_scale, max_pixels=MAX_PIXELS):

@@ -111,6 +111,10 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
         print(f"{len(names)} image(s) of the {dataset.split} split have no measured depth and are left out: "
               + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
     # An image whose every SSIM window is too sparsely measured has no SSIM, only the other metrics.
+    no_ssim = int((scored & ~torch.isfinite(per_metric["ssim"])).sum()) if "ssim" in per_metric else 0
+    if no_ssim:
+        print(f"{no_ssim} image(s) of the {dataset.split} split have too few measured pixels for any SSIM window: "
+              "their SSIM is left out of its mean, their other metrics count")
     metrics = {k: float(v[scored].nanmean()) for k, v in per_metric.items()}
     rmses, ssims = zip(*challenge)
     metrics["challenge_rmse"] = float(torch.stack([r for r in rmses if r is not None]).mean())

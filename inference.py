@@ -106,10 +106,11 @@ def predict_depth(model, inputs, sizes, amp_dtype=None, max_depth=MAX_DEPTH):
     return depths
 
 
-def infer_image(model, rgb, size, device, max_depth=MAX_DEPTH):
-    """Depth in metres of one HWC uint8 image at its own size: predict_depth for a batch of one."""
+def infer_image(model, rgb, size, device, max_depth=MAX_DEPTH, shown=None):
+    """Depth in metres of one HWC uint8 image at its own size, or at `shown` (H, W) for a photo decoded smaller
+    (dataset.read_picture): predict_depth for a batch of one."""
     inputs = to_model_input(rgb, size)[None].to(device)
-    return predict_depth(model, inputs, [rgb.shape[:2]], max_depth=max_depth)[0]
+    return predict_depth(model, inputs, [shown or rgb.shape[:2]], max_depth=max_depth)[0]
 
 
 class FullPrecision(nn.Module):

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 4 main.py ...         train on 4 GPUs (--batch-size stays the global batch)
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -270,6 +271,9 @@ def parse_app_options(argv=None):
     if not opts.max_upload_mb > 0:
         parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
     check_model_options(parser, opts, cmap=True)
+    repeated = repeated_paths(opts.ckpt or [])
+    if repeated:
+        parser.error(f"--ckpt names {repeated} more than once: an ensemble averages different checkpoints")
     opts.image_size = input_size_option(opts.image_size)
     return opts
 
@@ -315,6 +319,10 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
+    for name, value in {"--min-depth": opts.min_depth, "--max-depth": opts.max_depth,
+                        "--depth-scale": opts.depth_scale}.items():
+        if not math.isfinite(value):
+            parser.error(f"{name} must be a finite number, got {value}")
     if not 0 <= opts.min_depth < opts.max_depth:
         parser.error(f"--min-depth ({opts.min_depth}) must be at least 0 and below --max-depth ({opts.max_depth})")
     if not opts.max_pixels > 0:
@@ -340,6 +348,9 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+    repeated = repeated_paths(opts.ckpt or [])
+    if repeated:
+        parser.error(f"--ckpt names {repeated} more than once: an ensemble averages different checkpoints")
     if opts.ckpt and len(opts.ckpt) > 1:
         if not (opts.eval or opts.predict):
             parser.error("several --ckpt are averaged by --eval and --predict; --export writes one checkpoint's model")
@@ -357,6 +368,17 @@ def check_options(parser, opts):
         from tblog import require_tensorboard
 
         require_tensorboard()  # now, not after the data set is checked and cached
+
+
+def repeated_paths(paths):
+    """The first path of `paths` that names the same file as an earlier one (by resolved path), else None."""
+    seen = set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            return path
+        seen.add(real)
+    return None
 
 
 def typed_options(argv):
@@ -435,6 +457,15 @@ def run_eval(opts):
     model, size, device, trained_depth = load_trained(opts.ckpt, opts.device, opts.image_size, opts.channels_last)
     model = with_flip(model, opts.flip)
     depth = typed_or_trained(opts, trained_depth)
+    check_eval_depth_range(opts, depth)
+    report_dir = None
+    if opts.report:
+        # An ensemble's reports go to --out, and no one run's training curves are theirs.
+        run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
+        report_dir = opts.out or run_dir
+        check_writable_folder(report_dir, "--out")  # before the evaluation, not after it
+    if opts.metrics_out:
+        check_writable_folder(os.path.dirname(os.path.abspath(opts.metrics_out)), "--metrics-out")
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, device) if opts.amp != "auto" else None
@@ -447,11 +478,33 @@ def run_eval(opts):
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
-        # An ensemble's reports go to --out, and no one run's training curves are theirs.
-        run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
-        write_eval_report(model, dataset, rows, device, out_dir=opts.out or run_dir, run_dir=run_dir,
+        write_eval_report(model, dataset, rows, device, out_dir=report_dir, run_dir=run_dir,
                           amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
+
+
+def check_eval_depth_range(opts, depth):
+    """--min-depth typed for --eval must lie below the maximum depth in use, which may be the checkpoint's."""
+    from utils import UserError
+
+    if not depth["min_depth"] < depth["max_depth"]:
+        whose = "--max-depth" if opts.max_depth is not None else f"the maximum depth {opts.ckpt[0]} was trained with"
+        raise UserError(f"--min-depth {depth['min_depth']:g} must be below {whose} ({depth['max_depth']:g} m): "
+                        "lower --min-depth, or evaluate at a larger --max-depth")
+
+
+def check_writable_folder(path, option):
+    """Create `path` if needed and write a probe file there; a UserError naming `option` if that fails."""
+    from utils import UserError, make_output_folder
+
+    make_output_folder(path, option)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {path}: {err.strerror or err}; choose another {option}") from None
 
 
 def load_predictor_of(opts):

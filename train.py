@@ -76,8 +76,11 @@ def claim_run_dir(run_dir, fresh, replace):
             else:
                 os.remove(path)
         print(f"{run_dir}: removed an earlier run's {', '.join(old)}")
+    # Only a probe: folders made for it are removed again, so that a run failing before it writes anything
+    # (bad data, say) leaves no empty run folder behind; the run's files make their folders as they come.
+    created = missing_folders(run_dir)
     try:
-        os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write_test")
         with open(probe, "w") as f:
             f.write("ok")
@@ -85,6 +88,23 @@ def claim_run_dir(run_dir, fresh, replace):
     except OSError as err:
         raise CheckpointError(f"cannot write to run directory {run_dir}: {err.strerror}; choose another with "
                               "--run-dir") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 class TrainStep(NamedTuple):
@@ -652,6 +672,9 @@ class Trainer:
         return metrics
 
     def _prepare_run_dir(self):
+        """The run's folder and its vis/, made once the data and the model are ready: a run that fails earlier
+        leaves nothing behind."""
+        os.makedirs(os.path.join(self.run_dir, "vis"), exist_ok=True)
         remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
 
