@@ -178,7 +178,7 @@ def file_problem(path):
         except OSError as err:
             if err.errno == errno.ELOOP:
                 return "it is a symbolic link that leads back to itself (a loop)"
-            return f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+            return "it is a symbolic link to a file that does not exist"
     if os.path.exists(path):
         return "it is not a regular file (a device, pipe or socket)"
     return "no such file"
@@ -700,12 +700,21 @@ def cache_key(dataset):
     changes a sample (input size, depth range and scale, the pixel budget that refuses a file)."""
     files = []
     for stem, rgb_path, depth_path in dataset.pairs:
-        rgb_st, depth_st = os.stat(rgb_path), os.stat(depth_path)
+        rgb_st, depth_st = file_stat(rgb_path), file_stat(depth_path)
         files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns,
                       depth_st.st_size, depth_st.st_mtime_ns])
     spec = [CACHE_VERSION, dataset.size, dataset.max_depth, dataset.min_depth, dataset.depth_scale,
             dataset.max_pixels, files]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def file_stat(path):
+    """os.stat of a data file; DataError saying what the path is when it is not a readable file."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {file_problem(path) or err.strerror}. Fix the path or remove the "
+                        "pair.") from None
 
 
 def cache_prefix(dataset):

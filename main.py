@@ -319,15 +319,21 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
-    for name, value in {"--min-depth": opts.min_depth, "--max-depth": opts.max_depth,
-                        "--depth-scale": opts.depth_scale}.items():
-        if not math.isfinite(value):
+    # With --eval, --predict and --export, the depth options not typed are None: the checkpoint's (run_eval
+    # checks --min-depth against its maximum).
+    depth = {"--min-depth": opts.min_depth, "--max-depth": opts.max_depth, "--depth-scale": opts.depth_scale}
+    for name, value in depth.items():
+        if value is not None and not math.isfinite(value):
             parser.error(f"{name} must be a finite number, got {value}")
-    if not 0 <= opts.min_depth < opts.max_depth:
-        parser.error(f"--min-depth ({opts.min_depth}) must be at least 0 and below --max-depth ({opts.max_depth})")
+    if opts.min_depth is not None and not 0 <= opts.min_depth:
+        parser.error(f"--min-depth must be at least 0, got {opts.min_depth}")
+    if None not in (opts.min_depth, opts.max_depth) and not opts.min_depth < opts.max_depth:
+        parser.error(f"--min-depth ({opts.min_depth}) must be below --max-depth ({opts.max_depth})")
+    if opts.max_depth is not None and not opts.max_depth > 0:
+        parser.error(f"--max-depth must be positive, got {opts.max_depth}")
     if not opts.max_pixels > 0:
         parser.error(f"--max-pixels must be positive, got {opts.max_pixels}")
-    if not opts.depth_scale > 0:
+    if opts.depth_scale is not None and not opts.depth_scale > 0:
         parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
     if not opts.max_zoom >= 1:
         parser.error(f"--max-zoom must be at least 1 (1: no zoom), got {opts.max_zoom}")
@@ -421,11 +427,11 @@ def parse_options(argv=None):
         explicit |= set(inherited)
     if opts.is_train is False:
         opts.eval = True
-    check_options(parser, opts)
-    opts.image_size = input_size_option(opts.image_size)
     if opts.eval or opts.predict or opts.export:
         for key in set(FROM_CHECKPOINT) - explicit:
             setattr(opts, key, None)  # what the checkpoint was trained with (inference.load_trained)
+    check_options(parser, opts)
+    opts.image_size = input_size_option(opts.image_size)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if opts.demo:
