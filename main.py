@@ -83,12 +83,16 @@ def build_parser():
                            "counts nowhere: not in the loss, the metrics or the baselines")
     data.add_argument("--max-pixels", type=int, default=4096 * 4096,
                       help="refuse images with more pixels than this (read from the file's header, before decoding): "
-                           "data, --predict's images and video frames, the web page's uploads")
+                           "data, --predict's images and video frames, the web page's uploads; a larger JPEG given to "
+                           "--predict or the page is decoded at the largest of 1/2, 1/4, 1/8 of its size that fits, "
+                           "its depth given at its own size")
     data.add_argument("--depth-scale", type=float, default=1000.0,
                       help="a 16-bit depth PNG holds metres x this: 1000 (millimetres, NYU Depth v2), 256 (KITTI)")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
-                      help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
-                           "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
+                      help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth, on disk, "
+                           "read through memory maps) and train from it, copied to the GPU when it fits; where no "
+                           "cache folder has the disk space, the files are read as with off; off: decode every epoch "
+                           "with the folder loader")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -230,7 +234,8 @@ APP_HELP = {
     "fov": "starting value of the page's slider: the horizontal field of view (degrees) of the camera the point "
            "cloud is back-projected with",
     "flip": "show the mean of each photo's depth and, mirrored back, its mirror image's (two forward passes)",
-    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding",
+    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding; a larger "
+                  "JPEG is decoded at the largest of 1/2, 1/4, 1/8 of its size that fits",
 }
 # Options the checkpoint records, which --eval, --predict and --export take from it unless typed.
 FROM_CHECKPOINT = ("image_size", "max_depth", "min_depth", "depth_scale")
