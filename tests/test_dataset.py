@@ -25,6 +25,7 @@ from dataset import (
     random_crops,
     read_depth,
     read_rgb,
+    to_device_in_chunks,
 )
 from utils import UserError
 
@@ -189,10 +190,10 @@ def test_unreadable_depth_is_named(root):
     path = write_depth(root, "train", "0", np.ones(SIZE, np.float32))
     with open(path, "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(DataError, match=r"cannot read depth .*0\.npy"):
+    with pytest.raises(DataError, match=r"depth .*0\.npy is not a NumPy \.npy file"):
         read_depth(path)
     np.save(path, np.array([{"a": 1}], dtype=object))  # pickled objects are refused, not run
-    with pytest.raises(DataError, match=r"cannot read depth .*0\.npy"):
+    with pytest.raises(DataError, match=r"depth .*0\.npy holds Python objects"):
         read_depth(path)
 
 
@@ -204,10 +205,10 @@ def test_wrong_shape_depth_is_named(root, shape):
 
 
 def test_depth_with_trailing_channel_and_other_dtypes_are_accepted(root):
-    for dtype in (np.float64, np.float16, np.uint16):
+    for dtype, metres in ((np.float64, 3), (np.float16, 3), (np.uint16, np.float32(3) / np.float32(1000))):
         path = write_depth(root, "train", "0", np.full(SIZE + (1,), 3, dtype))
-        depth = read_depth(path)
-        assert depth.shape == SIZE and depth.dtype == np.float32 and (depth == 3).all()
+        depth = read_depth(path)  # integers are value / --depth-scale, as a 16-bit PNG
+        assert depth.shape == SIZE and depth.dtype == np.float32 and (depth == metres).all()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -610,3 +611,22 @@ def test_a_cache_that_does_not_fit_on_disk_is_said_and_the_files_are_read(data, 
     with pytest.warns(UserWarning, match=r"no decoded cache .* GB on disk .* reads the files instead"):
         assert SplitCache.open(DepthEstimationUnreal(data, "train", check=False)) is None
     assert not glob.glob(os.path.join(data, ".cache", "*"))
+
+
+def test_a_cache_is_copied_to_a_device_a_chunk_at_a_time(data, monkeypatch):
+    cache = SplitCache.open(DepthEstimationUnreal(data, "train", check=False))
+    monkeypatch.setattr("dataset.GPU_COPY_CHUNK", 4)  # 6 samples: a whole chunk, then a part
+    copied = to_device_in_chunks(cache.depth, CPU)
+    assert torch.equal(copied, cache.depth) and copied.data_ptr() != cache.depth.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_integer_npy_depth_is_value_over_depth_scale_as_a_png(tmp_path, dtype):
+    millimetres = np.array([[0, 1, 999], [1500, 20000, 65535]])
+    np.save(tmp_path / "d.npy", millimetres.astype(dtype))
+    Image.fromarray(millimetres.astype(np.uint16)).save(tmp_path / "d.png")
+    from_npy = read_depth(str(tmp_path / "d.npy"), depth_scale=1000.0)
+    assert from_npy.dtype == np.float32
+    assert np.array_equal(from_npy, read_depth(str(tmp_path / "d.png"), depth_scale=1000.0))
+    assert np.array_equal(read_depth(str(tmp_path / "d.npy"), depth_scale=256.0),
+                          millimetres.astype(np.float32) / np.float32(256.0))
