@@ -206,6 +206,36 @@ def test_a_folder_and_a_symbolic_link_loop_are_named_as_such(capsys, tmp_path, d
     assert not (tmp_path / "run").exists()  # a run that fails before its first step leaves no folder
 
 
+def damage_cache(folder, damage):
+    """One of the ways a cache folder can hold what the cache did not write."""
+    if damage == "a list as meta.json":
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump([1, 2, 3], f)
+    elif damage == "an object array":
+        np.save(os.path.join(folder, "rgb.npy"), np.array([np.zeros(2), "x"], dtype=object), allow_pickle=True)
+    else:  # half the samples
+        for name in ("rgb.npy", "depth.npy"):
+            array = np.load(os.path.join(folder, name))
+            np.save(os.path.join(folder, name), array[: len(array) // 2])
+
+
+@pytest.mark.parametrize("damage", ["a list as meta.json", "an object array", "half the samples"])
+def test_a_malformed_cache_is_a_warning_then_rebuilt(capsys, tmp_path, data, damage):
+    assert run_main(capsys, *train_args(data, tmp_path))[0] == 0
+    (folder,) = [os.path.join(data, ".cache", n) for n in os.listdir(os.path.join(data, ".cache"))]
+    damage_cache(folder, damage)
+    with pytest.warns(UserWarning, match="is not usable .*; rebuilding it"):
+        code, err = run_main(capsys, *train_args(data, tmp_path / "again"))
+    assert code == 0 and "Traceback" not in err, err
+    assert np.load(os.path.join(folder, "rgb.npy"), mmap_mode="r").shape[0] == 4  # rebuilt whole
+
+
+def test_max_pixels_applies_with_a_cache(capsys, tmp_path, data):
+    assert run_main(capsys, *train_args(data, tmp_path))[0] == 0
+    code, err = run_main(capsys, *train_args(data, tmp_path / "again", "--max-pixels", "100"))
+    assert_one_error_line(code, err, "more than the 100 pixels allowed", "--max-pixels")
+
+
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_non_finite_depth_is_rejected_not_masked(capsys, tmp_path, data, bad_value):
     """Decision (documented in dataset.py): NaN/inf depth rejects the file, naming it."""
