@@ -250,7 +250,7 @@ def read_picture(path, max_pixels=MAX_PIXELS, draft=False):
     (H, W), the size its depth is given at."""
     problem = file_problem(path)
     if problem:
-        raise ImageError(path, problem, "Fix the path or remove the pair")
+        raise ImageError(path, problem, "Give the path of a picture file")
     try:
         with open_image(path, IMAGE_FORMATS, max_pixels, draft) as im:
             # The size before any draft, turned as the EXIF orientation turns the picture (5-8: a quarter turn).
