@@ -284,7 +284,12 @@ class Trainer:
         opts = self.opts
         total, trainable = count_parameters(self.model)
         processes = f" x {self.dist.world_size} processes" if self.dist.active else ""
-        data = f"cache on {self.cache.rgb.device}" if self.cache is not None else "folder loader"
+        if self.cache is None:
+            data = "folder loader"
+        elif self.cache.rgb.device.type == "cpu":
+            data = "cache memory-mapped from disk"
+        else:
+            data = f"cache on {self.cache.rgb.device}"
         return (f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast "
                 f"{self.amp_dtype or 'off'}, "
