@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from main import HelpFormatter, check_model_options, input_size_option
+from main import HelpFormatter, check_model_options, input_size_option, repeated_paths
 from main import build_parser as build_main_parser
 
 # Gradio reports usage to its authors unless told not to; the page works offline and reports nothing.
@@ -56,7 +56,8 @@ APP_HELP = {
     "fov": "starting value of the page's slider: the horizontal field of view (degrees) of the camera the point "
            "cloud is back-projected with",
     "flip": "show the mean of each photo's depth and, mirrored back, its mirror image's (two forward passes)",
-    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding",
+    "max_pixels": "refuse uploads with more pixels than this, read from the file's header before decoding; a larger "
+                  "JPEG is decoded at the largest of 1/2, 1/4, 1/8 of its size that fits",
 }
 
 
@@ -96,6 +97,9 @@ def parse_options(argv=None):
     if not opts.max_upload_mb > 0:
         parser.error(f"--max-upload-mb must be positive, got {opts.max_upload_mb}")
     check_model_options(parser, opts, cmap=True)
+    repeated = repeated_paths(opts.ckpt or [])
+    if repeated:
+        parser.error(f"--ckpt names {repeated} more than once: an ensemble averages different checkpoints")
     opts.image_size = input_size_option(opts.image_size)
     return opts
 
@@ -118,9 +122,10 @@ class DepthPage:
     def close(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def predict(self, rgb):
-        """Depth in metres of one HWC uint8 image, at its own size: --predict's computation for a batch of one."""
-        return self.predictor.infer_image(rgb)
+    def predict(self, rgb, shown=None):
+        """Depth in metres of one HWC uint8 image, at its own size or at the photo's `shown` (H, W) when it was
+        decoded smaller: --predict's computation for a batch of one."""
+        return self.predictor.infer_image(rgb, shown)
 
     def request_folder(self):
         """A fresh folder for one request's files. Gradio copies what a request returns into its own
@@ -147,18 +152,18 @@ class DepthPage:
 
         A file that is not a readable image clears the outputs and says why in the readout.
         """
-        from dataset import ImageError, read_rgb
+        from dataset import ImageError, read_picture
 
         if path is None:
             return None, "", None, None, None
         name = os.path.basename(path)  # Gradio keeps the uploaded file's own name
         try:
-            rgb = read_rgb(path, self.opts.max_pixels)
+            rgb, shown = read_picture(path, self.opts.max_pixels, draft=True)  # a phone's JPEG: at 1/2ⁿ
         except ImageError as err:
             return (None, f"**Could not read {name}**: {err.reason}. Upload a JPEG or PNG photo.", None, None,
                     None)
         start = time.perf_counter()
-        depth = self.predict(rgb)
+        depth = self.predict(rgb, shown)
         state = {"name": name, "rgb": rgb, "depth": depth, "seconds": time.perf_counter() - start}
         files, view = self.write_files(state, fov)
         return files["png"], readout(depth, state["seconds"]), view, downloads(files), state
@@ -193,9 +198,12 @@ class DepthPage:
 
 
 def every_kth_pixel(rgb, depth, points):
-    """(rgb, depth) of every k-th pixel of every k-th row, k the smallest that leaves at most `points` pixels."""
+    """(rgb, depth) of every k-th pixel of every k-th row, k the smallest that leaves at most `points` pixels;
+    rgb may be smaller than depth (a photo decoded at 1/2ⁿ): each pixel then takes the colour it falls in."""
     step = int(np.ceil(np.sqrt(depth.size / points)))
-    return np.ascontiguousarray(rgb[::step, ::step]), np.ascontiguousarray(depth[::step, ::step])
+    ys = np.arange(0, depth.shape[0], step) * rgb.shape[0] // depth.shape[0]
+    xs = np.arange(0, depth.shape[1], step) * rgb.shape[1] // depth.shape[1]
+    return np.ascontiguousarray(rgb[ys[:, None], xs[None, :]]), np.ascontiguousarray(depth[::step, ::step])
 
 
 def downloads(files):

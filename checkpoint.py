@@ -156,8 +156,8 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
-            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_line(err)}); use another "
-                                  "file") from None
+            raise CheckpointError(f"{path} is truncated or corrupt (UnpicklingError: {first_sentence(err)}); "
+                                  "use another file") from None
         raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain types "
                               f"({unpickler_reason(err)}); loading it could run code, so only load files you "
                               "trust") from None
@@ -168,8 +168,20 @@ def torch_load_safely(path, map_location="cpu", mmap=False):
                                   ) from None
         if mmap and "mmap" in str(err):  # not a zip-format file: read it whole, which also vets it
             return torch_load_safely(path, map_location, mmap=False)
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_line(err)}); "
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {first_sentence(err)}); "
                               "use another file (a run keeps both last.pt and best.pt)") from None
+
+
+def first_sentence(err):
+    """The first sentence of an error's message, whole: torch's zip reader follows its reason with a paragraph
+    of advice that a length limit would cut mid-word."""
+    line = first_line(err) if str(err).strip() else ""
+    if not line:
+        return "the file ends before its first record" if isinstance(err, EOFError) else "no message"
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    if len(sentence) > 160:
+        sentence = sentence[:160].rsplit(" ", 1)[0] + " ..."
+    return sentence
 
 
 def unpickler_reason(err):

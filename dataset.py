@@ -24,14 +24,16 @@ EpochSampler and EpochBatches fix the data order: a permutation per epoch derive
 (seed, epoch), cut into global batches and shared out across processes, the same from the
 cache and from the folder loader.
 
-SplitCache holds a split decoded once (uint8 RGB, float16 depth, at S × S), so that an
-epoch needs no decoding; on a GPU the whole cache lives in device memory. Building it
-decodes every file in the same way, which is then the check.
+SplitCache holds a split decoded once (uint8 RGB, float16 depth, at the input size), so that an
+epoch needs no decoding. It lives on disk and is read through memory maps, so memory does not
+grow with the split; on a GPU a cache that fits lives in device memory. Building it decodes
+every file in the same way, which is then the check.
 
 Training augmentation (augment_pair) is not applied here but by the Trainer, per batch on
 the device: the same on every data-loading path, and cheap on a GPU.
 """
 import codecs
+import errno
 import glob
 import hashlib
 import json
@@ -39,6 +41,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -52,7 +55,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from conventions import PAPER
-from utils import UserError, atomic_save, first_line
+from utils import UserError, first_line, write_json_atomic
 
 RGB_EXTENSIONS = (".jpeg", ".jpg", ".png")
 DEPTH_EXTENSIONS = (".npy", ".png")
@@ -62,6 +65,9 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 # The most pixels an image may have, read from its header before anything is decoded (--max-pixels):
 # 4096 × 4096, more than a 12-megapixel phone photo. What the largest costs: docs/use.md.
 MAX_PIXELS = 4096 * 4096
+# The scales a JPEG decoder divides by while decoding (Pillow's draft mode), smallest first.
+JPEG_DRAFT_SCALES = (2, 4, 8)
+EXIF_ORIENTATION = 0x0112
 SPLITS = ("train", "val", "test")
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -295,10 +301,31 @@ def announce_without_gt(listing, count, total):
         print(f"{listing}: {count} of {total} pairs have no ground truth (None); skipped")
 
 
-def open_image(path, formats, max_pixels):
+def file_problem(path):
+    """What stops `path` from being read as a file, in words ("it is a folder", a symbolic link loop, ...); None
+    for a regular file. Named here, so that no such path is reported as merely "not found"."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "it is a folder, not a file"
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "it is a symbolic link that leads back to itself (a loop)"
+            return "it is a symbolic link to a file that does not exist"
+    if os.path.exists(path):
+        return "it is not a regular file (a device, pipe or socket)"
+    return "no such file"
+
+
+def open_image(path, formats, max_pixels, draft=False):
     """Image.open of one of `formats` whose header says it has at most `max_pixels` pixels; ImageError if not.
 
-    Pillow's own DecompressionBombWarning is silenced: the check here comes first and says more.
+    draft=True: a JPEG with more pixels passes when a scale of 1/2, 1/4 or 1/8 fits it (draft_to_fit then
+    decodes it so); only beyond 1/8 is it refused. Pillow's own DecompressionBombWarning is silenced: the
+    check here comes first and says more.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -307,26 +334,72 @@ def open_image(path, formats, max_pixels):
         except Image.DecompressionBombError as err:  # a header beyond even Pillow's limit: say it as ours
             claimed = re.search(r"\((\d+) pixels\)", str(err))
             size = f"{int(claimed.group(1)) / 1e6:.0f} MP" if claimed else "too many pixels"
-            raise ImageError(path, f"it claims {size}, more than the {max_pixels / 1e6:.1f} MP allowed",
+            raise ImageError(path, f"it claims {size}, more than the {pixel_count(max_pixels)} allowed",
                              "Downscale it, or raise --max-pixels") from None
     width, height = im.size
     if width * height > max_pixels:
-        im.close()
-        raise ImageError(path, f"it has {width} × {height} pixels ({width * height / 1e6:.1f} MP), more than the "
-                               f"{max_pixels / 1e6:.1f} MP allowed", "Downscale it, or raise --max-pixels")
+        scale = jpeg_draft_scale(width, height, max_pixels) if draft and im.format == "JPEG" else None
+        if scale is None:
+            im.close()
+            beyond = " even decoded at 1/8 of its size" if draft and im.format == "JPEG" else ""
+            raise ImageError(path, f"it has {width} × {height} pixels ({pixel_count(width * height)}), more than the "
+                                   f"{pixel_count(max_pixels)} allowed{beyond}", "Downscale it, or raise --max-pixels")
     return im
+
+
+def draft_to_fit(im, max_pixels):
+    """Make a JPEG of more than max_pixels decode at the largest 1/2ⁿ scale that fits (Pillow's draft mode,
+    which the JPEG decoder does for almost nothing); anything else is left as it is."""
+    width, height = im.size
+    if width * height > max_pixels and im.format == "JPEG":
+        scale = jpeg_draft_scale(width, height, max_pixels)
+        im.draft(im.mode, (width // scale, height // scale))
+
+
+def pixel_count(n):
+    """A number of pixels in words: megapixels, or the count itself below a tenth of one."""
+    return f"{n / 1e6:.1f} MP" if n >= 100_000 else f"{n} pixels"
+
+
+def jpeg_draft_scale(width, height, max_pixels):
+    """The smallest of 2, 4 and 8 by which a JPEG decoder can divide width × height (rounding up, as it does)
+    to fit max_pixels; None if none does."""
+    for scale in JPEG_DRAFT_SCALES:
+        if -(-width // scale) * -(-height // scale) <= max_pixels:
+            return scale
+    return None
 
 
 def read_rgb(path, max_pixels=MAX_PIXELS):
     """HWC uint8 RGB of a JPEG or PNG, upright as viewers show it; grayscale (8- or 16-bit), palette and RGBA
-    images are converted. DataError for another format, a damaged file or more than max_pixels pixels."""
+    images are converted. DataError for another format, a damaged file or more than max_pixels pixels.
+
+    Data (training, validation, --eval) is read here, at full size and never drafted: a picture is the
+    same input whatever the budget, and its depth map must match it pixel for pixel.
+    """
+    return read_picture(path, max_pixels)[0]
+
+
+def read_picture(path, max_pixels=MAX_PIXELS, draft=False):
+    """(HWC uint8 RGB as read_rgb, (H, W) of the picture as viewers show it). draft=True (--predict, the web
+    page): a JPEG over max_pixels is decoded at the largest 1/2ⁿ scale that fits, so the RGB is smaller than
+    (H, W), the size its depth is given at."""
+    problem = file_problem(path)
+    if problem:
+        raise ImageError(path, problem, "Give the path of a picture file")
     try:
-        with open_image(path, IMAGE_FORMATS, max_pixels) as im:
+        with open_image(path, IMAGE_FORMATS, max_pixels, draft) as im:
+            # The size before any draft, turned as the EXIF orientation turns the picture (5-8: a quarter turn).
+            width, height = im.size
+            if draft:
+                draft_to_fit(im, max_pixels)
+            quarter_turn = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            shown = (width, height) if quarter_turn else (height, width)
             ImageOps.exif_transpose(im, in_place=True)  # phone photos store their rotation in EXIF
             if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip it at 255
                 gray = (np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            return np.array(im.convert("RGB"))
+                return np.repeat(gray[..., None], 3, axis=2), shown
+            return np.array(im.convert("RGB")), shown
     except UnidentifiedImageError:
         raise ImageError(path, "it is not a JPEG or PNG file, the formats read here", "Convert or remove it") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -336,26 +409,50 @@ def read_rgb(path, max_pixels=MAX_PIXELS):
 
 
 def read_depth(path, depth_scale=PAPER.depth_scale, max_pixels=MAX_PIXELS):
-    """HW float32 depth in metres from .npy (metres) or a 16-bit PNG (value / depth_scale); rejects wrong
-    shapes, non-numeric dtypes, 8-bit or colour PNGs and NaN/inf."""
+    """HW float32 depth in metres from a float .npy (metres), an integer .npy or a 16-bit PNG (both value /
+    depth_scale, as sensors store millimetres); rejects other files, wrong shapes, other dtypes, 8-bit or
+    colour PNGs and NaN/inf."""
+    problem = file_problem(path)
+    if problem:
+        raise DataError(f"cannot read depth {path}: {problem}. Fix the path or remove the pair.")
     if os.path.splitext(path)[1].lower() == ".png":
         return read_png_depth(path, depth_scale, max_pixels)
-    try:
-        depth = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"cannot read depth {path}: {err}. Re-export or remove the file.") from None
-    if not isinstance(depth, np.ndarray):  # an .npz archive renamed to .npy
-        depth.close()
-        raise DataError(f"depth {path} is an .npz archive, not one array; save each depth map with np.save")
+    depth = load_npy(path)
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
-    if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)):
-        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; "
-                        "expected a 2-D float array (H, W) in metres")
+    integer = np.issubdtype(depth.dtype, np.integer)
+    if depth.ndim != 2 or not (np.issubdtype(depth.dtype, np.floating) or integer):
+        raise DataError(f"depth {path} has shape {depth.shape} and dtype {depth.dtype}; expected a 2-D array "
+                        "(H, W): float in metres, or integer in units of 1 / --depth-scale metres")
+    if integer:  # millimetres (or --depth-scale's unit), as a 16-bit PNG holds them
+        return depth.astype(np.float32) / np.float32(depth_scale)
     depth = depth.astype(np.float32, copy=False)
     if not np.isfinite(depth).all():
         raise DataError(f"depth {path} contains NaN or inf; such files are rejected, not masked: fix or remove it")
     return depth
+
+
+def load_npy(path):
+    """The array of a .npy file, read without unpickling; DataError naming what the file is otherwise."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise DataError(f"cannot read depth {path}: {err.strerror or err}. Re-export or remove the file.") from None
+    if magic[:4] == b"PK\x03\x04":  # an .npz archive renamed to .npy
+        raise DataError(f"depth {path} is an .npz archive, not one array; save each depth map with np.save")
+    if magic != b"\x93NUMPY":
+        raise DataError(f"depth {path} is not a NumPy .npy file ({'empty' if not magic else 'no .npy header'}); "
+                        "save depth maps with np.save, or as 16-bit PNGs")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an object array: pickled Python objects, never loaded
+            raise DataError(f"depth {path} holds Python objects, not numbers; save a numeric array with "
+                            "np.save") from None
+        raise DataError(f"cannot read depth {path}: {first_line(err)}. Re-export or remove the file.") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read depth {path}: {first_line(err)}. Re-export or remove the file.") from None
 
 
 def read_png_depth(path, depth_scale, max_pixels=MAX_PIXELS):
@@ -738,20 +835,42 @@ class EpochBatches(Sampler):
 
 
 # ------------------------------------------------------------------ decoded cache
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # A cache resident on the GPU may take this share of the free memory; training needs the rest.
 GPU_CACHE_SHARE = 0.5
+# Samples copied to the GPU at a time: the host never holds more of the cache than this in its own memory.
+GPU_COPY_CHUNK = 256
+# Disk space a cache leaves free, so that checkpoints and logs still fit beside it.
+CACHE_DISK_MARGIN = 1 << 30
+CACHE_FILES = ("meta.json", "rgb.npy", "depth.npy")
+CACHE_META_TYPES = {"version": int, "key": str, "count": int, "height": int, "width": int, "mean_depth": float,
+                    "has_holes": bool}
+
+
+class CacheInvalid(Exception):
+    """A cache folder that is not what SplitCache writes: the message says what is wrong with it."""
 
 
 def cache_key(dataset):
-    """Hash of what the cached tensors depend on: every file's name, size and mtime, and the preprocessing."""
+    """Hash of what the cached tensors depend on: every file's name, size and mtime, and every option that
+    changes a sample (input size, depth range and scale, the pixel budget that refuses a file)."""
     files = []
     for stem, rgb_path, depth_path in dataset.pairs:
-        rgb_st, depth_st = os.stat(rgb_path), os.stat(depth_path)
+        rgb_st, depth_st = file_stat(rgb_path), file_stat(depth_path)
         files.append([stem, os.path.basename(rgb_path), rgb_st.st_size, rgb_st.st_mtime_ns,
                       depth_st.st_size, depth_st.st_mtime_ns])
-    spec = [CACHE_VERSION, dataset.size, dataset.max_depth, dataset.min_depth, dataset.depth_scale, files]
+    spec = [CACHE_VERSION, dataset.size, dataset.max_depth, dataset.min_depth, dataset.depth_scale,
+            dataset.max_pixels, files]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def file_stat(path):
+    """os.stat of a data file; DataError saying what the path is when it is not a readable file."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {file_problem(path) or err.strerror}. Fix the path or remove the "
+                        "pair.") from None
 
 
 def cache_prefix(dataset):
@@ -767,12 +886,66 @@ def cache_dirs(root):
     return [os.path.join(root, ".cache"), os.path.join(user, "depthnet", tag)]
 
 
+def cache_nbytes(n, height, width):
+    """Bytes of a cache of n samples at height × width: uint8 RGB and float16 depth."""
+    return n * height * width * (3 + 2)
+
+
+def remove_path(path):
+    """Remove a file or a folder, whichever `path` is; nothing if it is gone."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def read_cache_meta(folder):
+    """The cache's meta.json as a dict of CACHE_META_TYPES; CacheInvalid if it is anything else."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CacheInvalid(f"meta.json unreadable ({type(err).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CacheInvalid(f"meta.json holds a {type(meta).__name__}, not an object")
+    for name, kind in CACHE_META_TYPES.items():
+        value = meta.get(name)
+        # JSON writes 3.0 as 3.0, but a bool is an int to Python: both ways round are checked.
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise CacheInvalid(f"meta.json's {name!r} is {value!r}, not a {kind.__name__}")
+    return meta
+
+
+def open_cache_array(folder, name, dtype, shape):
+    """A cache array (.npy) memory-mapped copy-on-write, so that it is read from disk as needed and never
+    written back; CacheInvalid unless it is a plain array of `dtype` and `shape`."""
+    path = os.path.join(folder, name)
+    try:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise CacheInvalid(f"{name} unreadable ({type(err).__name__}: {first_line(err)})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise CacheInvalid(f"{name} is an archive, not one array")
+    if array.dtype != dtype or array.shape != shape:
+        raise CacheInvalid(f"{name} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}")
+    return array
+
+
 class SplitCache:
-    """A split decoded once: rgb (N, 3, S, S) uint8 and depth (N, 1, S, S) float16, on one device.
+    """A split decoded once: rgb (N, 3, H, W) uint8 and depth (N, 1, H, W) float16, on disk.
 
     Values are DepthEstimationUnreal's samples rounded to uint8 (RGB, error ≤ 0.5/255) and
     float16 (depth, relative error ≤ 2⁻¹¹, under 1 cm at 20 m). `mean_depth` is the split's
     mean clipped depth at native resolution, the model's initial output bias.
+
+    On disk a cache is a folder SPLIT-HxW-KEY holding rgb.npy, depth.npy and meta.json (what it
+    is: version, key, sample count, size, mean depth, holes). It is written sample by sample as it
+    is built and read through memory maps, so the process holds a batch of it at a time, never the
+    split: the operating system keeps in its file cache what fits and reads the rest as needed.
+    Before use, a cache proves it is what SplitCache writes (meta.json's fields and types, both
+    arrays' dtype and shape against the split); anything else is named in a warning, removed and
+    rebuilt. On a GPU a cache that fits is copied there in chunks.
     """
 
     def __init__(self, rgb, depth, mean_depth, has_holes):
@@ -787,34 +960,80 @@ class SplitCache:
 
     @classmethod
     def open(cls, dataset, build=True, progress=True):
-        """The cache of `dataset`'s split: loaded if up to date, else built (build=True) and saved; None if absent."""
+        """The cache of `dataset`'s split: loaded if up to date and sound, else built (build=True) on disk; None
+        if absent and not built, or where no cache folder has the disk space for it (then said in a warning)."""
         key = cache_key(dataset)
-        name = f"{cache_prefix(dataset)}-{key}.pt"
+        name = f"{cache_prefix(dataset)}-{key}"
         for directory in cache_dirs(dataset.root):
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
+            folder = os.path.join(directory, name)
+            if os.path.lexists(folder):
                 try:
-                    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    return cls(data["rgb"], data["depth"], data["mean_depth"], data["has_holes"])
-                except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-                    warnings.warn(f"data cache {path} is unreadable ({type(err).__name__}); rebuilding it",
-                                  stacklevel=2)
+                    return cls.load(folder, key, len(dataset), input_hw(dataset.size))
+                except CacheInvalid as err:
+                    warnings.warn(f"data cache {folder} is not usable ({err}); rebuilding it", stacklevel=2)
+                    try:
+                        remove_path(folder)
+                    except OSError:
+                        pass
         if not build:
             return None
-        cache = cls.build(dataset, progress)
-        cache.save(dataset, name)
-        return cache
+        return cls.build(dataset, name, key, progress)
 
     @classmethod
-    def build(cls, dataset, progress=True):
-        """Decode every sample of the split once, on a few threads of this process, in file order."""
+    def load(cls, folder, key, count, size):
+        """The cache in `folder`, checked against the split's key, sample count and (H, W); CacheInvalid if not."""
+        if not os.path.isdir(folder):
+            raise CacheInvalid("not a folder")
+        meta = read_cache_meta(folder)
+        h, w = size
+        expected = {"version": CACHE_VERSION, "key": key, "count": count, "height": h, "width": w}
+        for field, value in expected.items():
+            if meta[field] != value:
+                raise CacheInvalid(f"meta.json's {field!r} is {meta[field]!r}, expected {value!r}")
+        if not (math.isfinite(meta["mean_depth"]) and meta["mean_depth"] > 0):
+            raise CacheInvalid(f"meta.json's mean_depth is {meta['mean_depth']!r}")
+        rgb = open_cache_array(folder, "rgb.npy", np.uint8, (count, 3, h, w))
+        depth = open_cache_array(folder, "depth.npy", np.float16, (count, 1, h, w))
+        return cls(torch.from_numpy(rgb), torch.from_numpy(depth), meta["mean_depth"], meta["has_holes"])
+
+    @classmethod
+    def build(cls, dataset, name, key, progress=True):
+        """Decode every sample of the split once, on a few threads of this process, in file order, writing each
+        into the cache files as it comes; then checked and opened as any cache is. None where no cache folder
+        has the space for it."""
+        n, (h, w) = len(dataset), input_hw(dataset.size)
+        directory = cache_folder_with_space(dataset.root, cache_nbytes(n, h, w))
+        if directory is None:
+            return None
+        folder = os.path.join(directory, name)
+        partial = os.path.join(directory, f".{name}.building-{os.getpid()}")
+        remove_path(partial)
+        os.makedirs(partial)
+        try:
+            meta = cls.write(dataset, partial, progress)
+            write_json_atomic({**meta, "version": CACHE_VERSION, "key": key}, os.path.join(partial, "meta.json"))
+            remove_path(folder)
+            os.rename(partial, folder)
+        except BaseException:
+            remove_path(partial)
+            raise
+        remove_stale_caches(directory, cache_prefix(dataset), name)
+        return cls.load(folder, key, n, (h, w))
+
+    @staticmethod
+    def write(dataset, folder, progress=True):
+        """Decode the split into folder/rgb.npy and folder/depth.npy; returns meta.json's fields but version and
+        key. The files are memory maps written in file order: what is written goes to disk, not to this
+        process's memory."""
         # check=False: decoding here reads every file anyway, and raises the first bad one's DataError.
         source = DepthEstimationUnreal(dataset.root, dataset.split, dataset.size, dataset.conventions, native=True,
                                        check=False, max_pixels=dataset.max_pixels, listing=dataset.listing,
                                        gt_root=dataset.gt_root)
         n, (h, w) = len(source), input_hw(source.size)
-        rgb = torch.empty(n, 3, h, w, dtype=torch.uint8)
-        depth = torch.empty(n, 1, h, w, dtype=torch.float16)
+        rgb = np.lib.format.open_memmap(os.path.join(folder, "rgb.npy"), mode="w+", dtype=np.uint8,
+                                        shape=(n, 3, h, w))
+        depth = np.lib.format.open_memmap(os.path.join(folder, "depth.npy"), mode="w+", dtype=np.float16,
+                                          shape=(n, 1, h, w))
         total, measured, count = 0.0, 0, 0
 
         def quantised(i):
@@ -822,40 +1041,30 @@ class SplitCache:
             return (rgb_f.mul(255.0).round_().clamp_(0, 255).to(torch.uint8), depth_f.to(torch.float16),
                     *depth_sum(native, dataset.min_depth))
 
-        for i, (rgb_q, depth_q, part_sum, part_measured, part_count) in enumerate(
-                map_in_threads(quantised, range(n), f"caching {dataset.split} split", progress)):
-            rgb[i], depth[i] = rgb_q, depth_q
-            total, measured, count = total + part_sum, measured + part_measured, count + part_count
-        return cls(rgb, depth, *split_stats(total, measured, count, source.pairs))
+        try:
+            for i, (rgb_q, depth_q, part_sum, part_measured, part_count) in enumerate(
+                    map_in_threads(quantised, range(n), f"caching {dataset.split} split", progress)):
+                rgb[i], depth[i] = rgb_q.numpy(), depth_q.numpy()
+                total, measured, count = total + part_sum, measured + part_measured, count + part_count
+            rgb.flush()
+            depth.flush()
+        finally:
+            del rgb, depth
+        mean_depth, has_holes = split_stats(total, measured, count, source.pairs)
+        return {"count": n, "height": h, "width": w, "mean_depth": float(mean_depth), "has_holes": bool(has_holes)}
 
-    def save(self, dataset, name):
-        """Write atomically beside the data (or in the user cache folder) and remove stale caches of the split."""
-        state = {"version": CACHE_VERSION, "rgb": self.rgb, "depth": self.depth, "mean_depth": self.mean_depth,
-                 "has_holes": self.has_holes}
-        for directory in cache_dirs(dataset.root):
-            try:
-                os.makedirs(directory, exist_ok=True)
-                atomic_save(state, os.path.join(directory, name))
-            except OSError:
-                continue
-            for old in glob.glob(os.path.join(directory, f"{cache_prefix(dataset)}-*.pt")):
-                if os.path.basename(old) != name:
-                    os.remove(old)
-            return
-        warnings.warn(f"could not write a data cache for {dataset.root} (read-only, and so is the user cache folder); "
-                      "it will be rebuilt next time", stacklevel=2)
+    @property
+    def where(self):
+        """Where the cache is read from, in words."""
+        return "memory-mapped from disk" if self.rgb.device.type == "cpu" else f"on {self.rgb.device}"
 
     def place(self, device):
-        """Move to the GPU when it fits in GPU_CACHE_SHARE of the free memory, else keep in (pinned) host memory."""
+        """On a GPU, copied there in chunks when it fits in GPU_CACHE_SHARE of the free memory; otherwise left
+        where it is, memory-mapped from disk, each batch read from the file cache or the disk."""
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if self.nbytes <= GPU_CACHE_SHARE * free:
-                self.rgb, self.depth = self.rgb.to(device), self.depth.to(device)
-            else:
-                self.rgb, self.depth = self.rgb.pin_memory(), self.depth.pin_memory()
-        else:
-            # mmap-loaded tensors would read from disk on every access; hold them in memory.
-            self.rgb, self.depth = self.rgb.clone(), self.depth.clone()
+                self.rgb, self.depth = to_device_in_chunks(self.rgb, device), to_device_in_chunks(self.depth, device)
         return self
 
     def batches(self, batch_lists, device):
@@ -877,3 +1086,56 @@ class SplitCache:
                 rgb = rgb.pin_memory().to(device, non_blocking=True)
                 depth = depth.pin_memory().to(device, non_blocking=True)
             yield rgb.float().div_(255.0), depth.float()
+
+
+def to_device_in_chunks(tensor, device):
+    """A copy of a (memory-mapped) host tensor on `device`, made GPU_COPY_CHUNK samples at a time."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    for i in range(0, tensor.shape[0], GPU_COPY_CHUNK):
+        out[i:i + GPU_COPY_CHUNK] = tensor[i:i + GPU_COPY_CHUNK].to(device)
+    return out
+
+
+def cache_folder_with_space(root, nbytes):
+    """The first of cache_dirs(root) that can be written and has room for nbytes; None, with a warning
+    saying why and that training reads from the files, when none has."""
+    tried = []
+    for directory in cache_dirs(root):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            continue
+        if free >= nbytes + CACHE_DISK_MARGIN:
+            return directory
+        tried.append(f"{directory} has {free / 1e9:.1f} GB free")
+    why = ("; ".join(tried) if tried else "the data folder and the user cache folder are read-only")
+    warnings.warn(f"no decoded cache for {root}: it would take {nbytes / 1e9:.1f} GB on disk ({why}); training "
+                  "reads the files instead, as with --cache off", stacklevel=3)
+    return None
+
+
+def remove_stale_caches(directory, prefix, keep):
+    """Remove the split's other caches at this size in `directory`: older keys, older formats, and the
+    leftovers of builds that were stopped."""
+    stale = glob.glob(os.path.join(directory, f"{prefix}-*")) + glob.glob(os.path.join(directory, f".{prefix}-*"))
+    for path in stale:
+        if os.path.basename(path) != keep and not building_elsewhere(path):
+            try:
+                remove_path(path)
+            except OSError:
+                pass
+
+
+def building_elsewhere(path):
+    """Whether `path` is the partial folder of a build that a live process is still writing."""
+    pid = path.rsplit(".building-", 1)[1] if ".building-" in path else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True

@@ -12,6 +12,7 @@ then the mean over the images.
 """
 import csv
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -128,9 +129,14 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
     scored = torch.isfinite(per_metric["rmse"])
     if not bool(scored.all()):
         names = [n for n, ok in zip(dataset.names, scored.tolist()) if not ok]
-        print(f"{len(names)} image(s) of the {dataset.split} split have no measured depth and are left out: "
-              + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+        # A warning: said once per run, not at every validation of a training run.
+        warnings.warn(f"{len(names)} image(s) of the {dataset.split} split have no measured depth and are left out: "
+                      + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), stacklevel=2)
     # An image whose every SSIM window is too sparsely measured has no SSIM, only the other metrics.
+    no_ssim = int((scored & ~torch.isfinite(per_metric["ssim"])).sum()) if "ssim" in per_metric else 0
+    if no_ssim:
+        warnings.warn(f"{no_ssim} image(s) of the {dataset.split} split have too few measured pixels for any SSIM "
+                      "window: their SSIM is left out of its mean, their other metrics count", stacklevel=2)
     metrics = {k: float(v[scored].nanmean()) for k, v in per_metric.items()}
     rmses, ssims = zip(*challenge)
     metrics["challenge_rmse"] = float(torch.stack([r for r in rmses if r is not None]).mean())

@@ -44,10 +44,13 @@ def load(paths, device="auto", dtype=None, flip=False, size=None, conventions=No
         sizes.append(size or input_size(ckpt))
         trained.append(trained_conventions(ckpt))
     check_members_agree(paths, sizes, trained)
-    resolved = trained[0].overridden(**(conventions or {}))
+    typed = conventions or {}
+    resolved = trained[0].overridden(**typed)
     if not resolved.min_depth < resolved.max_depth:
-        raise UserError(f"--min-depth {resolved.min_depth} must be below the maximum depth, {resolved.max_depth} m "
-                        f"(--max-depth, or {paths[0]}'s own)")
+        whose = ("--max-depth" if typed.get("max_depth") is not None
+                 else f"the maximum depth {paths[0]} was trained with")
+        raise UserError(f"--min-depth {resolved.min_depth:g} must be below {whose} ({resolved.max_depth:g} m): lower "
+                        "--min-depth, or evaluate at a larger --max-depth")
     amp_dtype = None if dtype is None else select_amp_dtype(dtype, device)
     if dtype is not None:
         nets = [InferenceModel(net, amp_dtype, channels_last=channels_last) for net in nets]
@@ -94,9 +97,10 @@ class Predictor:
             depths.append(d[0, 0].clamp_(0.0, self.conventions.max_depth).cpu().numpy())
         return depths
 
-    def infer_image(self, rgb):
-        """Depth in metres of one HWC uint8 image at its own size."""
-        return self.depth_maps(to_model_input(rgb, self.size)[None].to(self.device), [rgb.shape[:2]])[0]
+    def infer_image(self, rgb, shown=None):
+        """Depth in metres of one HWC uint8 image at its own size, or at `shown` (H, W) for a photo decoded
+        smaller (dataset.read_picture)."""
+        return self.depth_maps(to_model_input(rgb, self.size)[None].to(self.device), [shown or rgb.shape[:2]])[0]
 
 
 class FullPrecision(nn.Module):

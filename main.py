@@ -94,12 +94,16 @@ def build_parser():
                            "counts nowhere: not in the loss, the metrics or the baselines")
     data.add_argument("--max-pixels", type=int, default=4096 * 4096,
                       help="refuse images with more pixels than this (read from the file's header, before decoding): "
-                           "data, --predict's images and video frames, the web page's uploads")
+                           "data, --predict's images and video frames, the web page's uploads; a larger JPEG given to "
+                           "--predict or the page is decoded at the largest of 1/2, 1/4, 1/8 of its size that fits, "
+                           "its depth given at its own size")
     data.add_argument("--depth-scale", type=float, default=PAPER.depth_scale,
                       help="a 16-bit depth PNG holds metres x this: 1000 (millimetres, NYU Depth v2), 256 (KITTI)")
     data.add_argument("--cache", default="auto", choices=["auto", "off"],
-                      help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth) and train "
-                           "from it, held on the GPU when it fits; off: decode every epoch with the folder loader")
+                      help="auto: decode the training split once into ROOT/.cache (uint8 RGB, float16 depth, on disk, "
+                           "read through memory maps) and train from it, copied to the GPU when it fits; where no "
+                           "cache folder has the disk space, the files are read as with off; off: decode every epoch "
+                           "with the folder loader")
 
     model = p.add_argument_group("model")
     model.add_argument("--weights", default="imagenet",
@@ -293,11 +297,21 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
-    if not 0 <= opts.min_depth < opts.max_depth:
-        parser.error(f"--min-depth ({opts.min_depth}) must be at least 0 and below --max-depth ({opts.max_depth})")
+    # With --eval, --predict and --export, the depth options not typed are None: the checkpoint's (run_eval
+    # checks --min-depth against its maximum).
+    depth = {"--min-depth": opts.min_depth, "--max-depth": opts.max_depth, "--depth-scale": opts.depth_scale}
+    for name, value in depth.items():
+        if value is not None and not math.isfinite(value):
+            parser.error(f"{name} must be a finite number, got {value}")
+    if opts.min_depth is not None and not 0 <= opts.min_depth:
+        parser.error(f"--min-depth must be at least 0, got {opts.min_depth}")
+    if None not in (opts.min_depth, opts.max_depth) and not opts.min_depth < opts.max_depth:
+        parser.error(f"--min-depth ({opts.min_depth}) must be below --max-depth ({opts.max_depth})")
+    if opts.max_depth is not None and not opts.max_depth > 0:
+        parser.error(f"--max-depth must be positive, got {opts.max_depth}")
     if not opts.max_pixels > 0:
         parser.error(f"--max-pixels must be positive, got {opts.max_pixels}")
-    if not opts.depth_scale > 0:
+    if opts.depth_scale is not None and not opts.depth_scale > 0:
         parser.error(f"--depth-scale must be positive, got {opts.depth_scale}")
     if not opts.max_zoom >= 1:
         parser.error(f"--max-zoom must be at least 1 (1: no zoom), got {opts.max_zoom}")
@@ -318,6 +332,9 @@ def check_options(parser, opts):
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
             parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+    repeated = repeated_paths(opts.ckpt or [])
+    if repeated:
+        parser.error(f"--ckpt names {repeated} more than once: an ensemble averages different checkpoints")
     if opts.ckpt and len(opts.ckpt) > 1:
         if not (opts.eval or opts.predict):
             parser.error("several --ckpt are averaged by --eval and --predict; --export writes one checkpoint's model")
@@ -368,6 +385,15 @@ def without_val(opts, explicit):
 
     return split_exists(opts.data_dir, "train", opts.train_list) and not split_exists(opts.data_dir, "val",
                                                                                       opts.val_list)
+def repeated_paths(paths):
+    """The first path of `paths` that names the same file as an earlier one (by resolved path), else None."""
+    seen = set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            return path
+        seen.add(real)
+    return None
 
 
 def typed_options(argv):
@@ -412,11 +438,11 @@ def parse_options(argv=None):
         explicit |= set(inherited)
     if opts.is_train is False:
         opts.eval = True
-    check_options(parser, opts)
-    opts.image_size = input_size_option(opts.image_size)
     if opts.eval or opts.predict or opts.export:
         for key in set(FROM_CHECKPOINT) - explicit:
             setattr(opts, key, None)  # the checkpoint's own, resolved by inference.load
+    check_options(parser, opts)
+    opts.image_size = input_size_option(opts.image_size)
     if opts.data_dir is None:
         opts.data_dir = os.path.join("data", "synthetic" if opts.demo else "DepthEstimationUnreal")
     if without_val(opts, explicit):
@@ -458,6 +484,14 @@ def run_eval(opts):
     from utils import make_output_folder, write_json_atomic
 
     trained = load_model(opts)
+    report_dir = run_dir = None
+    if opts.report:
+        # An ensemble's reports go to --out, and no one run's training curves are theirs.
+        run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
+        report_dir = opts.out or run_dir
+        check_writable_folder(report_dir, "--out")  # before the evaluation, not after it
+    if opts.metrics_out:
+        check_writable_folder(os.path.dirname(os.path.abspath(opts.metrics_out)), "--metrics-out")
     # fp32 unless autocast is asked for by name (docs/design.md §8): "auto" would make the same
     # checkpoint score differently on different CPUs, and differ from what its training recorded.
     amp_dtype = select_amp_dtype(opts.amp, trained.device) if opts.amp != "auto" else None
@@ -476,11 +510,23 @@ def run_eval(opts):
         write_json_atomic(metrics, opts.metrics_out)
         print(f"metrics written to {opts.metrics_out}")
     if opts.report:
-        # An ensemble's reports go to --out, and no one run's training curves are theirs.
-        run_dir = os.path.dirname(os.path.abspath(opts.ckpt[0])) if len(opts.ckpt) == 1 else None
-        write_eval_report(trained.net, dataset, rows, trained.device, out_dir=opts.out or run_dir, run_dir=run_dir,
+        write_eval_report(trained.net, dataset, rows, trained.device, out_dir=report_dir, run_dir=run_dir,
                           amp_dtype=amp_dtype, grid_rows=opts.report_images, cmap=opts.cmap)
     return metrics
+
+
+def check_writable_folder(path, option):
+    """Create `path` if needed and write a probe file there; a UserError naming `option` if that fails."""
+    from utils import UserError, make_output_folder
+
+    make_output_folder(path, option)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {path}: {err.strerror or err}; choose another {option}") from None
 
 
 def score_split(opts, model, dataset, device, amp_dtype):

@@ -25,11 +25,32 @@ def hole_cmap(cmap):
     return matplotlib.colormaps[cmap].with_extremes(bad=HOLE_COLOUR)
 
 
-def colorize_depth(depth, vmin, vmax, cmap="magma"):
-    """HW depth → HWC uint8 colour image, [vmin, vmax] spanning the colour map."""
-    depth = np.asarray(depth, dtype=np.float32)
-    norm = np.clip((depth - vmin) / max(vmax - vmin, 1e-6), 0, 1)
-    return (matplotlib.colormaps[cmap](norm)[..., :3] * 255).round().astype(np.uint8)
+def colorize_depth(depth, vmin, vmax, cmap="magma", rows=256):
+    """HW depth → HWC uint8 colour image, [vmin, vmax] spanning the colour map.
+
+    Through the map's table of colours as uint8 (colour_table), `rows` rows at a time: the same
+    colours as calling the colour map on the whole picture, whose float64 RGBA copy of a 48 MP
+    photo alone would take 1.5 GB. NaN, which the colour map draws as its "bad" colour, is black.
+    """
+    depth = np.asarray(depth)
+    table, levels = colour_table(cmap)
+    out = np.empty(depth.shape + (3,), np.uint8)
+    span = np.float32(max(vmax - vmin, 1e-6))
+    for start in range(0, depth.shape[0], rows):
+        part = depth[start:start + rows].astype(np.float32, copy=False)
+        # As Colormap.__call__ indexes: floor(norm · N), norm = 1 taking the last colour.
+        norm = np.minimum(np.clip((part - np.float32(vmin)) / span, 0, 1) * np.float32(levels), levels - 1)
+        index = np.where(np.isnan(norm), levels, norm).astype(np.intp)
+        out[start:start + rows] = table[index]
+    return out
+
+
+def colour_table(cmap):
+    """((N + 1, 3) uint8 colours of the colour map's N levels, then black for NaN; N)."""
+    colour_map = matplotlib.colormaps[cmap]
+    levels = colour_map.N
+    table = (colour_map(np.arange(levels))[:, :3] * 255).round().astype(np.uint8)
+    return np.concatenate([table, np.zeros((1, 3), np.uint8)]), levels
 
 
 def to_numpy_image(t):

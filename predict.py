@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import MAX_PIXELS, RGB_EXTENSIONS, DataError, natural_key, read_rgb, to_model_input
+from dataset import MAX_PIXELS, RGB_EXTENSIONS, DataError, natural_key, read_picture, to_model_input
 from plots import colorize_depth
 from utils import UserError, atomic_path, make_output_folder, output_paths
 
@@ -60,11 +60,18 @@ def check_outputs(paths, out_dir, png16, ply):
             owner[real] = p
 
 
+# Rows of a picture written at a time: the float copies that colouring and the writers make stay this small.
+ROWS_AT_A_TIME = 256
+
+
 class ImageFiles(Dataset):
     """Image files as (index, model input, original height × width, RGB or None, error or None).
 
     An unreadable file yields its error message instead of raising, so that one bad
-    file in a folder is reported and skipped while the rest are still predicted.
+    file in a folder is reported and skipped while the rest are still predicted. A JPEG
+    over the pixel budget (a phone's photo) is decoded at 1/2, 1/4 or 1/8 of its size
+    (dataset.read_picture): the network needs only its input size, and the depth is still
+    given at the photo's own height × width.
     """
 
     def __init__(self, paths, size, keep_rgb=False, max_pixels=MAX_PIXELS):
@@ -75,10 +82,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index):
         try:
-            rgb = read_rgb(self.paths[index], self.max_pixels)
+            rgb, shown = read_picture(self.paths[index], self.max_pixels, draft=True)
         except DataError as err:
             return index, None, None, None, str(err)
-        return index, to_model_input(rgb, self.size), rgb.shape[:2], rgb if self.keep_rgb else None, None
+        return index, to_model_input(rgb, self.size), shown, rgb if self.keep_rgb else None, None
 
 
 def collate_images(items):
@@ -92,50 +99,70 @@ def collate_images(items):
 
 
 
-def depth_to_points(depth, hfov_deg):
-    """(H·W, 3) float32 camera-space points of a planar (z-)depth map, pinhole camera, square pixels.
+def depth_to_points(depth, hfov_deg, rows=None):
+    """(H·W, 3) float32 camera-space points of a planar (z-)depth map, pinhole camera, square pixels; with
+    rows=(start, stop), those of these rows only.
 
     The principal point is the image centre and f = (W / 2) / tan(hfov / 2). Axes are
     OpenGL's (x right, y up, the camera looking along −z), the default view of MeshLab
     and Open3D, so the cloud opens upright, seen from the camera.
     """
     h, w = depth.shape
+    start, stop = rows or (0, h)
     f = (w / 2) / math.tan(math.radians(hfov_deg) / 2)
     x = (np.arange(w, dtype=np.float32) + 0.5 - w / 2) / f
-    y = (np.arange(h, dtype=np.float32) + 0.5 - h / 2) / f
-    z = depth.astype(np.float32)
+    y = (np.arange(start, stop, dtype=np.float32) + 0.5 - h / 2) / f
+    z = depth[start:stop].astype(np.float32, copy=False)
     return np.stack([x[None, :] * z, -y[:, None] * z, -z], axis=-1).reshape(-1, 3)
 
 
+def colours_at(rgb, shape, rows):
+    """(rows × W, 3) uint8 colours of `rows` of a picture of `shape` (H, W), from `rgb`, which may be smaller
+    (a photo decoded at 1/2ⁿ): each pixel takes the colour of the rgb pixel it falls in."""
+    h, w = shape
+    ys = np.arange(*rows) * rgb.shape[0] // h
+    xs = np.arange(w) * rgb.shape[1] // w
+    return rgb[ys[:, None], xs[None, :]].reshape(-1, 3)
+
+
 def write_ply(path, rgb, depth, hfov_deg):
-    """Binary little-endian PLY of every pixel with depth > 0, coloured by `rgb`."""
-    keep = depth.reshape(-1) > 0
-    points = depth_to_points(depth, hfov_deg)[keep]
-    vertex = np.empty(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                          ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-    vertex["x"], vertex["y"], vertex["z"] = points.T
-    colours = rgb.reshape(-1, 3)[keep]
-    vertex["red"], vertex["green"], vertex["blue"] = colours.T
+    """Binary little-endian PLY of every pixel with depth > 0, coloured by `rgb` (of the depth's size, or
+    smaller: colours_at), written ROWS_AT_A_TIME rows at a time."""
     header = ("ply\nformat binary_little_endian 1.0\n"
               f"comment predicted depth, horizontal field of view {hfov_deg:g} degrees; "
               "x right, y up, camera looking along -z\n"
-              f"element vertex {len(vertex)}\n"
+              f"element vertex {int(np.count_nonzero(depth > 0))}\n"
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.encode("ascii"))
-        vertex.tofile(f)
+        for start in range(0, depth.shape[0], ROWS_AT_A_TIME):
+            rows = (start, min(start + ROWS_AT_A_TIME, depth.shape[0]))
+            keep = depth[rows[0]:rows[1]].reshape(-1) > 0
+            vertex = np.empty(int(keep.sum()), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                                      ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+            vertex["x"], vertex["y"], vertex["z"] = depth_to_points(depth, hfov_deg, rows)[keep].T
+            vertex["red"], vertex["green"], vertex["blue"] = colours_at(rgb, depth.shape, rows)[keep].T
+            vertex.tofile(f)
+
+
+def millimetres_png16(depth):
+    """HW uint16 depth in millimetres, rounded, converted ROWS_AT_A_TIME rows at a time."""
+    out = np.empty(depth.shape, np.uint16)
+    for start in range(0, depth.shape[0], ROWS_AT_A_TIME):
+        out[start:start + ROWS_AT_A_TIME] = np.round(depth[start:start + ROWS_AT_A_TIME] * 1000.0)
+    return out
 
 
 def write_outputs(paths, depth, rgb, max_depth, cmap, hfov_deg):
     """Write every file in `paths` (from output_paths) for one image's depth."""
     with atomic_path(paths["npy"]) as tmp:
-        np.save(tmp, depth.astype(np.float32))
+        np.save(tmp, depth.astype(np.float32, copy=False))
     with atomic_path(paths["png"]) as tmp:
         Image.fromarray(colorize_depth(depth, 0.0, max_depth, cmap)).save(tmp)
     if "png16" in paths:
         with atomic_path(paths["png16"]) as tmp:
-            Image.fromarray(np.round(depth * 1000.0).astype(np.uint16)).save(tmp)
+            Image.fromarray(millimetres_png16(depth)).save(tmp)
     if "ply" in paths:
         write_ply(paths["ply"], rgb, depth, hfov_deg)
 

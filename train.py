@@ -9,6 +9,7 @@ run. Speed (docs/speed.md): batches come from a decoded cache (on the GPU when i
 the network runs channels_last under autocast. Under torchrun the same loop trains on N
 processes (distributed.py).
 """
+import contextlib
 import copy
 import glob
 import json
@@ -96,8 +97,11 @@ def claim_run_dir(run_dir, fresh, replace):
             else:
                 os.remove(path)
         print(f"{run_dir}: removed an earlier run's {', '.join(old)}")
+    # Only a probe: folders made for it are removed again, so that a run failing before it writes anything
+    # (bad data, say) leaves no empty run folder behind; the run's files make their folders as they come.
+    created = missing_folders(run_dir)
     try:
-        os.makedirs(os.path.join(run_dir, "vis"), exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write_test")
         with open(probe, "w") as f:
             f.write("ok")
@@ -105,6 +109,23 @@ def claim_run_dir(run_dir, fresh, replace):
     except OSError as err:
         raise CheckpointError(f"cannot write to run directory {run_dir}: {err.strerror}; choose another with "
                               "--run-dir") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 class TrainStep(NamedTuple):
@@ -303,7 +324,7 @@ class Trainer:
         opts = self.opts
         total, trainable = count_parameters(self.model)
         processes = f" x {self.dist.world_size} processes" if self.dist.active else ""
-        data = f"cache on {self.cache.rgb.device}" if self.cache is not None else "folder loader"
+        data = f"cache {self.cache.where}" if self.cache is not None else "folder loader"
         return (f"DepthNet ({opts.encoder}{', skips' if opts.skips else ''}): {total / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable; device {self.device}{processes}, autocast "
                 f"{self.amp_dtype or 'off'}, "
@@ -312,13 +333,13 @@ class Trainer:
                 f"output bias {self.init_depth:.2f} m")
 
     def _open_cache(self):
-        """The decoded training split; the first process of each node builds it, the others then load it."""
+        """The decoded training split (the first process of each node builds it), or None: no room for it."""
         if self.dist.local_rank == 0:
             cache = SplitCache.open(self.train_set, progress=self._progress)
         barrier()
         if self.dist.local_rank != 0:
             cache = SplitCache.open(self.train_set, progress=False)
-        return cache.place(self.device)
+        return cache.place(self.device) if cache is not None else None
 
     # ---------------------------------------------------------------- the loop
     def fit(self):
@@ -533,8 +554,7 @@ class Trainer:
         values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # the loss and each of its terms
         lr, beta1 = self._lr_and_beta1()
         record = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self._batch_plan.epoch_length,
-                  "lr": lr, "beta1": beta1,
-                  **values, "img_per_s": rate}
+                  "lr": lr, "beta1": beta1, **values, "img_per_s": rate}
         with open(os.path.join(self.run_dir, "train_log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb:
@@ -568,6 +588,8 @@ class Trainer:
         return metrics
 
     def _prepare_run_dir(self):
+        """The run's folder and its vis/, made once data and model are ready: a run failing earlier leaves none."""
+        os.makedirs(os.path.join(self.run_dir, "vis"), exist_ok=True)
         remove_checkpoint_temps(self.run_dir)
         write_json_atomic(vars(self.opts), os.path.join(self.run_dir, "config.json"))
 

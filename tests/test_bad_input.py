@@ -3,6 +3,7 @@
 Most cases call main.main() in this process (fast: no interpreter start); a few run the real
 command line to show that the whole of stderr is that one line, even with DataLoader workers.
 """
+import json
 import os
 import pickle
 import subprocess
@@ -131,7 +132,7 @@ def test_demo_with_a_damaged_first_training_image(capsys, tmp_path, data):
     (np.zeros(48 * 64, np.float32), "shape (3072,)"),
     (np.zeros((48, 64), np.complex64), "dtype complex64"),
     (np.zeros((48, 64), bool), "dtype bool"),
-    (np.array([{"depth": 1}], dtype=object), "Object arrays cannot be loaded"),
+    (np.array([{"depth": 1}], dtype=object), "holds Python objects, not numbers"),
 ])
 def test_depth_of_wrong_shape_or_dtype(capsys, tmp_path, data, array, expected):
     path = os.path.join(data, "depth", "train", "2.npy")
@@ -147,6 +148,92 @@ def test_truncated_depth_file(capsys, tmp_path, data):
         f.write(content[:200])
     code, err = run_main(capsys, *train_args(data, tmp_path))
     assert_one_error_line(code, err, "cannot read depth", path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is not a NumPy .npy file (empty)"),
+    (b"1.0 2.0\n3.0 4.0\n", "is not a NumPy .npy file (no .npy header)"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "is not a NumPy .npy file (no .npy header)"),
+    (pickle.dumps([[1.0, 2.0]]), "is not a NumPy .npy file"),
+    (b"PK\x03\x04" + b"\0" * 40, "is an .npz archive"),
+])
+def test_a_file_that_is_not_npy_is_said_so(capsys, tmp_path, data, content, expected):
+    path = os.path.join(data, "depth", "train", "1.npy")
+    with open(path, "wb") as f:
+        f.write(content)
+    code, err = run_main(capsys, *train_args(data, tmp_path))
+    line = assert_one_error_line(code, err, path, expected)
+    assert "allow_pickle" not in line
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_integer_npy_depth_is_read_as_a_16_bit_png_is(capsys, tmp_path, data, good_checkpoint, dtype):
+    """Millimetres as integers give the figures of the same depth in metres, not depths clipped at the maximum."""
+    def metrics():
+        out = tmp_path / "m.json"
+        code, err = run_main(capsys, "--eval", "--ckpt", good_checkpoint, "--data-dir", data, "--split", "val",
+                             "--workers", "0", "--no-report", "--metrics-out", out, "--device", "cpu", "--quiet")
+        assert code == 0, err
+        return json.loads(out.read_text())
+
+    paths = [os.path.join(data, "depth", "val", f"{i}.npy") for i in range(2)]
+    millimetres = [np.round(np.load(p) * 1000) for p in paths]
+    for p, mm in zip(paths, millimetres):
+        np.save(p, (mm / 1000).astype(np.float32))  # metres that millimetres hold exactly
+    in_metres = metrics()
+    for p, mm in zip(paths, millimetres):
+        np.save(p, mm.astype(dtype))
+    in_millimetres = metrics()
+    assert in_millimetres["rmse"] == pytest.approx(in_metres["rmse"], rel=1e-6)
+    assert in_millimetres["abs_rel"] == pytest.approx(in_metres["abs_rel"], rel=1e-6)
+
+
+def test_a_folder_and_a_symbolic_link_loop_are_named_as_such(capsys, tmp_path, data):
+    os.makedirs(os.path.join(data, "rgb", "train", "9.jpeg"))
+    write_pair(str(tmp_path / "spare"), "train", "9")
+    os.replace(str(tmp_path / "spare" / "depth" / "train" / "9.npy"), os.path.join(data, "depth", "train", "9.npy"))
+    code, err = run_main(capsys, *train_args(data, tmp_path))
+    assert_one_error_line(code, err, os.path.join(data, "rgb", "train", "9.jpeg"), "it is a folder, not a file")
+
+    os.rmdir(os.path.join(data, "rgb", "train", "9.jpeg"))
+    write_pair(str(tmp_path / "spare"), "train", "9")
+    os.replace(str(tmp_path / "spare" / "rgb" / "train" / "9.jpeg"), os.path.join(data, "rgb", "train", "9.jpeg"))
+    loop = os.path.join(data, "depth", "train", "9.npy")
+    os.remove(loop)
+    os.symlink(loop, loop)
+    code, err = run_main(capsys, *train_args(data, tmp_path))
+    assert_one_error_line(code, err, loop, "symbolic link that leads back to itself")
+    assert not (tmp_path / "run").exists()  # a run that fails before its first step leaves no folder
+
+
+def damage_cache(folder, damage):
+    """One of the ways a cache folder can hold what the cache did not write."""
+    if damage == "a list as meta.json":
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump([1, 2, 3], f)
+    elif damage == "an object array":
+        np.save(os.path.join(folder, "rgb.npy"), np.array([np.zeros(2), "x"], dtype=object), allow_pickle=True)
+    else:  # half the samples
+        for name in ("rgb.npy", "depth.npy"):
+            array = np.load(os.path.join(folder, name))
+            np.save(os.path.join(folder, name), array[: len(array) // 2])
+
+
+@pytest.mark.parametrize("damage", ["a list as meta.json", "an object array", "half the samples"])
+def test_a_malformed_cache_is_a_warning_then_rebuilt(capsys, tmp_path, data, damage):
+    assert run_main(capsys, *train_args(data, tmp_path))[0] == 0
+    (folder,) = [os.path.join(data, ".cache", n) for n in os.listdir(os.path.join(data, ".cache"))]
+    damage_cache(folder, damage)
+    with pytest.warns(UserWarning, match="is not usable .*; rebuilding it"):
+        code, err = run_main(capsys, *train_args(data, tmp_path / "again"))
+    assert code == 0 and "Traceback" not in err, err
+    assert np.load(os.path.join(folder, "rgb.npy"), mmap_mode="r").shape[0] == 4  # rebuilt whole
+
+
+def test_max_pixels_applies_with_a_cache(capsys, tmp_path, data):
+    assert run_main(capsys, *train_args(data, tmp_path))[0] == 0
+    code, err = run_main(capsys, *train_args(data, tmp_path / "again", "--max-pixels", "100"))
+    assert_one_error_line(code, err, "more than the 100 pixels allowed", "--max-pixels")
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
@@ -234,6 +321,11 @@ def test_error_raised_inside_a_worker_prints_only_our_message(data):
     (["--lr", "0.01", "--max-lr", "0.005"], "--max-lr (0.005) must be at least --lr (0.01)"),
     (["--batch-size", "two"], "argument --batch-size/--batch_size: invalid int value: 'two'"),
     (["--eval"], "--eval needs --ckpt"),
+    (["--max-depth", "inf"], "--max-depth must be a finite number, got inf"),
+    (["--depth-scale", "inf"], "--depth-scale must be a finite number, got inf"),
+    (["--min-depth", "-1"], "--min-depth must be at least 0, got -1"),
+    (["--min-depth", "30"], "--min-depth (30.0) must be below --max-depth (20.0)"),
+    (["--eval", "--ckpt", "a.pt", "./a.pt"], "--ckpt names ./a.pt more than once"),
     (["--is_train", "false"], "--eval needs --ckpt"),
 ])
 def test_out_of_range_options(capsys, args, needle):
@@ -289,6 +381,47 @@ def test_truncated_checkpoint(capsys, tmp_path, data, good_checkpoint, keep):
     path.write_bytes(content[: int(len(content) * keep) if isinstance(keep, float) else keep])
     code, err = run_main(capsys, "--eval", "--ckpt", path, "--data-dir", data, "--workers", "0")
     assert_one_error_line(code, err, str(path), "truncated or corrupt")
+
+
+def test_truncated_checkpoint_message_is_whole_sentences(capsys, tmp_path, data, good_checkpoint):
+    content = good_checkpoint.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(content[: len(content) // 2])
+    code, err = run_main(capsys, "--eval", "--ckpt", path, "--data-dir", data, "--workers", "0")
+    line = assert_one_error_line(code, err, str(path), "truncated or corrupt")
+    assert line.endswith("use another file (a run keeps both last.pt and best.pt)")
+    assert "(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory)" in line
+
+
+def test_eval_min_depth_beyond_the_checkpoints_range_is_an_option_problem(capsys, tmp_path, data, good_checkpoint):
+    # The checkpoint was trained to 20 m, the default: --min-depth 25 passes the option checks alone.
+    code, err = run_main(capsys, "--eval", "--ckpt", good_checkpoint, "--data-dir", data, "--workers", "0",
+                         "--min-depth", "25", "--device", "cpu", "--no-report")
+    line = assert_one_error_line(code, err, "--min-depth 25 must be below the maximum depth", str(good_checkpoint))
+    assert "depth file" not in line
+
+
+def test_eval_reports_into_a_read_only_folder_fail_before_the_evaluation(capsys, tmp_path, data, good_checkpoint,
+                                                                        monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    import evaluate
+
+    def never(*args, **kwargs):
+        pytest.fail("the evaluation ran before the unwritable --out was found")
+
+    monkeypatch.setattr(evaluate, "evaluate", never)
+    code, err = run_main(capsys, "--eval", "--ckpt", good_checkpoint, "--data-dir", data, "--workers", "0",
+                         "--out", blocker / "reports", "--device", "cpu")
+    assert_one_error_line(code, err, str(blocker / "reports"), "--out")
+
+
+def test_one_checkpoint_twice_is_refused_on_the_page(capsys):
+    from main import parse_app_options
+
+    with pytest.raises(SystemExit):
+        parse_app_options(["--ckpt", "a.pt", "a.pt"])
+    assert_one_error_line(2, capsys.readouterr().err, "--ckpt names a.pt more than once")
 
 
 def test_text_file_as_checkpoint(capsys, tmp_path, data):

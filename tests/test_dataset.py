@@ -1,6 +1,8 @@
 """dataset.py against docs/design.md §5: pairing, order, formats, preprocessing and every data error."""
 import glob
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from dataset import (
     random_crops,
     read_depth,
     read_rgb,
+    to_device_in_chunks,
 )
 from utils import UserError
 
@@ -187,10 +190,10 @@ def test_unreadable_depth_is_named(root):
     path = write_depth(root, "train", "0", np.ones(SIZE, np.float32))
     with open(path, "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(DataError, match=r"cannot read depth .*0\.npy"):
+    with pytest.raises(DataError, match=r"depth .*0\.npy is not a NumPy \.npy file"):
         read_depth(path)
     np.save(path, np.array([{"a": 1}], dtype=object))  # pickled objects are refused, not run
-    with pytest.raises(DataError, match=r"cannot read depth .*0\.npy"):
+    with pytest.raises(DataError, match=r"depth .*0\.npy holds Python objects"):
         read_depth(path)
 
 
@@ -202,10 +205,10 @@ def test_wrong_shape_depth_is_named(root, shape):
 
 
 def test_depth_with_trailing_channel_and_other_dtypes_are_accepted(root):
-    for dtype in (np.float64, np.float16, np.uint16):
+    for dtype, metres in ((np.float64, 3), (np.float16, 3), (np.uint16, np.float32(3) / np.float32(1000))):
         path = write_depth(root, "train", "0", np.full(SIZE + (1,), 3, dtype))
-        depth = read_depth(path)
-        assert depth.shape == SIZE and depth.dtype == np.float32 and (depth == 3).all()
+        depth = read_depth(path)  # integers are value / --depth-scale, as a 16-bit PNG
+        assert depth.shape == SIZE and depth.dtype == np.float32 and (depth == metres).all()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -458,7 +461,7 @@ def data(tmp_path):
 
 
 def cache_files(directory):
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "train-224x224-*.pt")))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "train-224x224-*")))
 
 
 def forbid_building(monkeypatch):
@@ -506,7 +509,7 @@ def test_unwritable_data_folder_falls_back_to_the_user_cache(data, tmp_path, mon
     open(os.path.join(data, ".cache"), "w").close()  # a file where the cache folder would go
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
     built = SplitCache.open(DepthEstimationUnreal(data, "train"))
-    assert len(glob.glob(str(tmp_path / "user" / "depthnet" / "*" / "train-224x224-*.pt"))) == 1
+    assert len(glob.glob(str(tmp_path / "user" / "depthnet" / "*" / "train-224x224-*" / "rgb.npy"))) == 1
     forbid_building(monkeypatch)
     loaded = SplitCache.open(DepthEstimationUnreal(data, "train"))
     assert torch.equal(loaded.rgb, built.rgb) and torch.equal(loaded.depth, built.depth)
@@ -525,3 +528,105 @@ def test_cache_and_folder_loader_give_the_same_batches(data):
         assert rgb_c.shape == rgb_f.shape and depth_c.shape == depth_f.shape
         assert (rgb_c - rgb_f).abs().max() <= 0.5 / 255 + 1e-6
         assert ((depth_c - depth_f).abs() <= depth_f * 2**-11 + 1e-7).all()
+
+
+def cache_folder(data):
+    (folder,) = glob.glob(os.path.join(data, ".cache", "train-224x224-*"))
+    return folder
+
+
+def object_array(path):
+    np.save(path, np.array([np.zeros(3), "text"], dtype=object), allow_pickle=True)
+
+
+def half_the_samples(folder):
+    for name in ("rgb.npy", "depth.npy"):
+        array = np.load(os.path.join(folder, name))
+        np.save(os.path.join(folder, name), array[: len(array) // 2])
+
+
+def another_size(folder):
+    np.save(os.path.join(folder, "rgb.npy"), np.zeros((6, 3, 112, 112), np.uint8))
+    np.save(os.path.join(folder, "depth.npy"), np.ones((6, 1, 112, 112), np.float16))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    json.dump({**meta, "height": 112, "width": 112}, open(os.path.join(folder, "meta.json"), "w"))
+
+
+def truncated(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+CACHE_DAMAGE = {
+    "an object array in rgb.npy": lambda folder: object_array(os.path.join(folder, "rgb.npy")),
+    "a list as meta.json": lambda folder: json.dump([1, 2], open(os.path.join(folder, "meta.json"), "w")),
+    "half the samples": half_the_samples,
+    "another spatial size": another_size,
+    "float32 depth": lambda folder: np.save(os.path.join(folder, "depth.npy"),
+                                            np.load(os.path.join(folder, "depth.npy")).astype(np.float32)),
+    "a truncated rgb.npy": lambda folder: truncated(os.path.join(folder, "rgb.npy")),
+    "a pickle as depth.npy": lambda folder: torch.save({"depth": torch.zeros(2)}, os.path.join(folder, "depth.npy")),
+    "meta.json missing": lambda folder: os.remove(os.path.join(folder, "meta.json")),
+    "a string as mean_depth": lambda folder: json.dump(
+        {**json.load(open(os.path.join(folder, "meta.json"))), "mean_depth": "5"},
+        open(os.path.join(folder, "meta.json"), "w")),
+    "a file, not a folder": lambda folder: (shutil.rmtree(folder), open(folder, "w").close()),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_a_cache_not_as_written_is_named_removed_and_rebuilt(data, damage):
+    built = SplitCache.open(DepthEstimationUnreal(data, "train", check=False))
+    rgb, depth = built.rgb.clone(), built.depth.clone()
+    del built
+    folder = cache_folder(data)
+    CACHE_DAMAGE[damage](folder)
+    with pytest.warns(UserWarning, match=r"data cache .* is not usable \(.+\); rebuilding it"):
+        cache = SplitCache.open(DepthEstimationUnreal(data, "train", check=False))
+    assert torch.equal(cache.rgb, rgb) and torch.equal(cache.depth, depth)
+    assert cache_folder(data) == folder and os.path.isfile(os.path.join(folder, "meta.json"))
+
+
+def test_cache_is_written_to_disk_and_read_through_memory_maps(data):
+    cache = SplitCache.open(DepthEstimationUnreal(data, "train"))
+    folder = cache_folder(data)
+    assert sorted(os.listdir(folder)) == ["depth.npy", "meta.json", "rgb.npy"]
+    assert not glob.glob(os.path.join(data, ".cache", ".*"))  # no partial build left behind
+    on_disk = np.load(os.path.join(folder, "rgb.npy"), mmap_mode="r")
+    assert np.array_equal(on_disk, cache.rgb.numpy())
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["count"] == 6 and (meta["height"], meta["width"]) == (224, 224)
+    assert meta["mean_depth"] == cache.mean_depth and meta["has_holes"] is False
+
+
+def test_the_pixel_budget_is_part_of_the_cache_key(data):
+    SplitCache.open(DepthEstimationUnreal(data, "train", check=False))
+    with pytest.raises(DataError, match="more than the 100 pixels allowed"):
+        SplitCache.open(DepthEstimationUnreal(data, "train", check=False, max_pixels=100))
+
+
+def test_a_cache_that_does_not_fit_on_disk_is_said_and_the_files_are_read(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    monkeypatch.setattr("dataset.CACHE_DISK_MARGIN", 1 << 60)
+    with pytest.warns(UserWarning, match=r"no decoded cache .* GB on disk .* reads the files instead"):
+        assert SplitCache.open(DepthEstimationUnreal(data, "train", check=False)) is None
+    assert not glob.glob(os.path.join(data, ".cache", "*"))
+
+
+def test_a_cache_is_copied_to_a_device_a_chunk_at_a_time(data, monkeypatch):
+    cache = SplitCache.open(DepthEstimationUnreal(data, "train", check=False))
+    monkeypatch.setattr("dataset.GPU_COPY_CHUNK", 4)  # 6 samples: a whole chunk, then a part
+    copied = to_device_in_chunks(cache.depth, CPU)
+    assert torch.equal(copied, cache.depth) and copied.data_ptr() != cache.depth.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_integer_npy_depth_is_value_over_depth_scale_as_a_png(tmp_path, dtype):
+    millimetres = np.array([[0, 1, 999], [1500, 20000, 65535]])
+    np.save(tmp_path / "d.npy", millimetres.astype(dtype))
+    Image.fromarray(millimetres.astype(np.uint16)).save(tmp_path / "d.png")
+    from_npy = read_depth(str(tmp_path / "d.npy"), depth_scale=1000.0)
+    assert from_npy.dtype == np.float32
+    assert np.array_equal(from_npy, read_depth(str(tmp_path / "d.png"), depth_scale=1000.0))
+    assert np.array_equal(read_depth(str(tmp_path / "d.npy"), depth_scale=256.0),
+                          millimetres.astype(np.float32) / np.float32(256.0))
