@@ -417,10 +417,10 @@ def test_eval_reports_into_a_read_only_folder_fail_before_the_evaluation(capsys,
 
 
 def test_one_checkpoint_twice_is_refused_on_the_page(capsys):
-    from main import parse_app_options
+    from app import parse_options
 
     with pytest.raises(SystemExit):
-        parse_app_options(["--ckpt", "a.pt", "a.pt"])
+        parse_options(["--ckpt", "a.pt", "a.pt"])
     assert_one_error_line(2, capsys.readouterr().err, "--ckpt names a.pt more than once")
 
 

@@ -435,8 +435,8 @@ def test_pngs_keep_the_budget_on_every_surface(name, phone_files, checkpoint, tm
     code, streams = run(capsys, "--predict", phone_files / name, "--ckpt", checkpoint, "--out", tmp_path / "out",
                         "--device", "cpu", "--quiet", "--max-pixels", budget)
     assert code == 1 and one_line(streams.err) and "--max-pixels" in streams.err, streams.err
-    page = app.DepthPage(main.parse_app_options(["--ckpt", str(checkpoint), "--device", "cpu",
-                                                 "--max-pixels", str(budget)]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(checkpoint), "--device", "cpu",
+                                            "--max-pixels", str(budget)]))
     try:
         picture, text, *_ = page.on_photo(str(phone_files / name), 90.0)
         assert picture is None and "more than the" in text
