@@ -13,7 +13,9 @@ Reading one runs no code: JSON and safetensors only. read_pretrained returns the
 loads a folder the same way. A Hub id (OWNER/NAME) is fetched into huggingface_hub's cache first; only
 config.json and model.safetensors are fetched.
 """
+import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -79,13 +81,26 @@ def resolve(name_or_path, revision=None, cache_dir=None, token=None, local_files
         raise CheckpointError(f"{name}: no such model folder (nor a Hugging Face Hub id OWNER/NAME)")
     hf_hub_download = require_hub().hf_hub_download
     try:
-        paths = [hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token,
-                                 local_files_only=local_files_only, force_download=force_download)
-                 for filename in (CONFIG_FILE, WEIGHTS_FILE)]
+        with hub_warnings_muted():  # its retries' warnings; the failure is told in one line below
+            paths = [hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=local_files_only, force_download=force_download)
+                     for filename in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as err:  # offline, no such repository, no such file, refused, ...
         raise CheckpointError(f"{name}: no such checkpoint or model folder here, and the Hugging Face Hub did not "
                               f"give a model of that id ({type(err).__name__}: {first_line(err)})") from None
     return os.path.dirname(paths[0])
+
+
+@contextlib.contextmanager
+def hub_warnings_muted():
+    """huggingface_hub's logger shows only errors for a while."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def require_hub():
@@ -180,11 +195,13 @@ def check_tensors(state, expected, path):
                 if k in state and tuple(state[k].shape) != expected[k][0]]
     retyped = [f"{k} {state[k].dtype} (expected {expected[k][1]})" for k in expected
                if k in state and tuple(state[k].shape) == expected[k][0] and state[k].dtype != expected[k][1]]
-    for problem, names in (("lacks", missing), ("has unexpected", extra), ("has other shapes for", reshaped),
-                           ("has other dtypes for", retyped)):
+    for names, problem in ((missing, "lacks {} tensor(s) of the network its config.json describes"),
+                           (extra, "holds {} tensor(s) that the network its config.json describes has not"),
+                           (reshaped, "holds {} tensor(s) of another shape than the network its config.json describes"),
+                           (retyped, "holds {} tensor(s) of another dtype than the network its config.json describes")):
         if names:
-            raise CheckpointError(f"{path} {problem} {len(names)} tensor(s) of its config's network (e.g. "
-                                  f"{', '.join(names[:3])}): export the folder again from the checkpoint")
+            raise CheckpointError(f"{path} {problem.format(len(names))} (e.g. {', '.join(names[:3])}): export the "
+                                  "folder again from the checkpoint")
 
 
 def folder_config(args, size, depth):
