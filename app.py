@@ -10,7 +10,8 @@ made by synthetic.py, and the page shows:
   - downloads: NAME.npy (metres), NAME_mm.png (16-bit millimetres) and NAME.ply, the very
     files --predict writes for the same photo.
 The model is loaded once, at start-up, with the weights_only loading of every checkpoint
-here; requests go through one queue that runs one at a time, as the model has one device.
+here (a model folder: JSON and safetensors); requests go through one queue that runs one at a
+time, as the model has one device.
 A file that is not a readable image gets a message in the page, and the server goes on.
 """
 import os

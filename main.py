@@ -224,8 +224,8 @@ def build_parser():
 # The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
 # build_parser), with the page's own words for each.
 APP_HELP = {
-    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt); several: "
-            "their depth averaged",
+    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt), a model "
+            "folder (--export pretrained) or a Hugging Face Hub id OWNER/NAME; several: their depth averaged",
     "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
     "device": "where the model runs; auto: CUDA when there is one",
     "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",

@@ -244,22 +244,24 @@ class DepthNet(nn.Module):
         ckpt = read_pretrained(name_or_path, **hub_options)
         model = build_trained(ckpt["model_args"], ckpt["model"], name_or_path).to(map_location).eval()
         model.input_size, model.depth_conventions = ckpt["input_size"], ckpt["depth"]
+        model.model_card = ckpt["card"]  # saved again by save_pretrained and push_to_hub
         return model
 
     def save_pretrained(self, save_directory, *, input_size=None, depth_conventions=None, push_to_hub=False,
                         repo_id=None, **push_options):
         """Write the network as a model folder that from_pretrained, --ckpt and torch.hub load: config.json,
         model.safetensors and a README.md model card. input_size, depth_conventions: what it was trained with
-        (default: what from_pretrained read, else the paper's 224 and 0-20 m). push_to_hub: then upload the folder
-        to repo_id (default: the folder's name); returns the commit's URL, else None."""
+        (default: what from_pretrained read, else the paper's 224 and 0-20 m); the model card is the one
+        from_pretrained read, else one that says no training is recorded. push_to_hub: then upload the folder to
+        repo_id (default: the folder's name); returns the commit's URL, else None."""
         from modelcard import model_card
         from pretrained import write_pretrained
 
         size = input_size or getattr(self, "input_size", DEFAULT_INPUT_SIZE)
         depth = {**DEFAULT_DEPTH, **getattr(self, "depth_conventions", {}), **(depth_conventions or {})}
         state = self.state_dict()
-        write_pretrained(save_directory, self.model_args, size, depth, state,
-                         model_card({}, save_directory, self.model_args, size, depth))
+        card = getattr(self, "model_card", None) or model_card({}, save_directory, self.model_args, size, depth)
+        write_pretrained(save_directory, self.model_args, size, depth, state, card)
         if push_to_hub:
             return self.push_to_hub(repo_id or os.path.basename(os.path.abspath(save_directory)), input_size=size,
                                     depth_conventions=depth, **push_options)

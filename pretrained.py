@@ -54,7 +54,7 @@ def open_trained(path, map_location="cpu"):
 
 
 def read_pretrained(name_or_path, **hub_options):
-    """{model_args, input_size, depth, model} of a model folder or Hub id, checked: the one-line CheckpointError
+    """{model_args, input_size, depth, model, card} of a model folder or Hub id, checked: the one-line CheckpointError
     of the first thing wrong (a file missing, a config of another architecture, a truncated file, a tensor
     missing, extra or of another shape)."""
     folder = resolve(name_or_path, **hub_options)
@@ -68,7 +68,16 @@ def read_pretrained(name_or_path, **hub_options):
     state = read_weights(weights_path)
     check_tensors(state, expected_tensors(config["model_args"]), weights_path)
     return {"model_args": config["model_args"], "input_size": config["input_size"], "depth": config["depth"],
-            "model": state}
+            "model": state, "card": read_card(folder)}
+
+
+def read_card(folder):
+    """The model card's text, or None where the folder has none (a Hub model fetched without it)."""
+    path = os.path.join(folder, CARD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def resolve(name_or_path, revision=None, cache_dir=None, token=None, local_files_only=False, force_download=False):
@@ -291,6 +300,6 @@ def export_pretrained(ckpt_path, out_dir, size=None, depth=None):
     ckpt = load_checkpoint(ckpt_path, mmap=True) if not is_published(ckpt_path) else read_pretrained(ckpt_path)
     args, size = model_args(ckpt), size or input_size(ckpt)
     depth = {**trained_depth(ckpt), **(depth or {})}
-    card = model_card(ckpt, ckpt_path, args, size, depth)
+    card = ckpt.get("card") or model_card(ckpt, ckpt_path, args, size, depth)  # a folder's card stays its own
     write_pretrained(out_dir, args, size, depth, network_state(ckpt), card)
     return ckpt
