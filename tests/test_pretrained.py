@@ -171,6 +171,34 @@ def test_a_folder_joins_an_ensemble_and_is_evaluated(folder, ema_checkpoint, ima
     assert refused.value.code == 2 and "writes its reports to --out" in capsys.readouterr().err
 
 
+def test_video_and_the_web_page_take_the_folder(folder, ema_checkpoint, image, tmp_path):
+    imageio = pytest.importorskip("imageio.v2")
+    pytest.importorskip("imageio_ffmpeg")
+    clip = tmp_path / "clip.mp4"
+    with imageio.get_writer(str(clip), format="FFMPEG", fps=4, codec="libx264", macro_block_size=1,
+                            ffmpeg_log_level="error") as writer:
+        for seed in range(3):
+            writer.append_data(make_pair(np.random.default_rng(seed), (48, 64))[0])
+    for name, ckpt in (("folder", folder), ("checkpoint", ema_checkpoint)):
+        assert main(["--predict", str(clip), "--ckpt", str(ckpt), "--out", str(tmp_path / name), "--npy", "--device",
+                     "cpu", "--quiet"]) == 0
+    stacks = [np.load(tmp_path / name / "clip_depth.npy") for name in ("folder", "checkpoint")]
+    assert stacks[0].shape == (3, 48, 64)
+    np.testing.assert_array_equal(stacks[0], stacks[1])
+
+    import app
+    from main import parse_app_options
+
+    page = app.DepthPage(parse_app_options(["--ckpt", str(folder), "--device", "cpu"]))
+    try:
+        shown = page.predict(np.array(Image.open(image).convert("RGB")))
+    finally:
+        page.close()
+    assert main(["--predict", str(image), "--ckpt", str(folder), "--out", str(tmp_path / "image"), "--device", "cpu",
+                 "--quiet"]) == 0
+    np.testing.assert_array_equal(shown, np.load(tmp_path / "image" / "scene.npy"))
+
+
 def test_a_hub_id_loads_from_huggingface_hubs_cache_offline(folder, tmp_path, offline):
     """The Hub's cache layout: models--OWNER--NAME/refs/main names a snapshot holding the files."""
     repo = tmp_path / "hub" / "models--someone--depth"
