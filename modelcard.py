@@ -8,11 +8,9 @@ from dataset import input_hw
 from evaluate import METRIC_KEYS
 from model import encoder_spec
 
-# Options about one invocation or this machine, which say nothing about how the model was trained.
-NOT_TRAINING = {"data_dir", "run_dir", "resume", "ckpt", "eval", "is_train", "demo", "split", "metrics_out", "quiet",
-                "device", "workers", "predict", "export", "out", "cmap", "png16", "ply", "flip", "fov", "npy",
-                "report", "report_images", "compile", "cuda_graphs", "tensorboard", "vis_every", "log_every",
-                "eval_every", "demo_train", "demo_val", "demo_test", "cache", "channels_last", "max_pixels"}
+# Options of how the run went rather than of what it trained (besides main.NOT_INHERITED, about the invocation).
+NOT_TRAINING = {"data_dir", "run_dir", "tensorboard", "vis_every", "log_every", "eval_every", "demo_train", "demo_val",
+                "demo_test", "cache", "channels_last", "max_pixels"}
 CHALLENGE = tuple(k for k in METRIC_KEYS if k.startswith("challenge_"))
 STANDARD = tuple(k for k in METRIC_KEYS if k not in CHALLENGE and k != "n_images")
 
@@ -68,14 +66,14 @@ def training(ckpt, config):
 
 def training_options(config):
     """The command-line options of the run that differ from main.py's defaults."""
-    from main import build_parser
+    from main import NOT_INHERITED, build_parser
 
     parser = build_parser()
     defaults = vars(parser.parse_args([]))
     flags = {a.dest: a for a in parser._actions}
     words = []
     for key in sorted(config):
-        if key in NOT_TRAINING or key not in defaults or config[key] == defaults[key]:
+        if key in NOT_TRAINING | NOT_INHERITED or key not in defaults or config[key] == defaults[key]:
             continue
         words.append(option_words(flags[key], config[key]))
     return " ".join(words) or "(the defaults)"
@@ -88,6 +86,8 @@ def option_words(action, value):
         return name if value else f"--no-{name[2:]}"
     if isinstance(value, (list, tuple)):
         return f"{name} {' '.join(map(str, value))}"
+    if isinstance(value, str) and os.sep in value:  # a file of the training machine (--weights PATH): its name only
+        return f"{name} {os.path.basename(value)}"
     return f"{name} {value}"
 
 

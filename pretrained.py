@@ -38,9 +38,11 @@ DEPTH_KEYS = ("min_depth", "max_depth", "depth_scale")
 
 
 def is_hub_id(name):
-    """True if `name` is no local path and reads as OWNER/NAME, a Hugging Face Hub repository."""
+    """True if `name` reads as OWNER/NAME, a Hugging Face Hub repository, and not as a local path: nothing of that
+    name exists here, not even a folder OWNER (runs/NAME mistyped is a path), and it names no checkpoint file."""
     name = os.fspath(name)
-    return not os.path.exists(name) and bool(HUB_ID.match(name)) and not name.lower().endswith(FILE_SUFFIXES)
+    return (bool(HUB_ID.match(name)) and not name.lower().endswith(FILE_SUFFIXES) and not os.path.exists(name)
+            and not os.path.isdir(name.split("/")[0]))
 
 
 def is_published(path):
@@ -60,8 +62,11 @@ def read_pretrained(name_or_path, **hub_options):
     folder = resolve(name_or_path, **hub_options)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
+        runs = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(folder, n))]
+        hint = (f"; for the training run's checkpoint give {os.path.join(folder, runs[0])}" if runs else "")
         raise CheckpointError(f"model folder {name_or_path} has no {' and no '.join(missing)}: a folder written by "
-                              "`python main.py --export pretrained` holds config.json, model.safetensors and README.md")
+                              "`python main.py --export pretrained` holds config.json, model.safetensors and README.md"
+                              + hint)
     config_path = os.path.join(folder, CONFIG_FILE)
     config = checked_config(read_json(config_path), config_path)
     weights_path = os.path.join(folder, WEIGHTS_FILE)

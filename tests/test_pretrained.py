@@ -225,6 +225,14 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path, monkeypatch):
     (tmp_path / "owner" / "name").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert not is_hub_id("owner/name")  # a local folder comes first
+    assert not is_hub_id("owner/mistyped")  # a path into a local folder, not the Hub's owner of that name
+
+
+def test_a_training_runs_folder_is_pointed_to_its_checkpoint(ema_checkpoint, image, tmp_path, capsys):
+    run = os.path.dirname(ema_checkpoint)
+    assert main(["--predict", str(image), "--ckpt", run, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "has no config.json and no model.safetensors" in err and str(ema_checkpoint) in err
 
 
 def test_save_pretrained_round_trip_keeps_weights_and_input_size(tmp_path):
