@@ -315,7 +315,8 @@ def build_trained(args, state, source):
     with torch.device("meta"):
         model = DepthNet(weights=None, **args)
     load_weights(model, state, source, assign=True)
-    model.mean, model.std = channel_constant(IMAGENET_MEAN), channel_constant(IMAGENET_STD)  # not in the state
+    device = next(iter(state.values())).device  # map_location's: the normalisation goes where the weights are
+    model.mean, model.std = (channel_constant(v).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))  # not in state
     return model
 
 
