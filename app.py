@@ -10,7 +10,8 @@ made by synthetic.py, and the page shows:
   - downloads: NAME.npy (metres), NAME_mm.png (16-bit millimetres) and NAME.ply, the very
     files --predict writes for the same photo.
 The model is loaded once, at start-up, with the weights_only loading of every checkpoint
-here; requests go through one queue that runs one at a time, as the model has one device.
+here (a model folder: JSON and safetensors); requests go through one queue that runs one at a
+time, as the model has one device.
 A file that is not a readable image gets a message in the page, and the server goes on.
 """
 import argparse
@@ -47,8 +48,8 @@ CSS = """
 # The options app.py shares with --predict (their names, types, choices and defaults are defined once, in
 # build_parser), with the page's own words for each.
 APP_HELP = {
-    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt); several: "
-            "their depth averaged",
+    "ckpt": "required: the checkpoint written by training to serve on the page (e.g. runs/demo/best.pt), a model "
+            "folder (--export pretrained) or a Hugging Face Hub id OWNER/NAME; several: their depth averaged",
     "image_size": "network input, S or H W (multiples of 32); default: the size the checkpoint was trained at",
     "device": "where the model runs; auto: CUDA when there is one",
     "amp": "dtype the weights are cast to once; auto: bf16 where the hardware runs it, else fp32",

@@ -39,6 +39,7 @@ from inference import InferenceModel
 from losses import gaussian_blur_maps, gaussian_taps, rmse
 from main import parse_options
 from model import DepthNet
+from pretrained import export_pretrained
 from synthetic import generate_dataset
 from train import Trainer
 from utils import atomic_path, write_json_atomic
@@ -88,7 +89,8 @@ def build_parser():
                    help="only compare the SSIM implementations (forward + backward)")
     p.add_argument("--predict-cli", action="store_true",
                    help="only time `python main.py --predict` itself, as users run it, against the same command "
-                        "with --amp off --no-channels-last (fp32, contiguous)")
+                        "with --amp off --no-channels-last (fp32, contiguous), and one image with the checkpoint's "
+                        "model folder (--export pretrained) against `import torch, torchvision`")
     p.add_argument("--cli-images", type=int, default=32, help="--predict-cli: images in the folder predicted")
     p.add_argument("--cli-reps", type=int, default=3, help="--predict-cli: runs of each command (median)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -391,10 +393,13 @@ def bench_predict_cli(args, device):
         data_dir = os.path.join(tmp, "data")
         generate_dataset(data_dir, 2, args.cli_images, 0, workers=max(1, args.workers), progress=False)
         ckpt = save_untrained_checkpoint(data_dir, device, os.path.join(tmp, "run"))
+        model_folder = os.path.join(tmp, "model")
+        export_pretrained(ckpt, model_folder)
         folder = os.path.join(data_dir, "rgb", "val")
         targets = {"one_image": os.path.join(folder, sorted(os.listdir(folder))[0]), "folder": folder}
-        floors = {"import_torch": "import torch", "import_torchvision": "import torchvision"}
-        times = {k: [] for k in floors} | {f"{v}/{t}": [] for v in variants for t in targets}
+        floors = {"import_torch": "import torch", "import_torchvision": "import torchvision",
+                  "import_torch_torchvision": "import torch, torchvision"}
+        times = {k: [] for k in floors} | {f"{v}/{t}": [] for v in variants for t in targets} | {"model_folder": []}
         for rep in range(args.cli_reps):
             for k, code in floors.items():
                 times[k].append(run_timed([sys.executable, "-c", code]))
@@ -403,6 +408,10 @@ def bench_predict_cli(args, device):
                     out = os.path.join(tmp, f"out-{v}-{t}-{rep}")
                     times[f"{v}/{t}"].append(run_timed([sys.executable, main_py, "--predict", target, "--ckpt", ckpt,
                                                         "--out", out, "--device", device.type, "--quiet", *extra]))
+            # The model folder of the same weights (--export pretrained): no optimiser state to read past.
+            times["model_folder"].append(run_timed([sys.executable, main_py, "--predict", targets["one_image"],
+                                                    "--ckpt", model_folder, "--out", os.path.join(tmp, f"out-m-{rep}"),
+                                                    "--device", device.type, "--quiet"]))
         n = len(os.listdir(folder))
         result = {"images_in_folder": n, "reps": args.cli_reps, "checkpoint_bytes": os.path.getsize(ckpt),
                   "runs_s": times} | {f"{k}_s": statistics.median(times[k]) for k in floors}
@@ -412,6 +421,11 @@ def bench_predict_cli(args, device):
                          "options": " ".join(variants[v]) or "(defaults)"}
     for key in ("one_image_s", "folder_s", "per_extra_image_ms"):
         result[f"{key}_ratio"] = result["ours"][key] / result["baseline"][key]
+    # One image against the floor, per interleaved repetition (each pair ran moments apart), then the median.
+    floor = times["import_torch_torchvision"]
+    result["model_folder_one_image_s"] = statistics.median(times["model_folder"])
+    for name, runs in (("checkpoint", times["ours/one_image"]), ("model_folder", times["model_folder"])):
+        result[f"{name}_over_import_floor"] = statistics.median(t / f for t, f in zip(runs, floor))
     return result
 
 
@@ -426,6 +440,9 @@ def print_predict_cli(r):
         print(f"{label:30}{b:>12.4g}{o:>12.4g}{o / b:>16.3f}")
     print(f"python -c 'import torch' alone: {c['import_torch_s']:.2f} s, 'import torchvision' "
           f"{c['import_torchvision_s']:.2f} s; checkpoint {c['checkpoint_bytes'] / 1e6:.0f} MB")
+    print(f"one image over 'import torch, torchvision' ({c['import_torch_torchvision_s']:.2f} s), median of the "
+          f"runs' ratios: the checkpoint {c['checkpoint_over_import_floor']:.3f}, its model folder (--export "
+          f"pretrained, {c['model_folder_one_image_s']:.2f} s) {c['model_folder_over_import_floor']:.3f}")
 
 
 # ------------------------------------------------------------------ profile

@@ -1,4 +1,4 @@
-"""A trained model, in one place: `load` a checkpoint (or several) and run it on a batch or an image.
+"""A trained model, in one place: `load` a checkpoint, a model folder or a Hub id (or several) and run it.
 
 --eval, --predict (images and video), the web page and --export all get their model from
 `load`, so that they cannot drift apart. Everything about the network comes from the
@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import input_size, load_checkpoint, model_args, network_state, trained_conventions
+from checkpoint import input_size, model_args, network_state, trained_conventions
 from dataset import input_hw, to_model_input
 from hardware import autocast, select_amp_dtype, select_device
-from model import DepthNet, load_weights
+from model import build_trained
+from pretrained import open_trained
 from utils import UserError
 
 
@@ -37,10 +38,8 @@ def load(paths, device="auto", dtype=None, flip=False, size=None, conventions=No
     layout = torch.channels_last if channels_last else torch.contiguous_format
     nets, sizes, trained = [], [], []
     for path in paths:
-        ckpt = load_checkpoint(path)
-        net = DepthNet(weights=None, **model_args(ckpt))
-        load_weights(net, network_state(ckpt), path)
-        nets.append(net.to(device, memory_format=layout).eval())
+        ckpt = open_trained(path)  # a checkpoint file, a model folder or a Hub id
+        nets.append(build_trained(model_args(ckpt), network_state(ckpt), path).to(device, memory_format=layout).eval())
         sizes.append(size or input_size(ckpt))
         trained.append(trained_conventions(ckpt))
     check_members_agree(paths, sizes, trained)

@@ -60,9 +60,11 @@ def build_parser():
                              "writing NAME.npy (metres) and NAME.png (colourised) per image to --out; of a video file "
                              "(.mp4, .mov, ...), writing NAME_depth.mp4, RGB and depth side by side "
                              "(needs: pip install -r requirements-video.txt)")
-    one_of.add_argument("--export", default=None, choices=["torchscript", "onnx"],
-                        help="export --ckpt to --out for deployment, checked against the eager model "
-                             "(onnx needs: pip install onnx onnxscript onnxruntime)")
+    one_of.add_argument("--export", default=None, choices=["torchscript", "onnx", "pretrained"],
+                        help="export --ckpt to --out for deployment, checked against the eager model (onnx needs: pip "
+                             "install onnx onnxscript onnxruntime); pretrained: a model folder to share "
+                             "(config.json, model.safetensors, README.md), which --ckpt, DepthNet.from_pretrained "
+                             "and torch.hub load")
     mode.add_argument("--is_train", type=str2bool, default=None, metavar="BOOL",
                       help="course-template alias: '--is_train false' is --eval")
 
@@ -171,8 +173,9 @@ def build_parser():
     run.add_argument("--log-every", type=int, default=10, help="update the progress bar's loss/lr every N steps")
     run.add_argument("--resume", default=None, metavar="PATH", help="continue training from a checkpoint (last.pt)")
     run.add_argument("--ckpt", "--ckpt_file", default=None, metavar="PATH", nargs="+",
-                     help="checkpoint to evaluate, predict with or export; several (--eval, --predict): an ensemble, "
-                          "their depth maps averaged")
+                     help="checkpoint to evaluate, predict with or export: a file written by training, a model "
+                          "folder (--export pretrained) or a Hugging Face Hub id OWNER/NAME; several (--eval, "
+                          "--predict): an ensemble, their depth maps averaged")
     run.add_argument("--metrics-out", default=None, metavar="PATH",
                      help="with --eval: also write the metrics as one JSON object")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -213,8 +216,9 @@ def build_parser():
     use = p.add_argument_group("using a trained model (--predict, --export, reports of --eval)")
     use.add_argument("--out", default=None, metavar="PATH",
                      help="--predict: output folder (default: out); --export: output file (default: the checkpoint's "
-                          "path with .torchscript.pt or .onnx); --eval: folder for the reports (default: the "
-                          "checkpoint's folder)")
+                          "path with .torchscript.pt or .onnx), or folder for pretrained (default: the checkpoint's "
+                          "path with _pretrained); --eval: folder for the reports (default: the checkpoint's "
+                          "folder; a model folder's or Hub id's reports need --out)")
     use.add_argument("--cmap", default="magma", help="matplotlib colormap of the depth PNGs and of the report grid")
     use.add_argument("--png16", action="store_true",
                      help="--predict: also write NAME_mm.png, the depth as a 16-bit PNG in millimetres")
@@ -331,7 +335,8 @@ def check_options(parser, opts):
         parser.error("choose one of --eval (or --is_train false), --predict and --export")
     for flag, value in (("--eval", opts.eval), ("--predict", opts.predict), ("--export", opts.export)):
         if value and not opts.ckpt:
-            parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt)")
+            parser.error(f"{flag} needs --ckpt PATH (a checkpoint written by training, e.g. runs/NAME/best.pt, or a "
+                         "model folder)")
     repeated = repeated_paths(opts.ckpt or [])
     if repeated:
         parser.error(f"--ckpt names {repeated} more than once: an ensemble averages different checkpoints")
@@ -341,6 +346,9 @@ def check_options(parser, opts):
         if opts.eval and opts.report and not opts.out:
             parser.error("--eval of several --ckpt writes its reports to --out DIR (or add --no-report): "
                          "no one run's folder is theirs")
+    if opts.eval and opts.report and not opts.out and opts.ckpt and published(opts.ckpt[0]):
+        parser.error(f"--eval of {opts.ckpt[0]}, a model folder or Hub id, writes its reports to --out DIR (or add "
+                     "--no-report): it is no training run's folder")
     check_model_options(parser, opts, cmap=bool(opts.eval or opts.predict))
     if opts.cuda_graphs and opts.compile:
         parser.error("choose one of --cuda-graphs and --compile (each removes the launch overhead its own way)")
@@ -385,6 +393,8 @@ def without_val(opts, explicit):
 
     return split_exists(opts.data_dir, "train", opts.train_list) and not split_exists(opts.data_dir, "val",
                                                                                       opts.val_list)
+
+
 def repeated_paths(paths):
     """The first path of `paths` that names the same file as an earlier one (by resolved path), else None."""
     seen = set()
@@ -394,6 +404,13 @@ def repeated_paths(paths):
             return path
         seen.add(real)
     return None
+
+
+def published(ckpt):
+    """True if --ckpt `ckpt` is a model folder or a Hub id, not a checkpoint file (pretrained.py knows)."""
+    from pretrained import is_published
+
+    return is_published(ckpt)
 
 
 def typed_options(argv):
@@ -588,6 +605,8 @@ def run_export(opts):
     from export import export_model
     from inference import load
 
+    if opts.export == "pretrained":
+        return run_export_pretrained(opts)
     trained = load(opts.ckpt, "cpu", size=opts.image_size)
     size = trained.size
     out = opts.out or os.path.splitext(opts.ckpt[0])[0] + (".onnx" if opts.export == "onnx" else ".torchscript.pt")
@@ -595,6 +614,17 @@ def run_export(opts):
     h, w = input_hw(size)
     print(f"{opts.export} model written to {out}: RGB in [0, 1] (B, 3, {h}, {w}) -> depth in metres (B, 1, {h}, {w}); "
           f"max |exported - eager| on random input: {diff:.2e}")
+
+
+def run_export_pretrained(opts):
+    from pretrained import export_pretrained
+
+    ckpt = opts.ckpt[0]
+    out = opts.out or os.path.splitext(os.path.normpath(ckpt))[0] + "_pretrained"
+    typed = {k: getattr(opts, k) for k in ("min_depth", "max_depth", "depth_scale") if getattr(opts, k) is not None}
+    export_pretrained(ckpt, out, size=opts.image_size, depth=typed)
+    print(f"model folder written to {out}: config.json, model.safetensors, README.md; load it with --ckpt {out}, "
+          f"DepthNet.from_pretrained({out!r}) or torch.hub")
 
 
 def run_train(opts):

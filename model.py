@@ -5,13 +5,15 @@ BatchNorm + ReLU only after the first four transposed convolutions; the 1 × 1
 convolutions, the fifth transposed convolution and the output convolution are plain.
 """
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from checkpoint import torch_load_safely, trained_network_state
+from checkpoint import DEFAULT_INPUT_SIZE, torch_load_safely, trained_network_state
+from conventions import PAPER
 from utils import CheckpointError, UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -211,8 +213,8 @@ class DepthNet(nn.Module):
         self.decoder = Decoder(spec.out_channels, spec.skip_channels if self.skips else (0, 0, 0, 0))
         # Plain attributes, not modules or buffers: the state dict of the default model stays the paper's.
         self.stem_children, self.skip_taps = spec.stem, spec.taps
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", channel_constant(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("std", channel_constant(IMAGENET_STD), persistent=False)
         # Not part of model_args: a trained stem changes how the network trains, not what it is.
         self.frozen_stem = not train_stem
         if self.frozen_stem:
@@ -224,6 +226,55 @@ class DepthNet(nn.Module):
         nn.init.constant_(self.decoder.output_conv.bias, float(init_depth))
         if pretrained is not None:  # fine-tuning: encoder and decoder both start from a trained run
             load_weights(self, pretrained, weights)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, map_location="cpu", **hub_options):
+        """A trained DepthNet in eval mode from a model folder (--export pretrained, save_pretrained) or a Hugging
+        Face Hub id OWNER/NAME; hub_options: huggingface_hub's revision, cache_dir, token, local_files_only,
+        force_download. Loading is strict and runs no code (JSON and safetensors only). The network's
+        input_size and depth_conventions are those recorded in its config.json."""
+        from pretrained import read_pretrained
+
+        ckpt = read_pretrained(name_or_path, **hub_options)
+        model = build_trained(ckpt["model_args"], ckpt["model"], name_or_path).to(map_location).eval()
+        model.input_size, model.depth_conventions = ckpt["input_size"], ckpt["depth"]
+        model.model_card = ckpt["card"]  # saved again by save_pretrained and push_to_hub
+        return model
+
+    def save_pretrained(self, save_directory, *, input_size=None, depth_conventions=None, push_to_hub=False,
+                        repo_id=None, **push_options):
+        """Write the network as a model folder that from_pretrained, --ckpt and torch.hub load: config.json,
+        model.safetensors and a README.md model card. input_size, depth_conventions: what it was trained with
+        (default: what from_pretrained read, else the paper's 224 and 0-20 m); the model card is the one
+        from_pretrained read, else one that says no training is recorded. push_to_hub: then upload the folder to
+        repo_id (default: the folder's name); returns the commit's URL, else None."""
+        from modelcard import model_card
+        from pretrained import write_pretrained
+
+        size = input_size or getattr(self, "input_size", DEFAULT_INPUT_SIZE)
+        depth = {**PAPER.as_dict(), **getattr(self, "depth_conventions", {}), **(depth_conventions or {})}
+        state = self.state_dict()
+        card = getattr(self, "model_card", None) or model_card({}, save_directory, self.model_args, size, depth)
+        write_pretrained(save_directory, self.model_args, size, depth, state, card)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or os.path.basename(os.path.abspath(save_directory)), input_size=size,
+                                    depth_conventions=depth, **push_options)
+        return None
+
+    def push_to_hub(self, repo_id, *, input_size=None, depth_conventions=None, private=None, token=None,
+                    commit_message="Upload DepthNet", branch=None, create_pr=None):
+        """Create (or reuse) the Hub model repository repo_id and upload the network's model folder to it in one
+        commit, as huggingface_hub's PyTorchModelHubMixin.push_to_hub does; returns the commit's URL."""
+        from pretrained import require_hub
+
+        hub = require_hub()
+        api = hub.HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "model")
+            self.save_pretrained(folder, input_size=input_size, depth_conventions=depth_conventions)
+            return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr)
 
     @property
     def stem(self):
@@ -247,8 +298,25 @@ class DepthNet(nn.Module):
         return self.decoder(x, [features.get(t) for t in self.skip_taps])
 
 
-def load_weights(model, state, source):
-    """load_state_dict that names the differing keys when a checkpoint is of another architecture."""
+def channel_constant(values):
+    """A (1, 3, 1, 1) tensor of per-channel values, to broadcast over (B, 3, H, W) images."""
+    return torch.tensor(values).view(1, 3, 1, 1)
+
+
+def build_trained(args, state, source):
+    """DepthNet(**args) holding the weights `state`, without drawing the random weights they replace: it is
+    built on the meta device and the loaded tensors are assigned to it (loading stays strict)."""
+    with torch.device("meta"):
+        model = DepthNet(weights=None, **args)
+    load_weights(model, state, source, assign=True)
+    device = next(iter(state.values())).device  # map_location's: the normalisation goes where the weights are
+    model.mean, model.std = (channel_constant(v).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))  # not in state
+    return model
+
+
+def load_weights(model, state, source, assign=False):
+    """load_state_dict that names the differing keys when a checkpoint is of another architecture.
+    assign: take the tensors of `state` as the model's own (a model built on the meta device)."""
     expected, given = set(model.state_dict()), set(state)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
@@ -256,7 +324,7 @@ def load_weights(model, state, source):
             f"{source} holds another architecture: {len(missing)} keys missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
     except RuntimeError as err:
         shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         raise CheckpointError(f"{source} holds another architecture: {'; '.join(shapes[:3]) or err}") from None

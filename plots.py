@@ -5,7 +5,6 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window: works on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
@@ -53,6 +52,14 @@ def colour_table(cmap):
     return np.concatenate([table, np.zeros((1, 3), np.uint8)]), levels
 
 
+def pyplot():
+    """matplotlib.pyplot, imported by the figures that need it: colorize_depth, all that --predict draws, needs
+    only a colour map, and pyplot would add about a quarter of a second to every --predict."""
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def to_numpy_image(t):
     """(3, H, W) or (1, H, W) tensor → HWC or HW numpy array."""
     t = t.detach().float().cpu()
@@ -64,7 +71,7 @@ def visualize_img(rgb, gt, pred, path, title=None, cmap="magma", min_depth=None)
     min_depth, the ground truth's unmeasured pixels in HOLE_COLOUR."""
     rgb, gt, pred = to_numpy_image(rgb), to_numpy_image(gt), to_numpy_image(pred)
     vmax = float(max(gt.max(), pred.max(), 1e-3))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 3, figsize=(12, 4.2), constrained_layout=True)
     axes[0].imshow(np.clip(rgb, 0, 1))
     axes[0].set_title("RGB")
     axes[1].imshow(with_holes(gt, min_depth), cmap=hole_cmap(cmap), vmin=0, vmax=vmax)
@@ -85,7 +92,7 @@ def save_figure(fig, path):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def plot_prediction_grid(samples, path, max_depth, cmap="magma", min_depth=None, error_cmap="viridis"):
@@ -103,7 +110,7 @@ def plot_prediction_grid(samples, path, max_depth, cmap="magma", min_depth=None,
               else np.ma.masked_where(gt <= min_depth, np.abs(pred - gt)) for _, _, gt, pred in samples]
     err_max = float(max(max(float(e.max()) if e.count() else 0.0 for e in map(np.ma.asarray, errors)), 1e-3))
     n = len(samples)
-    fig = plt.figure(figsize=(4 * panel_w + 0.5, n * (panel_h + 0.25) + 1.0), constrained_layout=True)
+    fig = pyplot().figure(figsize=(4 * panel_w + 0.5, n * (panel_h + 0.25) + 1.0), constrained_layout=True)
     # The colour bars get a row of their own, so every image row keeps the same layout.
     grid = fig.add_gridspec(n + 1, 4, height_ratios=[panel_h] * n + [0.12])
     for row, ((title, rgb, gt, pred), err) in enumerate(zip(samples, errors)):
@@ -179,7 +186,7 @@ def plot_training_curves(run_dir, path):
         ("learning rate", [(train, "lr", "train")] if train else [(val, "lr", "at evaluation")]),
     ]
     to_epoch, to_step = step_epoch_maps(train + val)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig, axes = pyplot().subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (label, lines) in zip(axes.flat, panels):
         for records, key, name in lines:
             steps, values = series(records, key)
@@ -219,7 +226,7 @@ def plot_ablation(results, path, reference, combined):
     the `reference` variant in grey, the `combined` one in orange."""
     names = list(results)
     colours = ["tab:gray" if n == reference else "tab:orange" if n == combined else "tab:blue" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 3), 4.2), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 3), 4.2), constrained_layout=True)
     for ax, key, title in ((axes[0], "rmse", "val RMSE (m), lower is better"),
                            (axes[1], "ssim", "val SSIM, higher is better")):
         values = [results[n][key] for n in names]

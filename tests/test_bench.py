@@ -55,6 +55,9 @@ def test_predict_cli_times_the_command_users_run(tmp_path):
             1e3 * (cli[name]["folder_s"] - cli[name]["one_image_s"]) / (cli["images_in_folder"] - 1))
     assert cli["folder_s_ratio"] == pytest.approx(cli["ours"]["folder_s"] / cli["baseline"]["folder_s"])
     assert len(cli["runs_s"]["import_torchvision"]) == 1 and cli["import_torchvision_s"] > 0
+    floor = cli["runs_s"]["import_torch_torchvision"][0]
+    assert cli["model_folder_over_import_floor"] == pytest.approx(cli["runs_s"]["model_folder"][0] / floor)
+    assert cli["checkpoint_over_import_floor"] == pytest.approx(cli["ours"]["one_image_s"] / floor)
 
 
 def test_a_failing_command_is_an_error_with_its_output():

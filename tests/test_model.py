@@ -294,18 +294,20 @@ def test_weights_file_holding_no_dict_is_user_error(tmp_path):
         DepthNet(weights=str(path))
 
 
-def test_importing_the_model_loads_no_plotting_library():
-    """Inference and export need no matplotlib: model.py (and what it imports) must not load it."""
+def test_importing_the_model_loads_no_plotting_library_pillow_or_data_layer():
+    """Building a network needs no matplotlib, no Pillow and no data code: model.py (and what it imports) loads
+    none of them, so that the network is a module of its own (torchvision, which loads Pillow, comes only when
+    a network is built)."""
     import subprocess
     import sys
 
     from conftest import REPO, SUBPROCESS_ENV
 
-    code = "import sys, model; print('matplotlib' in sys.modules)"
+    code = "import sys, model; print(*(m in sys.modules for m in ('matplotlib', 'PIL', 'dataset', 'torchvision')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.split() == ["False"] * 4
 
 
 @pytest.mark.parametrize("encoder", ["resnet34", "efficientnet_b0"])
