@@ -334,15 +334,6 @@ def test_out_of_range_options(capsys, args, needle):
     assert_one_error_line(code, err, needle)
 
 
-def test_unwritable_run_directory(capsys, tmp_path, data):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    args = train_args(data, tmp_path)
-    args[args.index("--run-dir") + 1] = blocker / "run"  # works as root too, unlike chmod
-    code, err = run_main(capsys, *args)
-    assert_one_error_line(code, err, "cannot write to run directory", str(blocker / "run"), "--run-dir")
-
-
 # ------------------------------------------------------------------------------ checkpoints
 def test_eval_with_missing_checkpoint(capsys, tmp_path, data):
     code, err = run_main(capsys, "--eval", "--ckpt", tmp_path / "none.pt", "--data-dir", data, "--workers", "0")

@@ -211,30 +211,6 @@ def test_depth_with_trailing_channel_and_other_dtypes_are_accepted(root):
         assert depth.shape == SIZE and depth.dtype == np.float32 and (depth == metres).all()
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_depth_is_rejected_and_named(root, bad):
-    write_pair(root, "val", "0", 1)
-    depth = np.ones(SIZE, np.float32)
-    depth[3, 4] = bad
-    write_depth(root, "val", "7", depth)
-    write_rgb(root, "val", "7", np.zeros(SIZE + (3,), np.uint8))
-    with pytest.raises(DataError, match=r"depth .*7\.npy contains NaN or inf"):
-        DepthEstimationUnreal(root, "val")
-    ds = DepthEstimationUnreal(root, "val", check=False)
-    ds[0]  # the good pair loads
-    with pytest.raises(DataError, match=r"depth .*7\.npy contains NaN or inf"):
-        ds[1]
-
-
-def test_rgb_and_depth_size_mismatch(root):
-    write_rgb(root, "train", "0", np.zeros((18, 32, 3), np.uint8))
-    write_depth(root, "train", "0", np.ones((18, 30), np.float32))
-    with pytest.raises(DataError, match=r"0\.png is 32×18 but .*0\.npy is 30×18"):
-        DepthEstimationUnreal(root, "train")
-    with pytest.raises(DataError, match=r"0\.png is 32×18 but .*0\.npy is 30×18"):
-        DepthEstimationUnreal(root, "train", check=False)[0]
-
-
 def test_the_first_bad_file_in_order_is_reported(root):
     for i in range(12):
         write_pair(root, "train", str(i), 1)
@@ -243,25 +219,6 @@ def test_the_first_bad_file_in_order_is_reported(root):
             f.write(b"broken")
     with pytest.raises(DataError, match=r"cannot read image .*[/\\]3\.png"):
         DepthEstimationUnreal(root, "train")
-
-
-def test_grayscale_and_rgba_are_converted(root):
-    grey = np.arange(18 * 32, dtype=np.uint8).reshape(SIZE)
-    write_rgb(root, "train", "0", grey, mode="L")
-    rgba = np.zeros(SIZE + (4,), np.uint8)
-    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 20, 30, 128
-    write_rgb(root, "train", "1", rgba, mode="RGBA")
-    for stem in ("0", "1"):
-        write_depth(root, "train", stem, np.ones(SIZE, np.float32))
-    ds = DepthEstimationUnreal(root, "train", size=32)
-    rgb0, _ = ds.load_raw(0)
-    assert rgb0.shape == SIZE + (3,) and rgb0.dtype == np.uint8
-    for c in range(3):
-        np.testing.assert_array_equal(rgb0[..., c], grey)
-    rgb1, _ = ds.load_raw(1)
-    assert rgb1.shape == SIZE + (3,)
-    assert (rgb1 == [10, 20, 30]).all()
-    assert ds[0][0].shape == ds[1][0].shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize("progress", [True, False])

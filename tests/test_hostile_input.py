@@ -327,6 +327,7 @@ def test_an_unwritable_run_dir_is_reported_before_any_data_work(tmp_path, capsys
     blocker.write_text("x")
     code, streams = run(capsys, *train_args(str(tmp_path / "no_data_here"), blocker / "run", "--max-steps", "1"))
     assert code == 1 and one_line(streams.err) and "cannot write to run directory" in streams.err
+    assert str(blocker / "run") in streams.err and "--run-dir" in streams.err  # the folder, and the option to change
 
 
 def test_misleading_errors_name_what_was_typed(checkpoint, tiny_data, tmp_path, capsys):

@@ -92,6 +92,17 @@ def test_a_bad_line_names_the_list_the_line_and_the_fix(tmp_path, line, message)
         list_split(str(root), "val")
 
 
+def test_a_folder_or_a_link_loop_in_a_list_is_named_as_what_it_is(tmp_path):
+    root = tmp_path / "data"
+    write_pair(root, "a/x.jpg", root, "a/x.png")
+    os.makedirs(root / "a" / "folder.png")
+    os.symlink(root / "a" / "loop.png", root / "a" / "loop.png")
+    for name, words in (("folder.png", "it is a folder, not a file"), ("loop.png", "leads back to itself")):
+        write_list(root / "val.txt", f"a/x.jpg a/{name}\n")
+        with pytest.raises(DataError, match=r"val\.txt line 1: depth .*" + name + ".* cannot be read: .*" + words):
+            list_split(str(root), "val")
+
+
 def test_the_same_pair_written_three_ways_is_a_duplicate(tmp_path):
     root = tmp_path / "data"
     write_pair(root, "images/x.jpg", root, "depth/x.png")

@@ -3,10 +3,8 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
 
 import pytest
-import torch
 from PIL import Image
 
 import main
@@ -146,20 +144,6 @@ def test_user_errors_print_one_line_and_return_1(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint") and "missing.pt" in err and "\n" not in err
-
-
-def test_offline_imagenet_weights_is_one_line_error(cli_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network in this test")
-
-    monkeypatch.setattr(torch.hub, "urlopen", offline)
-    code = main.main(["--data-dir", cli_data, "--run-dir", str(tmp_path / "run"), "--weights", "imagenet",
-                      "--eval-every", "0", "--workers", "0", "--device", "cpu", "--quiet"])
-    assert code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: could not load ImageNet weights") and "--weights none" in err and "\n" not in err
 
 
 # ------------------------------------------------------------------ options
