@@ -52,7 +52,7 @@ def load(paths, device="auto", dtype=None, flip=False, size=None, conventions=No
                         "--min-depth, or evaluate at a larger --max-depth")
     amp_dtype = None if dtype is None else select_amp_dtype(dtype, device)
     if dtype is not None:
-        nets = [InferenceModel(net, amp_dtype, channels_last=channels_last) for net in nets]
+        nets = [InferenceModel(net, amp_dtype, channels_last=channels_last, copy_model=False) for net in nets]
     net = nets[0] if len(nets) == 1 else Ensemble(nets)
     return Predictor(FlipAveraged(net) if flip else net, sizes[0], device, resolved)
 
@@ -125,11 +125,13 @@ class InferenceModel(nn.Module):
     evaluation scores the fp32 model (docs/design.md §8).
     """
 
-    def __init__(self, model, dtype=None, channels_last=True):
+    def __init__(self, model, dtype=None, channels_last=True, copy_model=True):
         super().__init__()
         self.dtype = dtype or torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = copy.deepcopy(model).eval().requires_grad_(False).to(self.dtype).to(memory_format=self.memory_format)
+        # copy_model=False: the caller hands `model` over (inference.load, which built it for this alone).
+        net = copy.deepcopy(model) if copy_model else model
+        self.net = net.eval().requires_grad_(False).to(self.dtype).to(memory_format=self.memory_format)
         if self.dtype != torch.float32:
             decoder = self.net.decoder
             decoder[-2], decoder[-1] = FullPrecision(decoder[-2]), decoder[-1].float()

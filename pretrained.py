@@ -94,6 +94,9 @@ def resolve(name_or_path, revision=None, cache_dir=None, token=None, local_files
     if not is_hub_id(name):
         raise CheckpointError(f"{name}: no such model folder (nor a Hugging Face Hub id OWNER/NAME)")
     hf_hub_download = require_hub().hf_hub_download
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; read here, it also holds when it is set
+    # later in a process that has already imported it, instead of a network's retries.
+    local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         with hub_warnings_muted():  # its retries' warnings; the failure is told in one line below
             paths = [hf_hub_download(name, filename, revision=revision, cache_dir=cache_dir, token=token,

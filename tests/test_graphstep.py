@@ -17,7 +17,7 @@ def make_trainer(data, run_dir, *extra):
     return Trainer(main.parse_options([
         "--data-dir", data, "--run-dir", str(run_dir), "--weights", "none", "--image-size", str(SIZE),
         "--batch-size", "4", "--workers", "0", "--amp", "off", "--quiet", "--device", "cpu", "--eval-every", "0",
-        "--vis-every", "0", "--step-size-up", "2", "--step-size-down", "3", *extra]))
+        "--vis-every", "0", "--step-size-up", "2", "--step-size-down", "3", "--encoder", "resnet18", *extra]))
 
 
 def graphed(trainer):

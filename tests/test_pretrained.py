@@ -187,9 +187,8 @@ def test_video_and_the_web_page_take_the_folder(folder, ema_checkpoint, image, t
     np.testing.assert_array_equal(stacks[0], stacks[1])
 
     import app
-    from main import parse_app_options
 
-    page = app.DepthPage(parse_app_options(["--ckpt", str(folder), "--device", "cpu"]))
+    page = app.DepthPage(app.parse_options(["--ckpt", str(folder), "--device", "cpu"]))
     try:
         shown = page.predict(np.array(Image.open(image).convert("RGB")))
     finally:
