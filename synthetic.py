@@ -38,6 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from conventions import PAPER
+
 GENERATOR_VERSION = "1.1"
 SKY_DEPTH = 100.0
 SPLITS = ("train", "val", "test")
@@ -711,7 +713,7 @@ class OwnDataForm(NamedTuple):
 
     lists: bool = False
     png16: bool = False
-    depth_scale: float = 1000.0
+    depth_scale: float = PAPER.depth_scale
     holes: float = 0.0
     holes_top: float = 0.0
 
@@ -861,7 +863,8 @@ def main(argv=None):
                           "implies --png16")
     own.add_argument("--png16", action="store_true",
                      help="depth as 16-bit PNG of metres x --depth-scale; the sky, beyond 65 m, as 0 (no measurement)")
-    own.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit PNG units per metre (default: 1000, mm)")
+    own.add_argument("--depth-scale", type=float, default=PAPER.depth_scale,
+                     help="16-bit PNG units per metre (default: 1000, mm)")
     own.add_argument("--holes", type=float, default=0.0,
                      help="fraction of the pixels left unmeasured (0) at random (default: 0)")
     own.add_argument("--holes-top", type=float, default=0.0,
