@@ -24,6 +24,12 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SKY_DEPTH = 100.0
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first, each file's order kept otherwise: side by side in several processes, the short
+    tests then fill the gaps, rather than one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def make_pair(rng, size):
     """One (rgb HWC uint8, depth HW float32) scene: sky on top, a ground plane, a box.
 

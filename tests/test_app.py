@@ -338,6 +338,7 @@ def download(driver, name, folder):
     return path
 
 
+@pytest.mark.slow
 def test_page_in_a_real_browser(tiny_checkpoint, tmp_path):
     browser, driver_path = find_browser()
     from selenium.webdriver.common.by import By
