@@ -301,7 +301,7 @@ def check_options(parser, opts):
                         "--report-images": opts.report_images}.items():
         if value < 0:
             parser.error(f"{name} must be zero or positive, got {value}")
-    # With --eval, --predict and --export, the depth options not typed are None: the checkpoint's (run_eval
+    # With --eval, --predict and --export, the depth options not typed are None: the checkpoint's (inference.load
     # checks --min-depth against its maximum).
     depth = {"--min-depth": opts.min_depth, "--max-depth": opts.max_depth, "--depth-scale": opts.depth_scale}
     for name, value in depth.items():

@@ -312,9 +312,9 @@ class Trainer:
         self._last_eval_step = None
         self._bad_steps = 0
         # Losses of the steps not yet read on the host. Reading one waits for the device: on a GPU
-        # they are read every --log-every steps, on a CPU, where nothing waits, at once.
+        # they are read at log and picture steps (every --log-every), on a CPU, where nothing waits, at once.
         self._unread_losses = []
-        self._read_every = self.opts.log_every if self.device.type == "cuda" else 1
+        self._read_at_once = self.device.type != "cuda"
         self._stop = StopRequest("finishing this step and writing last.pt (again to abort)"
                                  if self.dist.is_main else None)
         self._stop_agreed = False
@@ -434,7 +434,7 @@ class Trainer:
             return None
         self.step += 1
         self._unread_losses.append(loss)
-        if self.step % self._read_every == 0 or self._vis_due() or self._log_due():
+        if self._read_at_once or self._vis_due() or self._log_due():
             self.check_losses()  # before host work that would show this step
         return TrainStep(rgb, depth, pred, parts)
 

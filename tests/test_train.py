@@ -223,7 +223,7 @@ def test_gpu_way_reads_losses_late_and_counts_every_step(synthetic_64, tmp_path,
     monkeypatch.setattr(train, "DepthLoss", LossWithNaNs)
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2}
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer._read_every = 100
+    trainer._read_at_once = False
     batches = trainer.epoch_batches()
     trainer.train_step(*next(batches))  # step 1: read at once, as the first step is logged
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -237,7 +237,7 @@ def test_gpu_way_reads_losses_late_and_counts_every_step(synthetic_64, tmp_path,
         trainer.check_losses()
 
     trainer = make_trainer(synthetic_64, tmp_path / "run2", "--image-size", "64", "--epochs", "1", "--log-every", "100")
-    trainer._read_every = 100
+    trainer._read_at_once = False
     LossWithNaNs.calls = 0
     with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 2: step skipped \(1 in a row\)"):
         trainer.fit()
@@ -247,7 +247,7 @@ def test_gpu_way_reads_losses_late_and_counts_every_step(synthetic_64, tmp_path,
 
     trainer = make_trainer(synthetic_64, tmp_path / "run3", "--image-size", "64", "--epochs", "1", "--log-every", "100",
                            "--max-bad-steps", "2")
-    trainer._read_every = 100
+    trainer._read_at_once = False
     LossWithNaNs.calls, LossWithNaNs.bad_calls = 0, {2, 3}
     with pytest.warns(UserWarning), pytest.raises(UserError, match="2 non-finite losses in a row at step 3"):
         trainer.fit()  # read at the epoch's end: the error comes late, but it comes
@@ -258,7 +258,7 @@ def test_gpu_way_reads_losses_late_and_counts_every_step(synthetic_64, tmp_path,
 def test_cuda_cache_on_gpu_and_steps_without_host_sync(synthetic_64, tmp_path):
     trainer = make_trainer(synthetic_64, tmp_path / "run", "--device", "cuda", "--amp", "auto", "--image-size", "224",
                            "--log-every", "1000")
-    assert trainer._read_every == 1000
+    assert not trainer._read_at_once
     assert trainer.cache.rgb.device.type == "cuda" and trainer.cache.depth.device.type == "cuda"
     batches = trainer.epoch_batches()
     trainer.train_step(*next(batches))  # warm-up: lazy initialisation, cudnn autotuning
