@@ -6,6 +6,8 @@ newcomer changes the paper's 20 m, say, in one place. Plain Python: importing it
 """
 from dataclasses import asdict, dataclass, fields, replace
 
+from utils import UserError
+
 
 @dataclass(frozen=True)
 class DepthConventions:
@@ -34,6 +36,19 @@ class DepthConventions:
     def overridden(self, **typed):
         """This record with the fields given a value (not None) replaced: typed options over a checkpoint's."""
         return replace(self, **{k: v for k, v in typed.items() if v is not None})
+
+    def typed_over(self, typed, source):
+        """The conventions in use with a trained model: this record, what `source` was trained with, with the
+        options the user typed over it ({field: value}, None: not typed); a UserError when the minimum depth
+        is then not below the maximum."""
+        typed = typed or {}
+        resolved = self.overridden(**typed)
+        if not resolved.min_depth < resolved.max_depth:
+            whose = ("--max-depth" if typed.get("max_depth") is not None
+                     else f"the maximum depth {source} was trained with")
+            raise UserError(f"--min-depth {resolved.min_depth:g} must be below {whose} ({resolved.max_depth:g} m): "
+                            "lower --min-depth, or give a larger --max-depth")
+        return resolved
 
 
 # The paper's conventions: main.py's defaults, and those of checkpoints that do not record theirs.

@@ -43,13 +43,7 @@ def load(paths, device="auto", dtype=None, flip=False, size=None, conventions=No
         sizes.append(size or input_size(ckpt))
         trained.append(trained_conventions(ckpt))
     check_members_agree(paths, sizes, trained)
-    typed = conventions or {}
-    resolved = trained[0].overridden(**typed)
-    if not resolved.min_depth < resolved.max_depth:
-        whose = ("--max-depth" if typed.get("max_depth") is not None
-                 else f"the maximum depth {paths[0]} was trained with")
-        raise UserError(f"--min-depth {resolved.min_depth:g} must be below {whose} ({resolved.max_depth:g} m): lower "
-                        "--min-depth, or evaluate at a larger --max-depth")
+    resolved = trained[0].typed_over(conventions, paths[0])
     amp_dtype = None if dtype is None else select_amp_dtype(dtype, device)
     if dtype is not None:
         nets = [InferenceModel(net, amp_dtype, channels_last=channels_last, copy_model=False) for net in nets]

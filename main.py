@@ -487,11 +487,17 @@ def parse_options(argv=None):
 
 def load_model(opts, amp=None):
     """inference.load of --ckpt with the options that choose how it runs and those typed over the checkpoint's."""
-    from conventions import FIELDS
     from inference import load
 
-    return load(opts.ckpt, opts.device, amp, flip=opts.flip, size=opts.image_size,
-                conventions={k: getattr(opts, k) for k in FIELDS}, channels_last=opts.channels_last)
+    return load(opts.ckpt, opts.device, amp, flip=opts.flip, size=opts.image_size, conventions=typed_conventions(opts),
+                channels_last=opts.channels_last)
+
+
+def typed_conventions(opts):
+    """The depth options as typed over a checkpoint's conventions: {field: value}, None where not typed."""
+    from conventions import FIELDS
+
+    return {k: getattr(opts, k) for k in FIELDS}
 
 
 def run_eval(opts):
@@ -621,8 +627,7 @@ def run_export_pretrained(opts):
 
     ckpt = opts.ckpt[0]
     out = opts.out or os.path.splitext(os.path.normpath(ckpt))[0] + "_pretrained"
-    typed = {k: getattr(opts, k) for k in ("min_depth", "max_depth", "depth_scale") if getattr(opts, k) is not None}
-    export_pretrained(ckpt, out, size=opts.image_size, depth=typed)
+    export_pretrained(ckpt, out, size=opts.image_size, depth=typed_conventions(opts))
     print(f"model folder written to {out}: config.json, model.safetensors, README.md; load it with --ckpt {out}, "
           f"DepthNet.from_pretrained({out!r}) or torch.hub")
 

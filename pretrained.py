@@ -50,9 +50,10 @@ def is_published(path):
     return os.path.isdir(path) or is_hub_id(path)
 
 
-def open_trained(path, map_location="cpu"):
-    """What --ckpt `path` holds, as a checkpoint dict: a checkpoint file, a model folder or a Hub id."""
-    return read_pretrained(path) if is_published(path) else load_checkpoint(path, map_location)
+def open_trained(path, map_location="cpu", mmap=False):
+    """What --ckpt `path` holds, as a checkpoint dict: a checkpoint file (mmap: its tensors mapped, not read), a
+    model folder or a Hub id."""
+    return read_pretrained(path) if is_published(path) else load_checkpoint(path, map_location, mmap)
 
 
 def read_pretrained(name_or_path, **hub_options):
@@ -302,12 +303,13 @@ def install_folder(tmp, out_dir):
 
 def export_pretrained(ckpt_path, out_dir, size=None, depth=None):
     """--export pretrained: the model folder of checkpoint (or model folder) `ckpt_path`, with its model card.
-    size, depth: what to record instead of what the checkpoint was trained with (typed options)."""
+    size, depth ({field: value}, None: not typed): what to record instead of what the checkpoint was trained
+    with (typed options)."""
     from modelcard import model_card
 
-    ckpt = load_checkpoint(ckpt_path, mmap=True) if not is_published(ckpt_path) else read_pretrained(ckpt_path)
+    ckpt = open_trained(ckpt_path, mmap=True)
     args, size = model_args(ckpt), size or input_size(ckpt)
-    depth = {**trained_conventions(ckpt).as_dict(), **(depth or {})}
+    depth = trained_conventions(ckpt).typed_over(depth, ckpt_path).as_dict()
     card = ckpt.get("card") or model_card(ckpt, ckpt_path, args, size, depth)  # a folder's card stays its own
     write_pretrained(out_dir, args, size, depth, network_state(ckpt), card)
     return ckpt

@@ -116,6 +116,16 @@ def test_export_refuses_a_folder_with_other_files(ema_checkpoint, tmp_path, caps
     assert os.listdir(run) == ["config.json"] and (run / "config.json").read_text() == "{}"
 
 
+def test_export_with_a_min_depth_beyond_the_checkpoints_range_writes_nothing(ema_checkpoint, tmp_path, capsys):
+    """A folder whose config.json no loader would accept is never written: the typed depth options are checked
+    against the checkpoint's own, as --eval and --predict check them."""
+    out = tmp_path / "model"
+    assert main(["--export", "pretrained", "--ckpt", str(ema_checkpoint), "--out", str(out), "--min-depth", "25"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --min-depth 25 must be below the maximum depth") and str(ema_checkpoint) in err
+    assert "\n" not in err and not out.exists() and os.listdir(tmp_path) == []
+
+
 def test_export_again_over_a_model_folder_replaces_it(ema_checkpoint, tmp_path):
     out = tmp_path / "model"
     for _ in range(2):
