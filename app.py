@@ -201,10 +201,11 @@ class DepthPage:
 def every_kth_pixel(rgb, depth, points):
     """(rgb, depth) of every k-th pixel of every k-th row, k the smallest that leaves at most `points` pixels;
     rgb may be smaller than depth (a photo decoded at 1/2ⁿ): each pixel then takes the colour it falls in."""
+    from predict import colours_at
+
     step = int(np.ceil(np.sqrt(depth.size / points)))
-    ys = np.arange(0, depth.shape[0], step) * rgb.shape[0] // depth.shape[0]
-    xs = np.arange(0, depth.shape[1], step) * rgb.shape[1] // depth.shape[1]
-    return np.ascontiguousarray(rgb[ys[:, None], xs[None, :]]), np.ascontiguousarray(depth[::step, ::step])
+    ys, xs = np.arange(0, depth.shape[0], step), np.arange(0, depth.shape[1], step)
+    return colours_at(rgb, depth.shape, ys, xs), np.ascontiguousarray(depth[::step, ::step])
 
 
 def downloads(files):

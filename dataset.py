@@ -265,9 +265,8 @@ def listed_file(root, field, where, kind, option):
         return path
     if os.path.isabs(field) and os.path.isfile(field):
         return field
-    problem = file_problem(path)
-    if problem != "no such file":  # a folder, a link loop, ...: say what it is, not that it is missing
-        raise DataError(f"{where}: {kind} {path} cannot be read: {problem}; fix the line or the file")
+    if os.path.lexists(path):  # a folder, a link loop, ...: say what it is, not that it is missing
+        raise DataError(f"{where}: {kind} {path} cannot be read: {file_problem(path)}; fix the line or the file")
     raise DataError(f"{where}: {kind} file {path} not found ({kind} paths are relative to {option}, here {root}); "
                     "fix the line, the file or the option")
 

@@ -116,13 +116,12 @@ def depth_to_points(depth, hfov_deg, rows=None):
     return np.stack([x[None, :] * z, -y[:, None] * z, -z], axis=-1).reshape(-1, 3)
 
 
-def colours_at(rgb, shape, rows):
-    """(rows × W, 3) uint8 colours of `rows` of a picture of `shape` (H, W), from `rgb`, which may be smaller
-    (a photo decoded at 1/2ⁿ): each pixel takes the colour of the rgb pixel it falls in."""
+def colours_at(rgb, shape, ys, xs):
+    """(len(ys), len(xs), 3) uint8 colours of the pixels at rows ys and columns xs of a picture of `shape`
+    (H, W), from `rgb`, which may be smaller (a photo decoded at 1/2ⁿ): each pixel takes the colour of the
+    rgb pixel it falls in."""
     h, w = shape
-    ys = np.arange(*rows) * rgb.shape[0] // h
-    xs = np.arange(w) * rgb.shape[1] // w
-    return rgb[ys[:, None], xs[None, :]].reshape(-1, 3)
+    return rgb[(ys * rgb.shape[0] // h)[:, None], (xs * rgb.shape[1] // w)[None, :]]
 
 
 def write_ply(path, rgb, depth, hfov_deg):
@@ -142,7 +141,8 @@ def write_ply(path, rgb, depth, hfov_deg):
             vertex = np.empty(int(keep.sum()), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
                                                       ("red", "u1"), ("green", "u1"), ("blue", "u1")])
             vertex["x"], vertex["y"], vertex["z"] = depth_to_points(depth, hfov_deg, rows)[keep].T
-            vertex["red"], vertex["green"], vertex["blue"] = colours_at(rgb, depth.shape, rows)[keep].T
+            colours = colours_at(rgb, depth.shape, np.arange(*rows), np.arange(depth.shape[1])).reshape(-1, 3)
+            vertex["red"], vertex["green"], vertex["blue"] = colours[keep].T
             vertex.tofile(f)
 
 
