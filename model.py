@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import DEFAULT_INPUT_SIZE, torch_load_safely, trained_network_state
-from conventions import PAPER
+from conventions import PAPER, DepthConventions
 from utils import CheckpointError, UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -232,27 +232,27 @@ class DepthNet(nn.Module):
         """A trained DepthNet in eval mode from a model folder (--export pretrained, save_pretrained) or a Hugging
         Face Hub id OWNER/NAME; hub_options: huggingface_hub's revision, cache_dir, token, local_files_only,
         force_download. Loading is strict and runs no code (JSON and safetensors only). The network's
-        input_size and depth_conventions are those recorded in its config.json."""
+        input_size and depth_conventions (a DepthConventions) are those recorded in its config.json."""
         from pretrained import read_pretrained
 
         ckpt = read_pretrained(name_or_path, **hub_options)
         model = build_trained(ckpt["model_args"], ckpt["model"], name_or_path).to(map_location).eval()
-        model.input_size, model.depth_conventions = ckpt["input_size"], ckpt["depth"]
+        model.input_size, model.depth_conventions = ckpt["input_size"], DepthConventions.from_dict(ckpt["depth"])
         model.model_card = ckpt["card"]  # saved again by save_pretrained and push_to_hub
         return model
 
     def save_pretrained(self, save_directory, *, input_size=None, depth_conventions=None, push_to_hub=False,
                         repo_id=None, **push_options):
         """Write the network as a model folder that from_pretrained, --ckpt and torch.hub load: config.json,
-        model.safetensors and a README.md model card. input_size, depth_conventions: what it was trained with
-        (default: what from_pretrained read, else the paper's 224 and 0-20 m); the model card is the one
+        model.safetensors and a README.md model card. input_size, depth_conventions ({field: value}): what it was
+        trained with (default: what from_pretrained read, else the paper's 224 and 0-20 m); the model card is the one
         from_pretrained read, else one that says no training is recorded. push_to_hub: then upload the folder to
         repo_id (default: the folder's name); returns the commit's URL, else None."""
         from modelcard import model_card
         from pretrained import write_pretrained
 
         size = input_size or getattr(self, "input_size", DEFAULT_INPUT_SIZE)
-        depth = {**PAPER.as_dict(), **getattr(self, "depth_conventions", {}), **(depth_conventions or {})}
+        depth = getattr(self, "depth_conventions", PAPER).overridden(**(depth_conventions or {})).as_dict()
         state = self.state_dict()
         card = getattr(self, "model_card", None) or model_card({}, save_directory, self.model_args, size, depth)
         write_pretrained(save_directory, self.model_args, size, depth, state, card)

@@ -147,7 +147,7 @@ def test_from_pretrained_and_torch_hub_give_the_checkpoints_average_in_eval_mode
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected.eval()(x), rtol=0, atol=0)
         torch.testing.assert_close(hub(x), net(x), rtol=0, atol=0)
-    assert net.input_size == SIZE and net.depth_conventions["max_depth"] == 20.0
+    assert net.input_size == SIZE and net.depth_conventions.max_depth == 20.0
 
 
 def test_torch_hub_without_pretrained_builds_a_random_network_offline(offline):
@@ -249,7 +249,7 @@ def test_save_pretrained_round_trip_keeps_weights_and_input_size(tmp_path):
     net.save_pretrained(tmp_path / "m", input_size=[64, 96], depth_conventions={"max_depth": 80.0})
     loaded = DepthNet.from_pretrained(tmp_path / "m")
     assert loaded.model_args == net.model_args and loaded.input_size == [64, 96]
-    assert loaded.depth_conventions["max_depth"] == 80.0
+    assert loaded.depth_conventions.max_depth == 80.0
     assert_same_state(state_of(loaded), state_of(net))
     assert "records no training run" in (tmp_path / "m" / "README.md").read_text()
 
