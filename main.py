@@ -540,14 +540,11 @@ def run_eval(opts):
 
 def check_writable_folder(path, option):
     """Create `path` if needed and write a probe file there; a UserError naming `option` if that fails."""
-    from utils import UserError, make_output_folder
+    from utils import UserError, make_output_folder, write_probe
 
     make_output_folder(path, option)
-    probe = os.path.join(path, f".write_test_{os.getpid()}")
     try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        write_probe(path)
     except OSError as err:
         raise UserError(f"cannot write to {path}: {err.strerror or err}; choose another {option}") from None
 

@@ -65,6 +65,7 @@ from utils import (
     rng_state,
     seed_everything,
     write_json_atomic,
+    write_probe,
 )
 
 # What a run writes into its folder (RUN_FILE_PATTERNS besides): the files a fresh run there removes.
@@ -102,10 +103,7 @@ def claim_run_dir(run_dir, fresh, replace):
     created = missing_folders(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        write_probe(run_dir)
     except OSError as err:
         raise CheckpointError(f"cannot write to run directory {run_dir}: {err.strerror}; choose another with "
                               "--run-dir") from None

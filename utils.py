@@ -125,6 +125,15 @@ def make_output_folder(path, option="--out"):
         raise UserError(f"cannot create output folder {path}: {err.strerror}; choose another {option}") from None
 
 
+def write_probe(folder):
+    """Write and remove a small file in `folder`, which must exist: OSError if it cannot be written to (a
+    permission or mode bit alone does not tell, for root, on read-only mounts or full disks)."""
+    probe = os.path.join(folder, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+        f.write("ok")
+    os.remove(probe)
+
+
 def output_paths(input_path, out_dir, suffixes):
     """{kind: path in out_dir} of the files written for one input: its stem plus each kind's suffix."""
     stem = os.path.join(out_dir, os.path.splitext(os.path.basename(input_path))[0])
