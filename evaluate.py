@@ -131,7 +131,7 @@ def evaluate(model, dataset, device, amp_dtype=None, num_workers=0, per_image=Fa
         names = [n for n, ok in zip(dataset.names, scored.tolist()) if not ok]
         # A warning: said once per run, not at every validation of a training run.
         warnings.warn(f"{len(names)} image(s) of the {dataset.split} split have no measured depth and are left out: "
-                      + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), stacklevel=2)
+                      f"{some_names(names)}", stacklevel=2)
     # An image whose every SSIM window is too sparsely measured has no SSIM, only the other metrics.
     no_ssim = int((scored & ~torch.isfinite(per_metric["ssim"])).sum()) if "ssim" in per_metric else 0
     if no_ssim:
@@ -289,8 +289,7 @@ def evaluate_protocol(model, dataset, device, protocol, amp_dtype=None, num_work
     model.train(was_training)
     if empty:
         print(f"{len(empty)} image(s) of the {dataset.split} split have no ground truth inside the {protocol.name} "
-              f"crop and ({protocol.min_depth:g}, {protocol.max_depth:g}) m, and are left out: "
-              + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+              f"crop and ({protocol.min_depth:g}, {protocol.max_depth:g}) m, and are left out: {some_names(empty)}")
     if not rows:
         raise UserError(f"no image of the {dataset.split} split has ground truth that --protocol {protocol.name} "
                         f"scores (inside its crop, in ({protocol.min_depth:g}, {protocol.max_depth:g}) m): check "
@@ -330,6 +329,11 @@ def save_prediction(depth, dataset, index, save_dir):
     path = prediction_path(save_dir, dataset.root, dataset.pairs[index][1])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(depth, dtype=np.float32))
+
+
+def some_names(names, shown=5):
+    """The first `shown` of a list of image names, and "..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def challenge_scores(pred, gt, max_depth, min_depth):
